@@ -1,0 +1,289 @@
+//! Configuration: one YAML file, environment overrides (`BREAKWATER__SECTION__KEY`), strict
+//! validation that reports every problem with the key and the bad value.
+
+mod raw;
+pub mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+
+pub use validate::validate;
+
+/// Environment variables starting with this override keys of the file.
+pub const ENV_PREFIX: &str = "BREAKWATER__";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub workers: Option<usize>,
+    pub header_read_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connections: usize,
+    pub max_request_body: u64,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub drain_timeout: Duration,
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+    /// JSON unless stdout is a terminal.
+    Auto,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: http::Uri,
+    pub host: String,
+    pub port: u16,
+    pub preserve_host: bool,
+    pub pool: PoolConfig,
+    pub circuit: CircuitConfig,
+}
+
+impl UpstreamConfig {
+    /// `host:port` as the Host header and the resolver want it.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Path of the URL, prepended to every forwarded path ("" when the URL has none).
+    pub fn base_path(&self) -> &str {
+        self.url.path().trim_end_matches('/')
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_connections: u32,
+    pub min_idle: u32,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CircuitConfig {
+    pub enabled: bool,
+    pub consecutive_failures: u32,
+    pub cooldown: Duration,
+    pub probes: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path_prefix: String,
+    pub methods: Vec<Method>,
+    pub host: Option<String>,
+    pub upstream: String,
+    pub budget: Duration,
+    pub max_request_body: u64,
+    pub timeout_status: StatusCode,
+    pub concurrency: Concurrency,
+    pub queue: QueueConfig,
+    pub overload: OverloadConfig,
+    pub fallback: Option<FallbackConfig>,
+    pub retry: RetryConfig,
+    pub retry_after_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Concurrency {
+    Fixed(usize),
+    Adaptive { min: usize, max: usize, initial: usize },
+}
+
+impl Concurrency {
+    pub fn describe(&self) -> String {
+        match self {
+            Concurrency::Fixed(n) => n.to_string(),
+            Concurrency::Adaptive { min, max, initial } => {
+                format!("auto (min {min}, max {max}, start {initial})")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub max_depth: usize,
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct OverloadConfig {
+    pub status: StatusCode,
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FallbackConfig {
+    pub status: StatusCode,
+    pub body: String,
+    pub content_type: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Extra attempts after the first; 0 turns retries off.
+    pub attempts: u32,
+    /// Statuses that are retried (only on idempotent methods).
+    pub on_status: Vec<StatusCode>,
+    /// Retries may add at most this fraction of the route's requests.
+    pub budget_ratio: f64,
+    /// Retries always allowed per second, so a quiet route can still retry.
+    pub min_per_second: f64,
+}
+
+/// One thing wrong with the configuration, naming the key and the bad value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML or has the wrong shape: {0}")]
+    Syntax(String),
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), render_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            ConfigError::Invalid(p) => p.clone(),
+            other => vec![Problem {
+                key: "<file>".into(),
+                message: other.to_string(),
+            }],
+        }
+    }
+}
+
+/// Reads the file at `path`, applies `BREAKWATER__*` variables from the process environment and
+/// validates the result.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    from_yaml(&text, std::env::vars())
+}
+
+/// Builds the config from YAML text and an explicit set of environment variables (tests pass
+/// their own so they never depend on the machine's environment).
+pub fn from_yaml(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        text,
+        config::FileFormat::Yaml,
+    ));
+    let mut overrides: Vec<(String, String)> = env
+        .into_iter()
+        .filter_map(|(k, v)| env_key_to_path(&k).map(|p| (p, v)))
+        .collect();
+    // Sorted so that `routes[0]` exists before `routes[1]` is set.
+    overrides.sort();
+    for (path, value) in overrides {
+        builder = builder
+            .set_override(path.as_str(), value)
+            .map_err(|e| ConfigError::Syntax(format!("environment override {path}: {e}")))?;
+    }
+    let built = builder
+        .build()
+        .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(built).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::Syntax(format!("{path}: {}", e.into_inner()))
+    })?;
+    validate(raw).map_err(ConfigError::Invalid)
+}
+
+/// `BREAKWATER__ROUTES__0__BUDGET` → `routes[0].budget`; `None` for unrelated variables.
+pub fn env_key_to_path(key: &str) -> Option<String> {
+    let rest = key.strip_prefix(ENV_PREFIX)?;
+    if rest.is_empty() {
+        return None;
+    }
+    let mut path = String::new();
+    for seg in rest.split("__") {
+        if seg.is_empty() {
+            return None;
+        }
+        if seg.chars().all(|c| c.is_ascii_digit()) {
+            path.push_str(&format!("[{seg}]"));
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&seg.to_ascii_lowercase());
+        }
+    }
+    Some(path)
+}
+
+/// The config a fresh checkout runs with when no file is given: one catch-all route to uvicorn's
+/// default address.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/breakwater.yaml");
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,179 @@
+//! The config file exactly as written: every leaf that needs a unit or a cross-check is kept as
+//! text here, so that validation can report every bad value at once instead of stopping at the
+//! first one serde trips over.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub workers: Option<i64>,
+    pub header_read_timeout: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub max_request_body: Option<String>,
+    pub max_header_size: Option<String>,
+    pub max_headers: Option<i64>,
+    pub drain_timeout: Option<String>,
+    pub http2: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    pub preserve_host: Option<bool>,
+    #[serde(default)]
+    pub pool: RawPool,
+    #[serde(default)]
+    pub circuit: RawCircuit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub max_connections: Option<i64>,
+    pub min_idle: Option<i64>,
+    pub idle_timeout: Option<String>,
+    pub max_lifetime: Option<String>,
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuit {
+    pub enabled: Option<bool>,
+    pub consecutive_failures: Option<i64>,
+    pub cooldown: Option<String>,
+    pub probes: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    pub upstream: Option<String>,
+    pub budget: Option<String>,
+    pub max_request_body: Option<String>,
+    pub timeout_status: Option<i64>,
+    pub concurrency: Option<RawConcurrency>,
+    #[serde(default)]
+    pub queue: RawQueue,
+    #[serde(default)]
+    pub overload: RawOverload,
+    pub fallback: Option<RawFallback>,
+    #[serde(default)]
+    pub retry: RawRetry,
+    pub retry_after_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path_prefix: Option<String>,
+    pub methods: Option<OneOrMany>,
+    pub host: Option<String>,
+}
+
+/// Lists may be written as YAML lists or, from environment variables, as `GET,POST`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    Many(Vec<String>),
+    One(String),
+}
+
+impl OneOrMany {
+    pub fn items(&self) -> Vec<String> {
+        match self {
+            OneOrMany::Many(v) => v.clone(),
+            OneOrMany::One(s) => s
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        }
+    }
+}
+
+/// `concurrency: 4`, `concurrency: auto`, or `concurrency: { mode: auto, min: 2, max: 64 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawConcurrency {
+    Number(i64),
+    Word(String),
+    Adaptive(RawAdaptive),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdaptive {
+    pub mode: Option<String>,
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    pub initial: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max_depth: Option<i64>,
+    pub max_wait: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverload {
+    pub status: Option<i64>,
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub status: Option<i64>,
+    pub body: Option<String>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<i64>,
+    pub on_status: Option<OneOrMany>,
+    pub budget_ratio: Option<f64>,
+    pub min_per_second: Option<f64>,
+}
