@@ -100,6 +100,8 @@ pub struct PoolConfig {
 pub struct CircuitConfig {
     pub enabled: bool,
     pub consecutive_failures: u32,
+    /// Failures further apart than this do not add up.
+    pub window: Duration,
     pub cooldown: Duration,
     pub probes: u32,
 }

@@ -75,6 +75,7 @@ pub struct RawPool {
 pub struct RawCircuit {
     pub enabled: Option<bool>,
     pub consecutive_failures: Option<i64>,
+    pub window: Option<String>,
     pub cooldown: Option<String>,
     pub probes: Option<i64>,
 }

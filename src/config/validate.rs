@@ -233,6 +233,7 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
     let circuit = CircuitConfig {
         enabled: u.circuit.enabled.unwrap_or(true),
         consecutive_failures: p.count(&format!("{ckey}.consecutive_failures"), u.circuit.consecutive_failures, 5, 1, 1_000_000) as u32,
+        window: p.duration(&format!("{ckey}.window"), &u.circuit.window, Duration::from_secs(10)),
         cooldown: p.duration(&format!("{ckey}.cooldown"), &u.circuit.cooldown, Duration::from_secs(5)),
         probes: p.count(&format!("{ckey}.probes"), u.circuit.probes, 1, 1, 1000) as u32,
     };

@@ -1,0 +1,344 @@
+//! Admission control for one route: a concurrency limit in front of the upstream, a bounded FIFO
+//! queue for short bursts, and deadline-aware shedding so that a request that cannot finish within
+//! its budget is refused at once instead of waiting to fail.
+//!
+//! The state sits behind one mutex that is never held across an await; a queued request waits on
+//! its own oneshot channel and timer.
+
+mod adaptive;
+mod estimator;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use adaptive::AdaptiveLimit;
+pub use estimator::Estimator;
+
+use crate::config::{Concurrency, RouteConfig};
+use crate::error::{ProxyError, Reason};
+
+pub struct Admission {
+    route: Arc<str>,
+    max_depth: usize,
+    max_wait: Duration,
+    retry_after_max: Duration,
+    state: Mutex<State>,
+}
+
+struct Waiter {
+    id: u64,
+    deadline: Instant,
+    /// `Ok` hands over a slot (already counted in `inflight`); `Err` refuses with a reason.
+    tx: oneshot::Sender<Result<(), Reason>>,
+}
+
+struct State {
+    inflight: usize,
+    fixed_limit: usize,
+    adaptive: Option<AdaptiveLimit>,
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+    estimator: Estimator,
+}
+
+impl State {
+    fn limit(&self) -> usize {
+        self.adaptive
+            .as_ref()
+            .map(|a| a.limit())
+            .unwrap_or(self.fixed_limit)
+    }
+}
+
+/// A snapshot for metrics and tests.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub inflight: usize,
+    pub limit: usize,
+    pub queued: usize,
+    pub mean_service: Option<Duration>,
+}
+
+impl Admission {
+    pub fn new(route: &RouteConfig) -> Self {
+        let (fixed_limit, adaptive) = match route.concurrency {
+            Concurrency::Fixed(n) => (n, None),
+            Concurrency::Adaptive { min, max, initial } => {
+                (initial, Some(AdaptiveLimit::new(min, max, initial)))
+            }
+        };
+        let a = Admission {
+            route: Arc::from(route.name.as_str()),
+            max_depth: route.queue.max_depth,
+            max_wait: route.queue.max_wait,
+            retry_after_max: route.retry_after_max,
+            state: Mutex::new(State {
+                inflight: 0,
+                fixed_limit,
+                adaptive,
+                queue: VecDeque::new(),
+                next_id: 0,
+                estimator: Estimator::default(),
+            }),
+        };
+        a.publish(&a.lock());
+        a
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding this lock would be a bug; admission keeps working
+        // with the state as it was rather than taking the route down.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.lock();
+        Snapshot {
+            inflight: s.inflight,
+            limit: s.limit(),
+            queued: s.queue.len(),
+            mean_service: s.estimator.mean(),
+        }
+    }
+
+    /// Waits for an in-flight slot, or refuses: `queue_full` when the queue is at its depth,
+    /// `deadline` when the expected wait plus service time exceeds what is left of the budget,
+    /// `queue_timeout` after `max_wait`.
+    pub async fn admit(self: &Arc<Self>, deadline: Instant) -> Result<Permit, ProxyError> {
+        let now = Instant::now();
+        let (rx, id, give_up_at, by_max_wait) = {
+            let mut s = self.lock();
+            let limit = s.limit();
+            if s.inflight < limit && s.queue.is_empty() {
+                s.inflight += 1;
+                self.publish(&s);
+                return Ok(self.permit());
+            }
+            let position = s.queue.len() + 1;
+            if s.queue.len() >= self.max_depth {
+                return Err(self.refuse(&s, Reason::QueueFull));
+            }
+            let remaining = deadline.saturating_duration_since(now);
+            if let (Some(wait), Some(service)) =
+                (s.estimator.wait_for(position, limit), s.estimator.service_high())
+            {
+                if wait + service > remaining {
+                    return Err(self.refuse(&s, Reason::Deadline));
+                }
+            }
+            // The latest moment a slot is still useful: enough left for a slow exchange.
+            let latest_start = deadline
+                .checked_sub(s.estimator.service_high().unwrap_or(Duration::ZERO))
+                .unwrap_or(now);
+            let max_wait_at = now + self.max_wait;
+            let (give_up_at, by_max_wait) = if max_wait_at <= latest_start {
+                (max_wait_at, true)
+            } else {
+                (latest_start, false)
+            };
+            let (tx, rx) = oneshot::channel();
+            let id = s.next_id;
+            s.next_id += 1;
+            s.queue.push_back(Waiter { id, deadline, tx });
+            self.publish(&s);
+            (rx, id, give_up_at, by_max_wait)
+        };
+
+        let mut queued = Queued {
+            admission: self.clone(),
+            id,
+            rx: Some(rx),
+        };
+        let enqueued = now;
+        let handed = tokio::select! {
+            handed = queued.rx.as_mut().expect("set above") => Some(handed),
+            _ = tokio::time::sleep_until(give_up_at) => None,
+        };
+        metrics::histogram!("breakwater_queue_wait_seconds", "route" => self.route.to_string())
+            .record(enqueued.elapsed().as_secs_f64());
+        match handed {
+            Some(handed) => {
+                queued.rx = None;
+                match handed {
+                    Ok(Ok(())) => Ok(self.permit()),
+                    Ok(Err(reason)) => Err(self.refuse(&self.lock(), reason)),
+                    Err(_) => Err(self.refuse_waiter(id, Reason::QueueTimeout)),
+                }
+            }
+            None => {
+                let reason = if by_max_wait {
+                    Reason::QueueTimeout
+                } else {
+                    Reason::Deadline
+                };
+                let in_queue = self.lock().queue.iter().any(|w| w.id == id);
+                if !in_queue {
+                    // The timer raced a hand-over: if a slot arrived, use it.
+                    if let Some(mut rx) = queued.rx.take() {
+                        match rx.try_recv() {
+                            Ok(Ok(())) => return Ok(self.permit()),
+                            Ok(Err(r)) => return Err(self.refuse(&self.lock(), r)),
+                            Err(_) => {}
+                        }
+                    }
+                }
+                Err(self.refuse_waiter(id, reason))
+            }
+        }
+    }
+
+    fn permit(self: &Arc<Self>) -> Permit {
+        Permit {
+            admission: Some(self.clone()),
+        }
+    }
+
+    /// Refusal for a request that never queued (or was just taken out of the queue).
+    fn refuse(&self, s: &State, reason: Reason) -> ProxyError {
+        ProxyError::Refused {
+            reason,
+            retry_after: self.retry_after(s),
+        }
+    }
+
+    fn refuse_waiter(&self, id: u64, reason: Reason) -> ProxyError {
+        let mut s = self.lock();
+        s.queue.retain(|w| w.id != id);
+        self.publish(&s);
+        self.refuse(&s, reason)
+    }
+
+    /// The time the current queue needs to drain, with up to a quarter of jitter so refused
+    /// callers do not all come back in the same second.
+    fn retry_after(&self, s: &State) -> Duration {
+        let drain = s
+            .estimator
+            .wait_for(s.queue.len() + 1, s.limit())
+            .unwrap_or(Duration::from_secs(1));
+        let base = drain.max(Duration::from_secs(1));
+        let jitter = base.mul_f64(fastrand::f64() * 0.25);
+        (base + jitter).min(self.retry_after_max)
+    }
+
+    /// Gives back a slot, records what the exchange taught us, and hands free slots to the queue.
+    fn release(&self, sample: Option<Duration>) {
+        let mut s = self.lock();
+        if let Some(rtt) = sample {
+            s.estimator.record(rtt);
+            let inflight = s.inflight;
+            if let Some(a) = s.adaptive.as_mut() {
+                a.record(rtt, inflight, std::time::Instant::now());
+            }
+        }
+        s.inflight = s.inflight.saturating_sub(1);
+        self.dispatch(&mut s);
+        self.publish(&s);
+    }
+
+    fn dispatch(&self, s: &mut State) {
+        let now = Instant::now();
+        while s.inflight < s.limit() {
+            let Some(w) = s.queue.pop_front() else { break };
+            if w.deadline <= now {
+                let _ = w.tx.send(Err(Reason::Deadline));
+                continue;
+            }
+            if w.tx.send(Ok(())).is_ok() {
+                s.inflight += 1;
+            }
+        }
+        // Waiters that can no longer make it are told now, not at their timer.
+        let limit = s.limit();
+        if let Some(service) = s.estimator.service_high() {
+            let mut position = 0;
+            let est = s.estimator.clone();
+            s.queue.retain_mut(|w| {
+                position += 1;
+                let wait = est.wait_for(position, limit).unwrap_or(Duration::ZERO);
+                if now + wait + service > w.deadline {
+                    position -= 1;
+                    // Sending on a `&mut` is not possible; swap in a dead channel.
+                    let (dead, _) = oneshot::channel();
+                    let tx = std::mem::replace(&mut w.tx, dead);
+                    let _ = tx.send(Err(Reason::Deadline));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
+    fn publish(&self, s: &State) {
+        let route = self.route.to_string();
+        metrics::gauge!("breakwater_inflight", "route" => route.clone()).set(s.inflight as f64);
+        metrics::gauge!("breakwater_concurrency_limit", "route" => route.clone())
+            .set(s.limit() as f64);
+        metrics::gauge!("breakwater_queue_depth", "route" => route).set(s.queue.len() as f64);
+    }
+}
+
+/// Leaves the queue when the waiting request goes away (caller disconnected, outer timeout),
+/// handing on a slot it was given but never used.
+struct Queued {
+    admission: Arc<Admission>,
+    id: u64,
+    rx: Option<oneshot::Receiver<Result<(), Reason>>>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let mut s = self.admission.lock();
+        let before = s.queue.len();
+        s.queue.retain(|w| w.id != self.id);
+        if s.queue.len() == before {
+            if let Ok(Ok(())) = rx.try_recv() {
+                s.inflight = s.inflight.saturating_sub(1);
+                self.admission.dispatch(&mut s);
+            }
+        }
+        self.admission.publish(&s);
+    }
+}
+
+/// An in-flight slot. Held until the response body has been relayed; dropped without a verdict
+/// (request abandoned) it is returned without teaching the estimator anything.
+pub struct Permit {
+    admission: Option<Arc<Admission>>,
+}
+
+impl Permit {
+    /// The exchange completed; `service` is sent → last byte.
+    pub fn succeeded(mut self, service: Duration) {
+        if let Some(a) = self.admission.take() {
+            a.release(Some(service));
+        }
+    }
+
+    /// The exchange failed after reaching the upstream. Its time still says how busy the upstream
+    /// is, so it feeds the estimate too.
+    pub fn failed(mut self, service: Duration) {
+        if let Some(a) = self.admission.take() {
+            a.release(Some(service));
+        }
+    }
+
+    /// The exchange never happened or was cut short by us.
+    pub fn abandon(self) {}
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(a) = self.admission.take() {
+            a.release(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

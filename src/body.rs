@@ -1,0 +1,283 @@
+//! Bodies that stream through the gateway: the request body with its size limit enforced while it
+//! streams, and the response body that holds the upstream connection (and the admission slot)
+//! until its last byte has been relayed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+pub fn empty() -> ResponseBody {
+    Empty::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+pin_project! {
+    /// Counts bytes as they stream and fails the stream the moment the limit is passed, so a
+    /// large body is never buffered to be measured. `exceeded` tells the proxy why the upstream
+    /// call failed, so it can answer 413 instead of 502.
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        limit: u64,
+        exceeded: Arc<AtomicBool>,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    pub fn new(inner: B, limit: u64) -> (Self, Arc<AtomicBool>) {
+        let exceeded = Arc::new(AtomicBool::new(false));
+        (
+            LimitedBody {
+                inner,
+                seen: 0,
+                limit,
+                exceeded: exceeded.clone(),
+            },
+            exceeded,
+        )
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        this.exceeded.store(true, Ordering::Release);
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                            limit: *this.limit,
+                        }))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How the relay of a response body ended.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyOutcome {
+    /// The last byte was relayed (as opposed to an error, the budget running out, or the client
+    /// going away).
+    pub complete: bool,
+    pub bytes: u64,
+}
+
+/// Called exactly once when a relayed body ends, however it ends.
+pub trait OnBodyEnd: Send {
+    fn body_ended(self: Box<Self>, outcome: BodyOutcome);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the route's budget ran out while relaying the response body")]
+pub struct BodyBudgetExhausted;
+
+pin_project! {
+    /// Relays an upstream body under the route's deadline, and reports how it ended.
+    pub struct RelayBody<B> {
+        #[pin]
+        inner: B,
+        deadline: Pin<Box<Sleep>>,
+        bytes: u64,
+        on_end: Option<Box<dyn OnBodyEnd>>,
+    }
+
+    impl<B> PinnedDrop for RelayBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(on_end) = this.on_end.take() {
+                on_end.body_ended(BodyOutcome { complete: false, bytes: *this.bytes });
+            }
+        }
+    }
+}
+
+impl<B: Body> RelayBody<B> {
+    pub fn new(inner: B, deadline: Instant, on_end: Box<dyn OnBodyEnd>) -> Self {
+        let mut body = RelayBody {
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            bytes: 0,
+            on_end: Some(on_end),
+            inner,
+        };
+        // hyper never polls a body that says it is already finished (204, HEAD, empty).
+        if body.inner.is_end_stream() {
+            if let Some(on_end) = body.on_end.take() {
+                on_end.body_ended(BodyOutcome {
+                    complete: true,
+                    bytes: 0,
+                });
+            }
+        }
+        body
+    }
+}
+
+impl<B> Body for RelayBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let finish = |on_end: &mut Option<Box<dyn OnBodyEnd>>, complete: bool, bytes: u64| {
+            if let Some(f) = on_end.take() {
+                f.body_ended(BodyOutcome { complete, bytes });
+            }
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    *this.bytes += d.len() as u64;
+                }
+                // With a known length hyper stops polling after the last byte, so the end is
+                // seen here rather than as a final `None`.
+                if this.inner.is_end_stream() {
+                    finish(this.on_end, true, *this.bytes);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                finish(this.on_end, false, *this.bytes);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                finish(this.on_end, true, *this.bytes);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.on_end.is_some() && this.deadline.as_mut().poll(cx).is_ready() {
+                    finish(this.on_end, false, *this.bytes);
+                    return Poll::Ready(Some(Err(Box::new(BodyBudgetExhausted))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.on_end.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Record(Arc<Mutex<Vec<BodyOutcome>>>);
+    impl OnBodyEnd for Record {
+        fn body_ended(self: Box<Self>, outcome: BodyOutcome) {
+            self.0.lock().unwrap().push(outcome);
+        }
+    }
+
+    #[tokio::test]
+    async fn limited_body_fails_once_the_limit_is_passed() {
+        let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from(vec![0u8; 100])), 99);
+        assert!(body.collect().await.is_err());
+        assert!(exceeded.load(Ordering::Acquire));
+        let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from(vec![0u8; 100])), 100);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 100);
+        assert!(!exceeded.load(Ordering::Acquire));
+    }
+
+    #[tokio::test]
+    async fn relay_reports_completion_once() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let body = RelayBody::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Instant::now() + std::time::Duration::from_secs(5),
+            Box::new(Record(log.clone())),
+        );
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"hello");
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 1);
+        assert!(log[0].complete);
+        assert_eq!(log[0].bytes, 5);
+    }
+
+    #[tokio::test]
+    async fn relay_dropped_early_reports_incomplete() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let body = RelayBody::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Instant::now() + std::time::Duration::from_secs(5),
+            Box::new(Record(log.clone())),
+        );
+        drop(body);
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 1);
+        assert!(!log[0].complete);
+    }
+
+    #[tokio::test]
+    async fn empty_body_completes_at_once() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let _body = RelayBody::new(
+            Empty::<Bytes>::new(),
+            Instant::now() + std::time::Duration::from_secs(5),
+            Box::new(Record(log.clone())),
+        );
+        assert!(log.lock().unwrap()[0].complete);
+    }
+}

@@ -1,0 +1,110 @@
+//! Why the gateway answered a request itself. Every stage returns these; [`crate::respond`]
+//! turns them into HTTP answers in one place.
+
+use std::time::Duration;
+
+/// The value of `x-breakwater-reason` and of the `reason` metric label: a closed set, so label
+/// cardinality stays bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    QueueFull,
+    QueueTimeout,
+    Deadline,
+    BudgetExhausted,
+    CircuitOpen,
+    UpstreamUnavailable,
+    UpstreamError,
+    Draining,
+    NoRoute,
+    PayloadTooLarge,
+    BadRequest,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::QueueFull,
+        Reason::QueueTimeout,
+        Reason::Deadline,
+        Reason::BudgetExhausted,
+        Reason::CircuitOpen,
+        Reason::UpstreamUnavailable,
+        Reason::UpstreamError,
+        Reason::Draining,
+        Reason::NoRoute,
+        Reason::PayloadTooLarge,
+        Reason::BadRequest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::QueueFull => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
+            Reason::Deadline => "deadline",
+            Reason::BudgetExhausted => "budget_exhausted",
+            Reason::CircuitOpen => "circuit_open",
+            Reason::UpstreamUnavailable => "upstream_unavailable",
+            Reason::UpstreamError => "upstream_error",
+            Reason::Draining => "draining",
+            Reason::NoRoute => "no_route",
+            Reason::PayloadTooLarge => "payload_too_large",
+            Reason::BadRequest => "bad_request",
+        }
+    }
+
+    /// Refusals are answers a caller can retry later: they carry `Retry-After`, count as shed
+    /// load, and may be replaced by a route's fallback.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Reason::QueueFull
+                | Reason::QueueTimeout
+                | Reason::Deadline
+                | Reason::BudgetExhausted
+                | Reason::CircuitOpen
+                | Reason::UpstreamUnavailable
+                | Reason::Draining
+        )
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("refused before reaching the upstream ({reason})")]
+    Refused {
+        reason: Reason,
+        /// The gateway's estimate of when trying again makes sense.
+        retry_after: Duration,
+    },
+    #[error("the route's budget ran out before the upstream answered")]
+    BudgetExhausted,
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(String),
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+}
+
+impl ProxyError {
+    pub fn reason(&self) -> Reason {
+        match self {
+            ProxyError::NoRoute => Reason::NoRoute,
+            ProxyError::BodyTooLarge { .. } => Reason::PayloadTooLarge,
+            ProxyError::BadRequest(_) => Reason::BadRequest,
+            ProxyError::Refused { reason, .. } => *reason,
+            ProxyError::BudgetExhausted => Reason::BudgetExhausted,
+            ProxyError::UpstreamUnavailable(_) => Reason::UpstreamUnavailable,
+            ProxyError::Upstream(_) => Reason::UpstreamError,
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! What crosses the gateway in headers: hop-by-hop headers are dropped (RFC 9110 §7.6.1), the
+//! `X-Forwarded-*` family is set, the request id is kept or made, and the upstream learns how much
+//! budget is left.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub const BUDGET_HEADER: &str = "x-breakwater-budget-ms";
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any header named in `Connection`. `Transfer-Encoding`
+/// goes too: the outgoing connection frames the body itself.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP.iter() {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// A caller's request id is kept when it is short printable ASCII; otherwise a new one is made.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id)
+}
+
+pub fn new_request_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+pub struct ForwardInfo<'a> {
+    pub peer: SocketAddr,
+    pub proto: &'static str,
+    pub original_host: Option<&'a str>,
+    pub request_id: &'a str,
+    pub remaining: Duration,
+    /// Host header for the upstream (its own authority unless the upstream preserves the host).
+    pub upstream_host: &'a str,
+}
+
+/// Rewrites request headers for the upstream.
+pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
+    strip_hop_by_hop(headers);
+
+    let peer_ip = info.peer.ip().to_canonical().to_string();
+    let xff = match headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    headers.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
+    if let Some(h) = info.original_host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert("x-forwarded-host", h);
+    }
+    if let Ok(v) = HeaderValue::from_str(info.upstream_host) {
+        headers.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(info.request_id) {
+        headers.insert("x-request-id", v);
+    }
+    headers.insert(
+        BUDGET_HEADER,
+        HeaderValue::from(info.remaining.as_millis() as u64),
+    );
+}
+
+/// Rewrites upstream response headers for the caller.
+pub fn response_headers(headers: &mut HeaderMap, request_id: &str) {
+    strip_hop_by_hop(headers);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn forwarded_headers_are_set() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        h.insert(header::HOST, HeaderValue::from_static("gw.example.com"));
+        request_headers(
+            &mut h,
+            &ForwardInfo {
+                peer: "[::ffff:203.0.113.9]:5000".parse().unwrap(),
+                proto: "http",
+                original_host: Some("gw.example.com"),
+                request_id: "rid-1",
+                remaining: Duration::from_millis(1234),
+                upstream_host: "10.0.0.1:8000",
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7, 203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "gw.example.com");
+        assert_eq!(h[header::HOST], "10.0.0.1:8000");
+        assert_eq!(h["x-request-id"], "rid-1");
+        assert_eq!(h[BUDGET_HEADER], "1234");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_eq!(request_id(&h).len(), 32);
+        assert_eq!(request_id(&HeaderMap::new()).len(), 32);
+    }
+}

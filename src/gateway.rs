@@ -1,0 +1,118 @@
+//! Starting and stopping a whole gateway: listeners, upstream pools, admin endpoint.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::proxy::{Proxy, Shared, Table};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started gateway. Dropping it stops accepting new connections; [`Running::drain`] also
+/// waits for open ones to finish.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Binds the listeners, builds the upstream pools and waits (at most each upstream's connect
+/// timeout) for their `min_idle` connections, then starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "server.listen",
+            addr: config.server.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().expect("bound socket has an address");
+    let admin = match config.admin.listen {
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|source| StartError::Bind {
+            what: "admin.listen",
+            addr: a,
+            source,
+        })?),
+        None => None,
+    };
+    let admin_addr = admin
+        .as_ref()
+        .map(|l| l.local_addr().expect("bound socket has an address"));
+    crate::admin::metrics_handle();
+
+    let table = Table::new(config.clone());
+    let warmups = table.upstreams.values().map(|u| {
+        let u = u.clone();
+        async move {
+            if !u.warm_up(u.config.pool.connect_timeout).await {
+                tracing::warn!(upstream = %u.config.name, "upstream pool not warm at start; will keep trying on demand");
+            }
+        }
+    });
+    futures_util::future::join_all(warmups).await;
+
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(table),
+        draining: AtomicBool::new(false),
+    });
+    let (shutdown, rx) = watch::channel(false);
+    let max_connections = config.server.max_connections;
+    let connections = Arc::new(Semaphore::new(max_connections));
+    let mut tasks = vec![tokio::spawn(crate::listener::serve(
+        listener,
+        Proxy::new(shared.clone()),
+        config.server.clone(),
+        connections.clone(),
+        rx.clone(),
+    ))];
+    if let Some(admin) = admin {
+        tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone(), rx)));
+    }
+    tracing::info!(%addr, admin = ?admin_addr, routes = config.routes.len(), "breakwater listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        shared,
+        shutdown,
+        connections,
+        max_connections,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting, closes idle connections, lets in-flight requests finish, and returns once
+    /// every connection has closed or `timeout` has passed. Returns whether it drained fully.
+    pub async fn drain(self, timeout: Duration) -> bool {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.shutdown.send(true);
+        let all = self.max_connections.min(u32::MAX as usize) as u32;
+        let drained = tokio::time::timeout(timeout, self.connections.acquire_many(all))
+            .await
+            .is_ok();
+        for t in self.tasks {
+            t.abort();
+        }
+        drained
+    }
+}

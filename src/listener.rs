@@ -1,0 +1,360 @@
+//! Accepting and serving client connections: a bounded number of connections, an accept loop that
+//! backs off on errors instead of dying, HTTP/1.1 and h2 through hyper-util, and per-connection
+//! timers for slow request heads and idle keep-alive.
+//!
+//! hyper's own `header_read_timeout` also runs while an HTTP/1.1 connection sits idle between
+//! requests, which would cut keep-alive down to the head timeout. So both timers live here:
+//! the head timer runs from the first byte of a head (or from accept) until the request is
+//! dispatched; the idle timer runs while no request is in flight.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::body::ResponseBody;
+use crate::config::ServerConfig;
+use crate::proxy::Proxy;
+
+const NONE: u64 = u64::MAX;
+
+/// What the proxy knows about the connection a request came on.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub proto: &'static str,
+    pub activity: Arc<ConnActivity>,
+}
+
+impl ConnInfo {
+    pub fn unknown() -> Self {
+        ConnInfo {
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            proto: "http",
+            activity: Arc::new(ConnActivity::new()),
+        }
+    }
+}
+
+/// Shared between a connection's IO, its requests and its timer task.
+pub struct ConnActivity {
+    epoch: Instant,
+    inflight: AtomicUsize,
+    /// Milliseconds since `epoch` when the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `epoch` when an unfinished request head began, or `NONE`.
+    head_started: AtomicU64,
+    h2: AtomicBool,
+    first_read: AtomicBool,
+    changed: Notify,
+}
+
+impl ConnActivity {
+    fn new() -> Self {
+        ConnActivity {
+            epoch: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            // A new connection must deliver its first head in time too.
+            head_started: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            first_read: AtomicBool::new(true),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn request_started(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(NONE, Ordering::Release);
+    }
+
+    pub fn request_finished(&self) {
+        self.idle_since.store(self.now_ms(), Ordering::Release);
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.changed.notify_one();
+        }
+    }
+
+    fn on_read(&self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if self.first_read.swap(false, Ordering::AcqRel) && data.starts_with(b"PRI * HTTP/2.0") {
+            self.h2.store(true, Ordering::Release);
+            self.head_started.store(NONE, Ordering::Release);
+            return;
+        }
+        if !self.h2.load(Ordering::Acquire)
+            && self.inflight.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == NONE
+        {
+            self.head_started.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// What the connection's timer should do next.
+    fn next_action(&self, header_timeout: Duration, keepalive: Duration) -> TimerAction {
+        let head = self.head_started.load(Ordering::Acquire);
+        if head != NONE && !self.h2.load(Ordering::Acquire) {
+            return TimerAction::HeadDeadline(self.epoch + Duration::from_millis(head) + header_timeout);
+        }
+        if self.inflight.load(Ordering::Acquire) == 0 {
+            let idle = self.idle_since.load(Ordering::Acquire);
+            return TimerAction::IdleDeadline(self.epoch + Duration::from_millis(idle) + keepalive);
+        }
+        TimerAction::WaitForChange
+    }
+}
+
+enum TimerAction {
+    HeadDeadline(Instant),
+    IdleDeadline(Instant),
+    WaitForChange,
+}
+
+pin_project_lite::pin_project! {
+    /// Reports reads to the connection's activity, so the head timer knows when a head begins.
+    struct TrackedIo {
+        #[pin]
+        inner: TcpStream,
+        activity: Arc<ConnActivity>,
+    }
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            this.activity.on_read(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The proxy with this connection's details attached to every request.
+#[derive(Clone)]
+struct WithConn {
+    proxy: Proxy,
+    info: ConnInfo,
+}
+
+impl tower::Service<Request<Incoming>> for WithConn {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = <Proxy as tower::Service<Request<Incoming>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.proxy.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.info.clone());
+        self.proxy.call(req)
+    }
+}
+
+/// Serves connections accepted on `listener` until `shutdown` turns true, then lets open
+/// connections finish gracefully. Returns once the accept loop has stopped; `connections`
+/// has every permit back once all connections have closed.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    config: ServerConfig,
+    connections: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(http_builder(&config));
+    let mut backoff = Duration::from_millis(5);
+    let mut stop = shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = crate::listener::stopped(&mut stop) => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = crate::listener::stopped(&mut stop) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    proxy.clone(),
+                    builder.clone(),
+                    config.clone(),
+                    shutdown.clone(),
+                    permit,
+                ));
+            }
+            Err(e) if is_per_connection_error(&e) => {
+                tracing::debug!(error = %e, "accept: connection failed before it was accepted");
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: back off so the process stays alive and
+                // serves what it already has, rather than spinning or exiting.
+                tracing::error!(error = %e, backoff = ?backoff, "accept failed; backing off");
+                drop(permit);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown has been asked for (or whoever could ask has gone away).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_buf_size(config.max_header_size)
+        .max_headers(config.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_size as u32)
+        .max_concurrent_streams(Some(256))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    if config.http2 {
+        b
+    } else {
+        b.http1_only()
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Proxy,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    config: ServerConfig,
+    mut shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let activity = Arc::new(ConnActivity::new());
+    let io = TokioIo::new(TrackedIo {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let service = TowerToHyperService::new(WithConn {
+        proxy,
+        info: ConnInfo {
+            peer,
+            proto: "http",
+            activity: activity.clone(),
+        },
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
+        let wake_at = match action {
+            _ if closing => None,
+            TimerAction::HeadDeadline(t) | TimerAction::IdleDeadline(t) => Some(t),
+            TimerAction::WaitForChange => None,
+        };
+        let timer = async {
+            match wake_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = activity.changed.notified() => {}
+            _ = timer => {
+                match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
+                    TimerAction::HeadDeadline(t) if t <= Instant::now() => {
+                        tracing::debug!(%peer, "request head not received in time; closing");
+                        return;
+                    }
+                    TimerAction::IdleDeadline(t) if t <= Instant::now() => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ => {}
+                }
+            }
+            _ = crate::listener::stopped(&mut shutdown), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}

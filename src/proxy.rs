@@ -1,0 +1,393 @@
+//! The request's journey through the gateway: route → admission → upstream → relayed answer.
+//! [`Proxy`] is the tower service hyper is given (through `TowerToHyperService`); it never fails:
+//! every error becomes an answer in [`crate::respond`].
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST};
+use http::{HeaderValue, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::admission::{Admission, Permit};
+use crate::body::{BodyOutcome, LimitedBody, OnBodyEnd, RelayBody, ResponseBody};
+use crate::circuit::Circuit;
+use crate::config::{Config, RouteConfig};
+use crate::error::ProxyError;
+use crate::forward::{self, ForwardInfo};
+use crate::listener::ConnInfo;
+use crate::observe::RequestRecord;
+use crate::respond::{error_response, AnswerContext};
+use crate::routing::Router;
+use crate::upstream::{Lease, Upstream, UpstreamError};
+
+/// Everything a route needs at request time, built once per configuration.
+pub struct RouteState {
+    pub config: Arc<RouteConfig>,
+    pub upstream: Arc<Upstream>,
+    pub circuit: Arc<Circuit>,
+    pub admission: Arc<Admission>,
+}
+
+/// One configuration's worth of routing state. Reloads swap the whole thing atomically; a
+/// request keeps the `Arc` it started with.
+pub struct Table {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub routes: Vec<Arc<RouteState>>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Table {
+    pub fn new(config: Config) -> Self {
+        let upstreams: HashMap<String, Arc<Upstream>> = config
+            .upstreams
+            .values()
+            .map(|u| (u.name.clone(), Arc::new(Upstream::new(u.clone()))))
+            .collect();
+        let circuits: HashMap<String, Arc<Circuit>> = config
+            .upstreams
+            .values()
+            .map(|u| (u.name.clone(), Arc::new(Circuit::new(&u.name, &u.circuit))))
+            .collect();
+        let route_configs: Vec<Arc<RouteConfig>> =
+            config.routes.iter().cloned().map(Arc::new).collect();
+        let routes = route_configs
+            .iter()
+            .map(|r| {
+                Arc::new(RouteState {
+                    config: r.clone(),
+                    upstream: upstreams[&r.upstream].clone(),
+                    circuit: circuits[&r.upstream].clone(),
+                    admission: Arc::new(Admission::new(r)),
+                })
+            })
+            .collect();
+        Table {
+            router: Router::new(&route_configs),
+            config: Arc::new(config),
+            routes,
+            upstreams,
+        }
+    }
+}
+
+/// Gateway-wide state the proxy reads on every request.
+pub struct Shared {
+    pub table: ArcSwap<Table>,
+    /// Set once a drain has begun: HTTP/1.1 answers then carry `Connection: close`.
+    pub draining: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Proxy { shared }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Proxy {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(handle(shared, req).await) })
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let arrived = Instant::now();
+    let conn = req
+        .extensions()
+        .get::<ConnInfo>()
+        .cloned()
+        .unwrap_or_else(ConnInfo::unknown);
+    conn.activity.request_started();
+    let table = shared.table.load_full();
+    let request_id = forward::request_id(req.headers());
+    let mut record = RequestRecord::new(
+        arrived,
+        req.method(),
+        req.uri().path(),
+        &request_id,
+        conn.peer,
+        req.headers(),
+    );
+
+    let route = match route_for(&table, &req) {
+        Ok(r) => r,
+        Err(e) => return gateway_answer(&shared, e, None, record, &conn),
+    };
+    record.route = route.config.name.clone();
+    record.upstream = Some(route.upstream.config.name.clone());
+
+    let mut resp = match proxy_to(&route, req, arrived, &request_id, &conn, record).await {
+        Ok(resp) => resp,
+        Err((e, record)) => return gateway_answer(&shared, e, Some(&route.config), record, &conn),
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn route_for(table: &Table, req: &Request<Incoming>) -> Result<Arc<RouteState>, ProxyError> {
+    if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
+        return Err(ProxyError::BadRequest("request target must be a path"));
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+    table
+        .router
+        .route(req.method(), host, req.uri().path())
+        .map(|i| table.routes[i].clone())
+        .ok_or(ProxyError::NoRoute)
+}
+
+fn gateway_answer(
+    shared: &Shared,
+    err: ProxyError,
+    route: Option<&RouteConfig>,
+    mut record: RequestRecord,
+    conn: &ConnInfo,
+) -> Response<ResponseBody> {
+    let reason = err.reason();
+    let mut resp = error_response(
+        &err,
+        &AnswerContext {
+            route,
+            request_id: &record.request_id,
+        },
+    );
+    if reason.is_refusal() {
+        metrics::counter!("breakwater_shed_total",
+            "route" => record.route.clone(), "reason" => reason.as_str())
+        .increment(1);
+    }
+    // A request whose body was refused unread leaves the connection out of sync; so does one
+    // that ends while draining.
+    if matches!(err, ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_))
+        || shared.draining.load(Ordering::Relaxed)
+    {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    record.status = resp.status();
+    record.reason = Some(reason);
+    let bytes = resp.body().size_hint().exact().unwrap_or(0);
+    record.finish(bytes, true);
+    conn.activity.request_finished();
+    resp
+}
+
+async fn proxy_to(
+    route: &RouteState,
+    req: Request<Incoming>,
+    arrived: Instant,
+    request_id: &str,
+    conn: &ConnInfo,
+    mut record: RequestRecord,
+) -> Result<Response<ResponseBody>, (ProxyError, RequestRecord)> {
+    match send_upstream(route, req, arrived, request_id, conn, &mut record).await {
+        Ok((resp, lease, permit, sent_at)) => {
+            let (mut parts, body) = resp.into_parts();
+            forward::response_headers(&mut parts.headers, request_id);
+            // hyper answers each client in the client's own version.
+            parts.version = http::Version::default();
+            record.status = parts.status;
+            let exchange = Exchange {
+                lease: Some(lease),
+                permit: Some(permit),
+                sent_at,
+                record: Some(record),
+                conn: conn.clone(),
+            };
+            let body = RelayBody::new(body, arrived + route.config.budget, Box::new(exchange));
+            Ok(Response::from_parts(parts, body.boxed_unsync()))
+        }
+        Err(e) => Err((e, record)),
+    }
+}
+
+/// Admits the request and sends it; returns the response head with what must be held until its
+/// body has been relayed.
+async fn send_upstream(
+    route: &RouteState,
+    req: Request<Incoming>,
+    arrived: Instant,
+    request_id: &str,
+    conn: &ConnInfo,
+    record: &mut RequestRecord,
+) -> Result<(Response<Incoming>, Lease, Permit, Instant), ProxyError> {
+    let cfg = &route.config;
+    let deadline = arrived + cfg.budget;
+    let limit = cfg.max_request_body;
+    if let Some(len) = content_length(req.headers()) {
+        if len > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        record.bytes_in = len;
+    }
+
+    route.circuit.check()?;
+    let admitted_at = Instant::now();
+    let permit = route.admission.admit(deadline).await?;
+    record.queue_wait = Some(admitted_at.elapsed());
+
+    let (mut parts, body) = req.into_parts();
+    let original_host = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+    let up = &route.upstream.config;
+    let upstream_host = if up.preserve_host {
+        original_host.clone().unwrap_or_else(|| up.authority())
+    } else {
+        up.authority()
+    };
+    forward::request_headers(
+        &mut parts.headers,
+        &ForwardInfo {
+            peer: conn.peer,
+            proto: conn.proto,
+            original_host: original_host.as_deref(),
+            request_id,
+            remaining: deadline.saturating_duration_since(Instant::now()),
+            upstream_host: &upstream_host,
+        },
+    );
+    parts.uri = upstream_uri(up.base_path(), &parts.uri)?;
+    parts.version = http::Version::HTTP_11;
+    let (body, exceeded) = LimitedBody::new(body, limit);
+    let upstream_req = Request::from_parts(parts, body.boxed_unsync());
+
+    let sent_at = Instant::now();
+    let result = tokio::time::timeout_at(deadline, route.upstream.send(upstream_req)).await;
+    let (resp, lease) = match result {
+        Err(_elapsed) => {
+            // Dropping the send future dropped its lease mid-exchange, which closes that
+            // upstream connection: the backend stops working for a caller we already answered.
+            permit.abandon();
+            return Err(ProxyError::BudgetExhausted);
+        }
+        Ok(Err(e)) => {
+            if exceeded.load(Ordering::Acquire) {
+                permit.abandon();
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            return Err(match e {
+                UpstreamError::Unavailable(why) => {
+                    route.circuit.record_failure();
+                    permit.abandon();
+                    ProxyError::UpstreamUnavailable(why)
+                }
+                UpstreamError::NotSent(e) => {
+                    route.circuit.record_failure();
+                    permit.abandon();
+                    ProxyError::UpstreamUnavailable(e.to_string())
+                }
+                UpstreamError::Failed(e) => {
+                    route.circuit.record_failure();
+                    permit.failed(sent_at.elapsed());
+                    ProxyError::Upstream(e.to_string())
+                }
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    record.upstream_time = Some(sent_at.elapsed());
+    if resp.status().is_server_error() {
+        route.circuit.record_failure();
+    } else {
+        route.circuit.record_success();
+    }
+    Ok((resp, lease, permit, sent_at))
+}
+
+/// What an exchange holds until its response body has been relayed: the upstream connection, the
+/// admission slot, and the request's record.
+struct Exchange {
+    lease: Option<Lease>,
+    permit: Option<Permit>,
+    sent_at: Instant,
+    record: Option<RequestRecord>,
+    conn: ConnInfo,
+}
+
+impl OnBodyEnd for Exchange {
+    fn body_ended(mut self: Box<Self>, outcome: BodyOutcome) {
+        if let Some(lease) = self.lease.take() {
+            lease.release(outcome.complete);
+        }
+        if let Some(permit) = self.permit.take() {
+            if outcome.complete {
+                permit.succeeded(self.sent_at.elapsed());
+            } else {
+                permit.failed(self.sent_at.elapsed());
+            }
+        }
+        if let Some(record) = self.record.take() {
+            record.finish(outcome.bytes, outcome.complete);
+        }
+        self.conn.activity.request_finished();
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The upstream sees origin-form: its base path, then the caller's path and query.
+fn upstream_uri(base_path: &str, uri: &Uri) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    let joined = if base_path.is_empty() {
+        pq.to_string()
+    } else {
+        format!("{base_path}{pq}")
+    };
+    joined
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uri_joins_base_path() {
+        let u: Uri = "/v1/x?a=1".parse().unwrap();
+        assert_eq!(upstream_uri("", &u).unwrap(), "/v1/x?a=1");
+        assert_eq!(upstream_uri("/api", &u).unwrap(), "/api/v1/x?a=1");
+        let abs: Uri = "http://gw.example.com/p".parse().unwrap();
+        assert_eq!(upstream_uri("", &abs).unwrap(), "/p");
+    }
+
+}

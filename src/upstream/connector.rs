@@ -1,0 +1,227 @@
+//! Opens upstream connections for the bb8 pool: resolves the host on every new connection,
+//! rotates across every address it resolves to (an ALB has several, and they change), and speaks
+//! HTTP/1.1 over a TCP_NODELAY socket.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("connect to {addr} timed out after {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("connect to {addr} failed: {reason}")]
+    Refused { addr: String, reason: String },
+    #[error("connection to {addr} is closed")]
+    Closed { addr: String },
+}
+
+/// One pooled HTTP/1.1 connection to an upstream.
+pub struct UpstreamConn {
+    pub(crate) sender: http1::SendRequest<RequestBody>,
+    /// True from the moment a request is handed to this connection until its response body has
+    /// been relayed to the end. A connection given back while still busy was abandoned
+    /// mid-exchange (budget ran out, caller left, error), so the pool must close it.
+    pub(crate) busy: bool,
+    pub(crate) addr: SocketAddr,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for UpstreamConn {
+    fn drop(&mut self) {
+        // Closes the socket even if the connection task is waiting on a response.
+        self.task.abort();
+    }
+}
+
+/// Shared between the pool manager and the proxy: counts and the latest connect failure.
+#[derive(Default)]
+pub struct ConnectorState {
+    last_failure: Mutex<Option<(Instant, ConnectError)>>,
+    /// Woken on every failed connect, so a request waiting for a connection to a dead upstream is
+    /// answered at once instead of at its deadline.
+    pub(crate) failed: Notify,
+}
+
+impl ConnectorState {
+    pub fn last_failure(&self) -> Option<(Instant, ConnectError)> {
+        self.last_failure.lock().expect("not poisoned").clone()
+    }
+}
+
+pub struct Connector {
+    pub(crate) name: Arc<str>,
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    next: AtomicUsize,
+    pub(crate) state: Arc<ConnectorState>,
+}
+
+impl Connector {
+    pub fn new(name: &str, host: &str, port: u16, connect_timeout: Duration) -> Self {
+        Connector {
+            name: Arc::from(name),
+            host: host.to_string(),
+            port,
+            connect_timeout,
+            next: AtomicUsize::new(0),
+            state: Arc::new(ConnectorState::default()),
+        }
+    }
+
+    fn record(&self, result: &'static str) {
+        metrics::counter!("breakwater_upstream_connects_total",
+            "upstream" => self.name.to_string(), "result" => result)
+        .increment(1);
+    }
+
+    fn fail(&self, err: ConnectError) -> ConnectError {
+        let result = if matches!(err, ConnectError::Timeout { .. }) {
+            "timeout"
+        } else {
+            "error"
+        };
+        self.record(result);
+        tracing::warn!(upstream = %self.name, error = %err, "upstream connect failed");
+        *self.state.last_failure.lock().expect("not poisoned") = Some((Instant::now(), err.clone()));
+        self.state.failed.notify_waiters();
+        err
+    }
+
+    async fn open(&self) -> Result<UpstreamConn, ConnectError> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let addrs: Vec<SocketAddr> = match tokio::time::timeout_at(
+            deadline,
+            tokio::net::lookup_host((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                return Err(ConnectError::Resolve {
+                    host: self.host.clone(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError::Resolve {
+                    host: self.host.clone(),
+                    reason: format!("no answer within {:?}", self.connect_timeout),
+                })
+            }
+        };
+        if addrs.is_empty() {
+            return Err(ConnectError::Resolve {
+                host: self.host.clone(),
+                reason: "no addresses".into(),
+            });
+        }
+        // Each new connection starts at the next address, so connections spread across all of
+        // them; on failure the others are tried within the same connect timeout.
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_err = None;
+        for i in 0..addrs.len() {
+            let addr = addrs[(first + i) % addrs.len()];
+            match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return self.handshake(stream, addr).await;
+                }
+                Ok(Err(e)) => {
+                    last_err = Some(ConnectError::Refused {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    return Err(ConnectError::Timeout {
+                        addr: addr.to_string(),
+                        after: self.connect_timeout,
+                    })
+                }
+            }
+        }
+        Err(last_err.expect("at least one address was tried"))
+    }
+
+    async fn handshake(&self, stream: TcpStream, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
+        let (sender, conn) = http1::Builder::new()
+            .handshake::<_, RequestBody>(TokioIo::new(stream))
+            .await
+            .map_err(|e| ConnectError::Refused {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        let name = self.name.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %name, %addr, error = %e, "upstream connection ended");
+            }
+        })
+        .abort_handle();
+        Ok(UpstreamConn {
+            sender,
+            busy: false,
+            addr,
+            task,
+        })
+    }
+}
+
+impl bb8::ManageConnection for Connector {
+    type Connection = UpstreamConn;
+    type Error = ConnectError;
+
+    async fn connect(&self) -> Result<UpstreamConn, ConnectError> {
+        match self.open().await {
+            Ok(c) => {
+                self.record("ok");
+                Ok(c)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    async fn is_valid(&self, conn: &mut UpstreamConn) -> Result<(), ConnectError> {
+        // `ready` fails if the peer closed the connection while it sat idle in the pool.
+        let closed = || ConnectError::Closed {
+            addr: conn.addr.to_string(),
+        };
+        if conn.sender.is_closed() {
+            return Err(closed());
+        }
+        match tokio::time::timeout(self.connect_timeout, conn.sender.ready()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(ConnectError::Closed {
+                addr: conn.addr.to_string(),
+            }),
+        }
+    }
+
+    fn has_broken(&self, conn: &mut UpstreamConn) -> bool {
+        conn.busy || conn.sender.is_closed()
+    }
+}
+
+/// bb8 reports connect errors here; the connector already logged and counted them.
+#[derive(Debug, Clone, Copy)]
+pub struct QuietErrors;
+
+impl bb8::ErrorSink<ConnectError> for QuietErrors {
+    fn sink(&self, _: ConnectError) {}
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<ConnectError>> {
+        Box::new(*self)
+    }
+}
