@@ -21,3 +21,4 @@ pub mod proxy;
 pub mod respond;
 pub mod routing;
 pub mod upstream;
+pub mod retry;

@@ -28,7 +28,7 @@ use crate::listener::ConnInfo;
 use crate::observe::RequestRecord;
 use crate::respond::{error_response, AnswerContext};
 use crate::routing::Router;
-use crate::upstream::{Lease, Upstream, UpstreamError};
+use crate::upstream::{Lease, Replay, Upstream, UpstreamError};
 
 /// Everything a route needs at request time, built once per configuration.
 pub struct RouteState {
@@ -36,6 +36,7 @@ pub struct RouteState {
     pub upstream: Arc<Upstream>,
     pub circuit: Arc<Circuit>,
     pub admission: Arc<Admission>,
+    pub retry: Arc<crate::retry::RetryPolicy>,
 }
 
 /// One configuration's worth of routing state. Reloads swap the whole thing atomically; a
@@ -69,6 +70,7 @@ impl Table {
                     upstream: upstreams[&r.upstream].clone(),
                     circuit: circuits[&r.upstream].clone(),
                     admission: Arc::new(Admission::new(r)),
+                    retry: Arc::new(crate::retry::RetryPolicy::new(&r.retry)),
                 })
             })
             .collect();
@@ -232,6 +234,10 @@ async fn proxy_to(
     }
 }
 
+/// Request bodies up to this size are read whole before the request is sent, so the request can
+/// be sent again (keep-alive race, retry policy). Data action payloads are far smaller.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
 /// Admits the request and sends it; returns the response head with what must be held until its
 /// body has been relayed.
 async fn send_upstream(
@@ -245,19 +251,39 @@ async fn send_upstream(
     let cfg = &route.config;
     let deadline = arrived + cfg.budget;
     let limit = cfg.max_request_body;
-    if let Some(len) = content_length(req.headers()) {
+    let declared = content_length(req.headers());
+    if let Some(len) = declared {
         if len > limit {
             return Err(ProxyError::BodyTooLarge { limit });
         }
-        record.bytes_in = len;
     }
+    let (mut parts, body) = req.into_parts();
+    let (body, exceeded) = LimitedBody::new(body, limit);
+
+    // Small bodies are read before admission, so a slow client does not hold an upstream slot.
+    let small = body.is_end_stream() || declared.is_some_and(|n| n <= REPLAY_LIMIT);
+    let buffered = if small {
+        match tokio::time::timeout_at(deadline, body.collect()).await {
+            Err(_) => return Err(ProxyError::BudgetExhausted),
+            Ok(Err(_)) if exceeded.load(Ordering::Acquire) => {
+                return Err(ProxyError::BodyTooLarge { limit })
+            }
+            Ok(Err(_)) => return Err(ProxyError::BadRequest("request body ended early")),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    } else {
+        Err(body)
+    };
+    record.bytes_in = match &buffered {
+        Ok(b) => b.len() as u64,
+        Err(_) => declared.unwrap_or(0),
+    };
 
     route.circuit.check()?;
     let admitted_at = Instant::now();
     let permit = route.admission.admit(deadline).await?;
     record.queue_wait = Some(admitted_at.elapsed());
 
-    let (mut parts, body) = req.into_parts();
     let original_host = parts
         .uri
         .authority()
@@ -282,50 +308,103 @@ async fn send_upstream(
     );
     parts.uri = upstream_uri(up.base_path(), &parts.uri)?;
     parts.version = http::Version::HTTP_11;
-    let (body, exceeded) = LimitedBody::new(body, limit);
-    let upstream_req = Request::from_parts(parts, body.boxed_unsync());
-
-    let sent_at = Instant::now();
-    let result = tokio::time::timeout_at(deadline, route.upstream.send(upstream_req)).await;
-    let (resp, lease) = match result {
-        Err(_elapsed) => {
-            // Dropping the send future dropped its lease mid-exchange, which closes that
-            // upstream connection: the backend stops working for a caller we already answered.
-            permit.abandon();
-            return Err(ProxyError::BudgetExhausted);
+    let (replay, mut upstream_req) = match buffered {
+        Ok(bytes) => {
+            let replay = Replay {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                body: bytes,
+            };
+            let req = replay.build();
+            (Some(replay), req)
         }
-        Ok(Err(e)) => {
-            if exceeded.load(Ordering::Acquire) {
-                permit.abandon();
-                return Err(ProxyError::BodyTooLarge { limit });
-            }
-            return Err(match e {
-                UpstreamError::Unavailable(why) => {
-                    route.circuit.record_failure();
-                    permit.abandon();
-                    ProxyError::UpstreamUnavailable(why)
-                }
-                UpstreamError::NotSent(e) => {
-                    route.circuit.record_failure();
-                    permit.abandon();
-                    ProxyError::UpstreamUnavailable(e.to_string())
-                }
-                UpstreamError::Failed(e) => {
-                    route.circuit.record_failure();
-                    permit.failed(sent_at.elapsed());
-                    ProxyError::Upstream(e.to_string())
-                }
-            });
-        }
-        Ok(Ok(r)) => r,
+        Err(stream) => (None, Request::from_parts(parts, stream.boxed_unsync())),
     };
-    record.upstream_time = Some(sent_at.elapsed());
-    if resp.status().is_server_error() {
+    route.retry.on_request();
+
+    let mut retries = 0;
+    loop {
+        let sent_at = Instant::now();
+        let sending = route.upstream.send(upstream_req, replay.as_ref());
+        let send_error = match tokio::time::timeout_at(deadline, sending).await {
+            Err(_elapsed) => {
+                // Dropping the send future dropped its lease mid-exchange, which closes that
+                // upstream connection: the backend stops working for a caller we already answered.
+                permit.abandon();
+                return Err(ProxyError::BudgetExhausted);
+            }
+            Ok(Ok((resp, lease))) => {
+                let status = resp.status();
+                if status.is_server_error() {
+                    route.circuit.record_failure();
+                } else {
+                    route.circuit.record_success();
+                }
+                let again = replay.as_ref().filter(|_| {
+                    route.retry.retries_status(&record.method, status)
+                        && route.retry.allow(retries, deadline, route.admission.expected_service())
+                });
+                if let Some(replay) = again {
+                    // Dropped unread: the connection is closed rather than drained.
+                    drop((resp, lease));
+                    retries += 1;
+                    count_retry(route, crate::retry::RetryReason::Status);
+                    upstream_req = replay.build();
+                    set_budget_header(upstream_req.headers_mut(), deadline);
+                    continue;
+                }
+                record.upstream_time = Some(sent_at.elapsed());
+                return Ok((resp, lease, permit, sent_at));
+            }
+            Ok(Err(e)) => e,
+        };
+        if exceeded.load(Ordering::Acquire) {
+            permit.abandon();
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
         route.circuit.record_failure();
-    } else {
-        route.circuit.record_success();
+        match send_error.unsent {
+            Some(mut again)
+                if route.retry.allow(retries, deadline, route.admission.expected_service()) =>
+            {
+                retries += 1;
+                count_retry(route, crate::retry::RetryReason::NotSent);
+                set_budget_header(again.headers_mut(), deadline);
+                upstream_req = again;
+                continue;
+            }
+            _ => {}
+        }
+        return Err(match send_error.error {
+            UpstreamError::Unavailable(why) => {
+                permit.abandon();
+                ProxyError::UpstreamUnavailable(why)
+            }
+            UpstreamError::NotSent(e) => {
+                permit.abandon();
+                ProxyError::UpstreamUnavailable(e.to_string())
+            }
+            UpstreamError::Failed(e) => {
+                permit.failed(sent_at.elapsed());
+                ProxyError::Upstream(e.to_string())
+            }
+        });
     }
-    Ok((resp, lease, permit, sent_at))
+}
+
+fn count_retry(route: &RouteState, reason: crate::retry::RetryReason) {
+    metrics::counter!("breakwater_retries_total",
+        "route" => route.config.name.clone(), "reason" => reason.as_str())
+    .increment(1);
+}
+
+fn set_budget_header(headers: &mut http::HeaderMap, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    headers.insert(
+        forward::BUDGET_HEADER,
+        HeaderValue::from(left.as_millis() as u64),
+    );
 }
 
 /// What an exchange holds until its response body has been relayed: the upstream connection, the

@@ -105,6 +105,11 @@ impl Admission {
         }
     }
 
+    /// A pessimistic estimate of one exchange's length, once one has been seen.
+    pub fn expected_service(&self) -> Option<Duration> {
+        self.lock().estimator.service_high()
+    }
+
     /// Waits for an in-flight slot, or refuses: `queue_full` when the queue is at its depth,
     /// `deadline` when the expected wait plus service time exceeds what is left of the budget,
     /// `queue_timeout` after `max_wait`.

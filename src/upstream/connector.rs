@@ -34,6 +34,9 @@ pub struct UpstreamConn {
     /// been relayed to the end. A connection given back while still busy was abandoned
     /// mid-exchange (budget ran out, caller left, error), so the pool must close it.
     pub(crate) busy: bool,
+    /// Exchanges completed on this connection; a reused connection is one that may have been
+    /// closed by the peer while it sat idle.
+    pub(crate) served: u32,
     pub(crate) addr: SocketAddr,
     task: tokio::task::AbortHandle,
 }
@@ -174,6 +177,7 @@ impl Connector {
         Ok(UpstreamConn {
             sender,
             busy: false,
+            served: 0,
             addr,
             task,
         })

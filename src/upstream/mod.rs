@@ -30,6 +30,28 @@ pub enum UpstreamError {
     Failed(hyper::Error),
 }
 
+/// A failed send; `unsent` holds the request when it provably never reached the upstream.
+pub struct SendError {
+    pub error: UpstreamError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl SendError {
+    fn unsent(error: UpstreamError, req: Request<RequestBody>) -> Self {
+        SendError {
+            error,
+            unsent: Some(req),
+        }
+    }
+
+    fn sent(error: UpstreamError) -> Self {
+        SendError {
+            error,
+            unsent: None,
+        }
+    }
+}
+
 /// A connection lent to one exchange. Give it back with [`Lease::release`] once the response
 /// body has been relayed to the end; dropped any other way, the connection is closed.
 pub enum Lease {
@@ -51,7 +73,9 @@ impl Lease {
     }
 
     pub fn release(mut self, reusable: bool) {
-        self.conn().busy = !reusable;
+        let conn = self.conn();
+        conn.busy = !reusable;
+        conn.served = conn.served.saturating_add(1);
         if let Lease::Fresh { conn, pool } = self {
             if reusable {
                 let _ = pool.add(conn);
@@ -114,59 +138,66 @@ impl Upstream {
     }
 
     /// Sends `req` and returns the response head with the lease that keeps its connection until
-    /// the body is relayed. A request that failed on a pooled connection before any byte was
-    /// written (the peer had closed it) is sent once more on a fresh connection.
+    /// the body is relayed.
+    ///
+    /// A pooled connection may have been closed by the peer while it sat idle. When a request
+    /// fails on one before any byte of it was written, it is sent again on a fresh connection.
+    /// When it fails on a *reused* connection after being written but before any answer, the
+    /// peer closed the connection as the request went out (the keep-alive race: a server closing
+    /// an idle connection never reads what arrives on it); it is sent again too if `replay` can
+    /// rebuild it. When the request provably never reached the upstream it is handed back with
+    /// the error, so a retry policy can send it again.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
-        let mut lease = Lease::Pooled(self.acquire().await?);
+        replay: Option<&Replay>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let mut lease = match self.acquire().await {
+            Ok(c) => Lease::Pooled(c),
+            Err(why) => return Err(SendError::unsent(UpstreamError::Unavailable(why), req)),
+        };
         let conn = lease.conn();
         conn.busy = true;
+        let reused = conn.served > 0;
+        let req = match conn.sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, lease)),
+            Err(mut e) => match (e.take_message(), replay) {
+                (Some(req), _) => req,
+                (None, Some(replay)) if reused && closed_before_answer(e.error()) => replay.build(),
+                (None, _) => return Err(SendError::sent(UpstreamError::Failed(e.into_error()))),
+            },
+        };
+        drop(lease);
+        metrics::counter!("breakwater_stale_connection_retries_total",
+            "upstream" => self.config.name.clone())
+        .increment(1);
+        tracing::debug!(upstream = %self.config.name, "pooled connection was closed by the peer; sending on a fresh one");
+        let mut conn = match self.pool.dedicated_connection().await {
+            Ok(c) => c,
+            Err(e) => return Err(SendError::unsent(UpstreamError::Unavailable(e.to_string()), req)),
+        };
+        if let Err(e) = conn.sender.ready().await {
+            return Err(SendError::unsent(UpstreamError::NotSent(e), req));
+        }
+        conn.busy = true;
         match conn.sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, lease)),
-            Err(mut e) => {
-                let Some(req) = e.take_message() else {
-                    return Err(UpstreamError::Failed(e.into_error()));
-                };
-                drop(lease);
-                metrics::counter!("breakwater_stale_connection_retries_total",
-                    "upstream" => self.config.name.clone())
-                .increment(1);
-                tracing::debug!(upstream = %self.config.name, error = %e.error(), "pooled connection was dead; retrying on a fresh one");
-                let mut conn = self
-                    .pool
-                    .dedicated_connection()
-                    .await
-                    .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-                conn.sender
-                    .ready()
-                    .await
-                    .map_err(UpstreamError::NotSent)?;
-                conn.busy = true;
-                match conn.sender.try_send_request(req).await {
-                    Ok(resp) => Ok((
-                        resp,
-                        Lease::Fresh {
-                            conn,
-                            pool: self.pool.clone(),
-                        },
-                    )),
-                    Err(mut e) => {
-                        if e.take_message().is_some() {
-                            Err(UpstreamError::NotSent(e.into_error()))
-                        } else {
-                            Err(UpstreamError::Failed(e.into_error()))
-                        }
-                    }
-                }
-            }
+            Ok(resp) => Ok((
+                resp,
+                Lease::Fresh {
+                    conn,
+                    pool: self.pool.clone(),
+                },
+            )),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(SendError::unsent(UpstreamError::NotSent(e.into_error()), req)),
+                None => Err(SendError::sent(UpstreamError::Failed(e.into_error()))),
+            },
         }
     }
 
     /// A connection from the pool; fails at once when connecting is failing and nothing is open
     /// that could come back.
-    async fn acquire(&self) -> Result<PooledConnection<'static, Connector>, UpstreamError> {
+    async fn acquire(&self) -> Result<PooledConnection<'static, Connector>, String> {
         let get = self.pool.get_owned();
         tokio::pin!(get);
         loop {
@@ -175,21 +206,62 @@ impl Upstream {
             failed.as_mut().enable();
             tokio::select! {
                 got = &mut get => {
-                    return got.map_err(|e| UpstreamError::Unavailable(match self.connector.last_failure() {
+                    return got.map_err(|e| match self.connector.last_failure() {
                         Some((_, err)) => err.to_string(),
                         None => e.to_string(),
-                    }));
+                    });
                 }
                 _ = &mut failed => {
                     if self.pool.state().connections == 0 {
                         let why = self.connector.last_failure()
                             .map(|(_, e)| e.to_string())
                             .unwrap_or_else(|| "connect failed".into());
-                        return Err(UpstreamError::Unavailable(why));
+                        return Err(why);
                     }
                 }
             }
         }
+    }
+}
+
+/// The connection ended before any answer arrived: closed or reset by the peer.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Everything needed to send a request again: small request bodies are read whole before they
+/// are sent, so they can be.
+#[derive(Clone)]
+pub struct Replay {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl Replay {
+    pub fn build(&self) -> Request<RequestBody> {
+        let mut req = Request::new(crate::body::full(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
     }
 }
 

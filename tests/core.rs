@@ -1,0 +1,355 @@
+//! The core request path against a real in-process backend.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ONE_ROUTE: &str = r#"
+upstreams:
+  app:
+    url: "{backend}"
+    pool: { max_connections: 8, min_idle: 2 }
+routes:
+  - name: api
+    match: { path_prefix: /api }
+    upstream: app
+    budget: 2s
+    max_request_body: 1KiB
+"#;
+
+#[tokio::test]
+async fn routes_and_answers_404_in_json_for_unmatched() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let c = client();
+    let ok = get(&c, &gw.url("/api/v1?x=1")).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(&ok.body[..], b"ok");
+
+    let missing = get(&c, &gw.url("/other")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.reason(), Some("no_route"));
+    assert_eq!(missing.json()["error"], "no_route");
+    assert_eq!(missing.json()["route"], "none");
+    assert!(missing.header("retry-after").is_none());
+    assert_eq!(backend.count(|s| &s.requests), 1);
+}
+
+#[tokio::test]
+async fn headers_are_forwarded_and_hop_by_hop_ones_stripped() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let c = client();
+    let req = Request::get(gw.url("/api/h?q=1"))
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("x-request-id", "caller-id-7")
+        .header("x-forwarded-for", "198.51.100.1")
+        .header("inin-correlation-id", "corr-1")
+        .body(body(Bytes::new()))
+        .unwrap();
+    let a = send(&c, req).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("x-request-id"), Some("caller-id-7"));
+    assert!(a.header("keep-alive").is_none(), "hop-by-hop header from upstream removed");
+
+    let seen = backend.stats.headers.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.0, "/api/h?q=1");
+    let h = seen.1;
+    assert!(h.get("x-private").is_none(), "header named by Connection removed");
+    assert!(h.get("connection").is_none_or(|v| v != "x-private"));
+    assert_eq!(h["x-request-id"], "caller-id-7");
+    assert_eq!(h["x-forwarded-for"], "198.51.100.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], gw.addr.to_string().as_str());
+    assert_eq!(h["host"], backend.addr.to_string().as_str());
+    assert_eq!(h["inin-correlation-id"], "corr-1");
+    let budget: u64 = h["x-breakwater-budget-ms"].to_str().unwrap().parse().unwrap();
+    assert!(budget > 0 && budget <= 2000, "budget header {budget}");
+
+    // Without a caller id one is made and returned.
+    let a = get(&c, &gw.url("/api/h")).await;
+    let id = a.header("x-request-id").unwrap();
+    assert_eq!(id.len(), 32);
+}
+
+#[tokio::test]
+async fn min_idle_connections_are_open_before_the_first_request() {
+    let backend = Backend::start().await;
+    let _gw = Gateway::start(
+        &ONE_ROUTE.replace("min_idle: 2", "min_idle: 3"),
+        &backend.url(),
+    )
+    .await;
+    assert_eq!(backend.count(|s| &s.accepted), 3);
+    assert_eq!(backend.count(|s| &s.requests), 0);
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_pooled_connections() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(get(&c, &gw.url("/api/x")).await.status, StatusCode::OK);
+    }
+    let accepted = backend.count(|s| &s.accepted);
+    assert!(accepted <= 3, "50 sequential requests opened {accepted} connections");
+    assert_eq!(backend.count(|s| &s.requests), 50);
+}
+
+#[tokio::test]
+async fn connections_the_backend_closed_never_surface_as_errors() {
+    // The backend drops idle keep-alive connections after 5 ms while the pool would keep them
+    // 45 s: every pooled connection is stale by the next request, some of them while being used.
+    let backend = Backend::with(BackendOptions {
+        idle_close: Some(Duration::from_millis(5)),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let c = client();
+    for i in 0..60 {
+        let a = post(&c, &gw.url("/api/stale"), b"payload").await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}: {:?}", a.body);
+        // Vary the gap around the backend's idle timeout to hit the race from both sides.
+        tokio::time::sleep(Duration::from_millis((i % 4) * 3)).await;
+    }
+    // Also with a backend that announces the close.
+    let backend = Backend::with(BackendOptions {
+        close_after: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    for i in 0..30 {
+        let a = get(&c, &gw.url("/api/close")).await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn budget_exhaustion_answers_at_the_budget_and_cancels_the_upstream_call() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        &ONE_ROUTE.replace("budget: 2s", "budget: 300ms"),
+        &backend.url(),
+    )
+    .await;
+    let c = client();
+    let a = get(&c, &gw.url("/api/slow?delay=5000")).await;
+    a.assert_refusal("budget_exhausted");
+    assert_eq!(a.json()["route"], "api");
+    assert!(a.elapsed >= Duration::from_millis(290), "answered early: {:?}", a.elapsed);
+    assert!(a.elapsed < Duration::from_secs(3), "answered late: {:?}", a.elapsed);
+    // The backend's handler is dropped because its connection was closed.
+    backend
+        .wait_until("upstream connection closed", |s| s.closed.load(Ordering::SeqCst) >= 1)
+        .await;
+    backend
+        .wait_until("handler cancelled", |s| s.cancelled.load(Ordering::SeqCst) >= 1)
+        .await;
+    assert_eq!(backend.count(|s| &s.completed), 0);
+}
+
+#[tokio::test]
+async fn a_route_may_answer_504_on_budget_exhaustion() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        &ONE_ROUTE.replace("budget: 2s", "budget: 100ms\n    timeout_status: 504"),
+        &backend.url(),
+    )
+    .await;
+    let a = get(&client(), &gw.url("/api/slow?delay=3000")).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(a.reason(), Some("budget_exhausted"));
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_503_upstream_unavailable_at_once() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let gw = Gateway::start(&ONE_ROUTE.replace("budget: 2s", "budget: 10s"), &dead).await;
+    let a = get(&client(), &gw.url("/api/x")).await;
+    a.assert_refusal("upstream_unavailable");
+    assert!(a.elapsed < Duration::from_secs(2), "took {:?}", a.elapsed);
+}
+
+#[tokio::test]
+async fn broken_upstream_answer_is_502() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let a = get(&client(), &gw.url("/api/x?reset=1")).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{:?}", a.body);
+    assert_eq!(a.reason(), Some("upstream_error"));
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413_by_length_and_while_streaming() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let c = client();
+    let a = post(&c, &gw.url("/api/up"), &[b'x'; 2048]).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(a.reason(), Some("payload_too_large"));
+    assert_eq!(backend.count(|s| &s.requests), 0, "refused before the upstream");
+
+    // Chunked, no length: refused once the stream passes the limit.
+    let chunks = (0..8).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'y'; 512]))));
+    let stream = StreamBody::new(futures_util::stream::iter(chunks)).boxed_unsync();
+    let a = send(&c, Request::post(gw.url("/api/up")).body(stream).unwrap()).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(backend.count(|s| &s.body_bytes) <= 1024);
+
+    let a = post(&c, &gw.url("/api/up"), &[b'x'; 1024]).await;
+    assert_eq!(a.status, StatusCode::OK, "exactly the limit is fine");
+}
+
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test]
+async fn oversize_heads_get_431_and_malformed_requests_400() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let big = format!(
+        "GET /api/x HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let out = raw(gw.addr, big.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+
+    let out = raw(gw.addr, b"GARBAGE\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = raw(gw.addr, b"GET /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 0);
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_cut_off_and_idle_keepalive_closed() {
+    let backend = Backend::start().await;
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\n  header_read_timeout: 200ms\n  keepalive_timeout: 400ms\nadmin:\n  enabled: false\n{ONE_ROUTE}"
+    );
+    let gw = Gateway::start(&yaml, &backend.url()).await;
+
+    // Half a head, then nothing: closed after the head timeout, without an answer.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed by the gateway")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(start.elapsed() >= Duration::from_millis(150));
+
+    // A keep-alive connection survives longer than the head timeout while idle, then is closed
+    // after the keep-alive timeout.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "idle past the head timeout but within keep-alive still works"
+    );
+    let start = tokio::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed by the gateway")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(start.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_without_being_buffered() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        &ONE_ROUTE.replace("max_request_body: 1KiB", "max_request_body: 64MiB"),
+        &backend.url(),
+    )
+    .await;
+    let c = client();
+
+    // Request: the backend sees the first chunk while the client still holds the rest back.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let stream = StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
+    let req = Request::post(gw.url("/api/upload")).body(stream).unwrap();
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move { send(&c, req).await }
+    });
+    let first = backend.stats.first_body_chunk.notified();
+    tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1 << 20])))).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("first chunk reached the backend before the body was complete");
+    for _ in 0..31 {
+        tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1 << 20])))).await.unwrap();
+    }
+    drop(tx);
+    let a = pending.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(backend.count(|s| &s.body_bytes), 32 << 20);
+
+    // Response: the first chunk arrives while the backend holds the rest back.
+    let resp = c
+        .get(gw.url("/api/download?size=33554432&chunks=32").parse().unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first chunk relayed before the backend finished")
+        .unwrap()
+        .unwrap();
+    let mut total = frame.into_data().unwrap().len();
+    backend.release(1);
+    while let Some(f) = body.frame().await {
+        total += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+    }
+    assert_eq!(total, 32 << 20);
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let c: TestClient = hyper_util::client::legacy::Client::builder(
+        hyper_util::rt::TokioExecutor::new(),
+    )
+    .http2_only(true)
+    .build_http();
+    let a = get(&c, &gw.url("/api/h2")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(&a.body[..], b"ok");
+}
