@@ -45,7 +45,11 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let handle = metrics_handle();
     loop {
         let (stream, _) = tokio::select! {
@@ -76,30 +80,36 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: wat
     }
 }
 
-fn answer(req: Request<Incoming>, shared: &Shared, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+fn answer(
+    req: Request<Incoming>,
+    shared: &Shared,
+    handle: &PrometheusHandle,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, ct: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut()
-            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(ct),
+        );
         r
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         (&Method::GET, "/readyz") => {
             if shared.draining.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into(), "text/plain")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining\n".into(),
+                    "text/plain",
+                )
             } else {
                 text(StatusCode::OK, "ready\n".into(), "text/plain")
             }
         }
         (&Method::GET, "/metrics") => {
             publish_pool_gauges(shared);
-            text(
-                StatusCode::OK,
-                handle.render(),
-                "text/plain; version=0.0.4",
-            )
+            text(StatusCode::OK, handle.render(), "text/plain; version=0.0.4")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }

@@ -20,7 +20,9 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
-    Full::new(bytes.into()).map_err(|e| match e {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
 }
 
 pub fn empty() -> ResponseBody {

@@ -51,7 +51,10 @@ impl Circuit {
     }
 
     pub fn is_open(&self) -> bool {
-        matches!(*self.state.lock().unwrap_or_else(|p| p.into_inner()), State::Open { .. })
+        matches!(
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            State::Open { .. }
+        )
     }
 
     /// Lets a request through, or refuses it while the circuit is open.

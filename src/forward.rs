@@ -68,10 +68,7 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     strip_hop_by_hop(headers);
 
     let peer_ip = info.peer.ip().to_canonical().to_string();
-    let xff = match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer_ip}"),
         _ => peer_ip,
     };
@@ -80,7 +77,10 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
-    if let Some(h) = info.original_host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    if let Some(h) = info
+        .original_host
+        .and_then(|h| HeaderValue::from_str(h).ok())
+    {
         headers.insert("x-forwarded-host", h);
     }
     if let Ok(v) = HeaderValue::from_str(info.upstream_host) {
@@ -110,12 +110,18 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

@@ -48,11 +48,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let addr = listener.local_addr().expect("bound socket has an address");
     let admin = match config.admin.listen {
-        Some(a) => Some(TcpListener::bind(a).await.map_err(|source| StartError::Bind {
-            what: "admin.listen",
-            addr: a,
-            source,
-        })?),
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "admin.listen",
+                    addr: a,
+                    source,
+                })?,
+        ),
         None => None,
     };
     let admin_addr = admin

@@ -19,6 +19,6 @@ pub mod listener;
 pub mod observe;
 pub mod proxy;
 pub mod respond;
+pub mod retry;
 pub mod routing;
 pub mod upstream;
-pub mod retry;

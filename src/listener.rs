@@ -115,7 +115,9 @@ impl ConnActivity {
     fn next_action(&self, header_timeout: Duration, keepalive: Duration) -> TimerAction {
         let head = self.head_started.load(Ordering::Acquire);
         if head != NONE && !self.h2.load(Ordering::Acquire) {
-            return TimerAction::HeadDeadline(self.epoch + Duration::from_millis(head) + header_timeout);
+            return TimerAction::HeadDeadline(
+                self.epoch + Duration::from_millis(head) + header_timeout,
+            );
         }
         if self.inflight.load(Ordering::Acquire) == 0 {
             let idle = self.idle_since.load(Ordering::Acquire);
@@ -157,7 +159,11 @@ impl AsyncRead for TrackedIo {
 }
 
 impl AsyncWrite for TrackedIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

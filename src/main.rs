@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use breakwater::config::{self, units, Config, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "breakwater", version, about = "An edge gateway that makes overload explicit and fast")]
+#[command(
+    name = "breakwater",
+    version,
+    about = "An edge gateway that makes overload explicit and fast"
+)]
 struct Cli {
     /// Config file. Default: config/breakwater.yaml if present, else $BREAKWATER_CONFIG.
     #[arg(long, short, global = true)]
@@ -53,7 +57,9 @@ fn config_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("BREAKWATER_CONFIG") {
         return Ok(PathBuf::from(p));
     }
-    bail!("no config: pass --config PATH, or create config/breakwater.yaml, or set BREAKWATER_CONFIG")
+    bail!(
+        "no config: pass --config PATH, or create config/breakwater.yaml, or set BREAKWATER_CONFIG"
+    )
 }
 
 fn load(given: Option<&Path>) -> anyhow::Result<(PathBuf, Config)> {
@@ -93,7 +99,11 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         let methods = if r.methods.is_empty() {
             "any".to_string()
         } else {
-            r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+            r.methods
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         println!(
             "route    {}  {} {}{}  -> {}  budget {}  concurrency {}  queue {} / {}  max_body {}  on timeout {}",
@@ -123,7 +133,11 @@ fn init_logging(c: &Config) {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }

@@ -191,8 +191,10 @@ fn gateway_answer(
     }
     // A request whose body was refused unread leaves the connection out of sync; so does one
     // that ends while draining.
-    if matches!(err, ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_))
-        || shared.draining.load(Ordering::Relaxed)
+    if matches!(
+        err,
+        ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_)
+    ) || shared.draining.load(Ordering::Relaxed)
     {
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -284,11 +286,13 @@ async fn send_upstream(
     let permit = route.admission.admit(deadline).await?;
     record.queue_wait = Some(admitted_at.elapsed());
 
-    let original_host = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+    let original_host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    });
     let up = &route.upstream.config;
     let upstream_host = if up.preserve_host {
         original_host.clone().unwrap_or_else(|| up.authority())
@@ -343,7 +347,9 @@ async fn send_upstream(
                 }
                 let again = replay.as_ref().filter(|_| {
                     route.retry.retries_status(&record.method, status)
-                        && route.retry.allow(retries, deadline, route.admission.expected_service())
+                        && route
+                            .retry
+                            .allow(retries, deadline, route.admission.expected_service())
                 });
                 if let Some(replay) = again {
                     // Dropped unread: the connection is closed rather than drained.
@@ -366,7 +372,9 @@ async fn send_upstream(
         route.circuit.record_failure();
         match send_error.unsent {
             Some(mut again)
-                if route.retry.allow(retries, deadline, route.admission.expected_service()) =>
+                if route
+                    .retry
+                    .allow(retries, deadline, route.admission.expected_service()) =>
             {
                 retries += 1;
                 count_retry(route, crate::retry::RetryReason::NotSent);
@@ -468,5 +476,4 @@ mod tests {
         let abs: Uri = "http://gw.example.com/p".parse().unwrap();
         assert_eq!(upstream_uri("", &abs).unwrap(), "/p");
     }
-
 }

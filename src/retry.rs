@@ -127,7 +127,10 @@ mod tests {
                 allowed += 1;
             }
         }
-        assert!((19..=20).contains(&allowed), "allowed {allowed} retries for 100 requests");
+        assert!(
+            (19..=20).contains(&allowed),
+            "allowed {allowed} retries for 100 requests"
+        );
     }
 
     #[tokio::test(start_paused = true)]

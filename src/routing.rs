@@ -61,9 +61,7 @@ mod tests {
     use crate::config::from_yaml;
 
     fn router(yaml_routes: &str) -> Router {
-        let text = format!(
-            "upstreams:\n  a:\n    url: http://127.0.0.1:1\nroutes:\n{yaml_routes}"
-        );
+        let text = format!("upstreams:\n  a:\n    url: http://127.0.0.1:1\nroutes:\n{yaml_routes}");
         let c = from_yaml(&text, Vec::new()).unwrap();
         let routes: Vec<Arc<RouteConfig>> = c.routes.into_iter().map(Arc::new).collect();
         Router::new(&routes)
@@ -82,7 +80,10 @@ mod tests {
         assert_eq!(r.route(&Method::POST, None, "/v1/sentiment"), Some(2));
         assert_eq!(r.route(&Method::POST, None, "/v1/sentiment/batch"), Some(2));
         assert_eq!(r.route(&Method::GET, None, "/v1/sentiment"), Some(1));
-        assert_eq!(r.route(&Method::GET, Some("API.example.com:443"), "/v1/sentiment"), Some(3));
+        assert_eq!(
+            r.route(&Method::GET, Some("API.example.com:443"), "/v1/sentiment"),
+            Some(3)
+        );
         assert_eq!(r.route(&Method::GET, None, "/v1/sentiments"), Some(1));
         assert_eq!(r.route(&Method::GET, None, "/v2"), Some(0));
     }

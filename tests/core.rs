@@ -60,12 +60,25 @@ async fn headers_are_forwarded_and_hop_by_hop_ones_stripped() {
     let a = send(&c, req).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.header("x-request-id"), Some("caller-id-7"));
-    assert!(a.header("keep-alive").is_none(), "hop-by-hop header from upstream removed");
+    assert!(
+        a.header("keep-alive").is_none(),
+        "hop-by-hop header from upstream removed"
+    );
 
-    let seen = backend.stats.headers.lock().unwrap().last().cloned().unwrap();
+    let seen = backend
+        .stats
+        .headers
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
     assert_eq!(seen.0, "/api/h?q=1");
     let h = seen.1;
-    assert!(h.get("x-private").is_none(), "header named by Connection removed");
+    assert!(
+        h.get("x-private").is_none(),
+        "header named by Connection removed"
+    );
     assert!(h.get("connection").is_none_or(|v| v != "x-private"));
     assert_eq!(h["x-request-id"], "caller-id-7");
     assert_eq!(h["x-forwarded-for"], "198.51.100.1, 127.0.0.1");
@@ -73,7 +86,11 @@ async fn headers_are_forwarded_and_hop_by_hop_ones_stripped() {
     assert_eq!(h["x-forwarded-host"], gw.addr.to_string().as_str());
     assert_eq!(h["host"], backend.addr.to_string().as_str());
     assert_eq!(h["inin-correlation-id"], "corr-1");
-    let budget: u64 = h["x-breakwater-budget-ms"].to_str().unwrap().parse().unwrap();
+    let budget: u64 = h["x-breakwater-budget-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(budget > 0 && budget <= 2000, "budget header {budget}");
 
     // Without a caller id one is made and returned.
@@ -103,7 +120,10 @@ async fn sequential_requests_reuse_pooled_connections() {
         assert_eq!(get(&c, &gw.url("/api/x")).await.status, StatusCode::OK);
     }
     let accepted = backend.count(|s| &s.accepted);
-    assert!(accepted <= 3, "50 sequential requests opened {accepted} connections");
+    assert!(
+        accepted <= 3,
+        "50 sequential requests opened {accepted} connections"
+    );
     assert_eq!(backend.count(|s| &s.requests), 50);
 }
 
@@ -149,14 +169,26 @@ async fn budget_exhaustion_answers_at_the_budget_and_cancels_the_upstream_call()
     let a = get(&c, &gw.url("/api/slow?delay=5000")).await;
     a.assert_refusal("budget_exhausted");
     assert_eq!(a.json()["route"], "api");
-    assert!(a.elapsed >= Duration::from_millis(290), "answered early: {:?}", a.elapsed);
-    assert!(a.elapsed < Duration::from_secs(3), "answered late: {:?}", a.elapsed);
+    assert!(
+        a.elapsed >= Duration::from_millis(290),
+        "answered early: {:?}",
+        a.elapsed
+    );
+    assert!(
+        a.elapsed < Duration::from_secs(3),
+        "answered late: {:?}",
+        a.elapsed
+    );
     // The backend's handler is dropped because its connection was closed.
     backend
-        .wait_until("upstream connection closed", |s| s.closed.load(Ordering::SeqCst) >= 1)
+        .wait_until("upstream connection closed", |s| {
+            s.closed.load(Ordering::SeqCst) >= 1
+        })
         .await;
     backend
-        .wait_until("handler cancelled", |s| s.cancelled.load(Ordering::SeqCst) >= 1)
+        .wait_until("handler cancelled", |s| {
+            s.cancelled.load(Ordering::SeqCst) >= 1
+        })
         .await;
     assert_eq!(backend.count(|s| &s.completed), 0);
 }
@@ -202,7 +234,11 @@ async fn oversize_bodies_get_413_by_length_and_while_streaming() {
     let a = post(&c, &gw.url("/api/up"), &[b'x'; 2048]).await;
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(a.reason(), Some("payload_too_large"));
-    assert_eq!(backend.count(|s| &s.requests), 0, "refused before the upstream");
+    assert_eq!(
+        backend.count(|s| &s.requests),
+        0,
+        "refused before the upstream"
+    );
 
     // Chunked, no length: refused once the stream passes the limit.
     let chunks = (0..8).map(|_| Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'y'; 512]))));
@@ -236,7 +272,11 @@ async fn oversize_heads_get_431_and_malformed_requests_400() {
 
     let out = raw(gw.addr, b"GARBAGE\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
-    let out = raw(gw.addr, b"GET /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!").await;
+    let out = raw(
+        gw.addr,
+        b"GET /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     assert_eq!(backend.count(|s| &s.requests), 0);
 }
@@ -251,7 +291,9 @@ async fn slow_request_heads_are_cut_off_and_idle_keepalive_closed() {
 
     // Half a head, then nothing: closed after the head timeout, without an answer.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
     let start = tokio::time::Instant::now();
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
@@ -264,12 +306,16 @@ async fn slow_request_heads_are_cut_off_and_idle_keepalive_closed() {
     // A keep-alive connection survives longer than the head timeout while idle, then is closed
     // after the keep-alive timeout.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 1024];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     tokio::time::sleep(Duration::from_millis(250)).await;
-    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
     let n = s.read(&mut buf).await.unwrap();
     assert!(
         String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
@@ -303,12 +349,16 @@ async fn large_bodies_stream_both_ways_without_being_buffered() {
         async move { send(&c, req).await }
     });
     let first = backend.stats.first_body_chunk.notified();
-    tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1 << 20])))).await.unwrap();
+    tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1 << 20]))))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(5), first)
         .await
         .expect("first chunk reached the backend before the body was complete");
     for _ in 0..31 {
-        tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1 << 20])))).await.unwrap();
+        tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 1 << 20]))))
+            .await
+            .unwrap();
     }
     drop(tx);
     let a = pending.await.unwrap();
@@ -317,7 +367,11 @@ async fn large_bodies_stream_both_ways_without_being_buffered() {
 
     // Response: the first chunk arrives while the backend holds the rest back.
     let resp = c
-        .get(gw.url("/api/download?size=33554432&chunks=32").parse().unwrap())
+        .get(
+            gw.url("/api/download?size=33554432&chunks=32")
+                .parse()
+                .unwrap(),
+        )
         .await
         .unwrap();
     let mut body = resp.into_body();
@@ -344,11 +398,10 @@ fn tokio_stream_from(
 async fn http2_clients_are_served() {
     let backend = Backend::start().await;
     let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
-    let c: TestClient = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .http2_only(true)
-    .build_http();
+    let c: TestClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
     let a = get(&c, &gw.url("/api/h2")).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(&a.body[..], b"ok");

@@ -1,29 +1,43 @@
 //! Adaptive concurrency: finds the backend's knee from observed latency, so operators need not
 //! guess worker counts.
 //!
-//! The limiter keeps the lowest latency seen recently (the "no-load" latency) and, once per batch
-//! of completions, compares the batch's mean latency with it. Above `TOLERANCE` × no-load the
-//! backend is queueing internally, so the limit shrinks multiplicatively; otherwise, if the batch
-//! actually used the limit, it grows by one. This is the shape of Netflix's gradient limiter and
-//! Envoy's adaptive concurrency filter, tuned for backends whose per-request cost is steady.
+//! Two phases, after Envoy's adaptive concurrency filter:
+//! - **Probe**: the limit is pinned to `min` until `PROBE_SAMPLES` exchanges have completed at that
+//!   concurrency; the lowest latency among them is the backend's no-load latency. This runs at
+//!   start and again every `PROBE_INTERVAL`, so a backend that became permanently slower (or
+//!   faster) is re-measured instead of looking overloaded (or idle) forever.
+//! - **Gradient**: once per batch of `limit` completions (about one round trip), the batch's mean
+//!   latency is compared with the no-load latency. Above `TOLERANCE` × no-load the backend is
+//!   queueing internally, so the limit shrinks by 10% (at least one); otherwise, if the batch
+//!   actually used the whole limit, it grows by one.
 
 use std::time::{Duration, Instant};
 
 /// Latency ratio over no-load beyond which the backend counts as queueing.
 const TOLERANCE: f64 = 1.5;
 const DECREASE: f64 = 0.9;
-/// The no-load latency is forgotten after this long, so a permanently slower backend is
-/// re-measured instead of looking overloaded forever.
-const MIN_WINDOW: Duration = Duration::from_secs(10);
+const PROBE_SAMPLES: usize = 5;
+const PROBE_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+enum Phase {
+    Probe {
+        resume_at: usize,
+        seen: usize,
+        min_rtt: f64,
+    },
+    Gradient {
+        next_probe: Instant,
+    },
+}
 
 #[derive(Debug)]
 pub struct AdaptiveLimit {
     min: usize,
     max: usize,
     limit: usize,
-    min_rtt: Option<f64>,
-    prev_min_rtt: Option<f64>,
-    window_started: Instant,
+    no_load: Option<f64>,
+    phase: Phase,
     batch_sum: f64,
     batch_n: usize,
     batch_saturated: bool,
@@ -34,10 +48,13 @@ impl AdaptiveLimit {
         AdaptiveLimit {
             min,
             max,
-            limit: initial.clamp(min, max),
-            min_rtt: None,
-            prev_min_rtt: None,
-            window_started: Instant::now(),
+            limit: min,
+            no_load: None,
+            phase: Phase::Probe {
+                resume_at: initial.clamp(min, max),
+                seen: 0,
+                min_rtt: f64::MAX,
+            },
             batch_sum: 0.0,
             batch_n: 0,
             batch_saturated: false,
@@ -48,41 +65,65 @@ impl AdaptiveLimit {
         self.limit
     }
 
-    fn no_load(&self) -> Option<f64> {
-        match (self.min_rtt, self.prev_min_rtt) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     /// Feeds one completed exchange; `inflight` is how many were in flight when it completed
     /// (including itself). Returns the new limit.
     pub fn record(&mut self, rtt: Duration, inflight: usize, now: Instant) -> usize {
         let x = rtt.as_secs_f64();
-        if now.duration_since(self.window_started) >= MIN_WINDOW {
-            self.prev_min_rtt = self.min_rtt.take();
-            self.window_started = now;
+        match &mut self.phase {
+            Phase::Probe {
+                resume_at,
+                seen,
+                min_rtt,
+            } => {
+                // Exchanges that started before the pin ran at higher concurrency; skip them.
+                if inflight <= self.min {
+                    *seen += 1;
+                    *min_rtt = min_rtt.min(x);
+                }
+                if *seen >= PROBE_SAMPLES {
+                    self.no_load = Some(*min_rtt);
+                    self.limit = *resume_at;
+                    self.phase = Phase::Gradient {
+                        next_probe: now + PROBE_INTERVAL,
+                    };
+                    self.reset_batch();
+                }
+                return self.limit;
+            }
+            Phase::Gradient { next_probe } => {
+                if now >= *next_probe {
+                    self.phase = Phase::Probe {
+                        resume_at: self.limit,
+                        seen: 0,
+                        min_rtt: f64::MAX,
+                    };
+                    self.limit = self.min;
+                    return self.limit;
+                }
+            }
         }
-        self.min_rtt = Some(self.min_rtt.map_or(x, |m| m.min(x)));
         self.batch_sum += x;
         self.batch_n += 1;
         self.batch_saturated |= inflight >= self.limit;
-        // One decision per `limit` completions: roughly once per round trip.
         if self.batch_n < self.limit.max(1) {
             return self.limit;
         }
         let avg = self.batch_sum / self.batch_n as f64;
-        let no_load = self.no_load().unwrap_or(avg);
+        let no_load = self.no_load.unwrap_or(avg);
         if avg > no_load * TOLERANCE {
             let next = ((self.limit as f64) * DECREASE).floor() as usize;
             self.limit = next.min(self.limit.saturating_sub(1)).max(self.min);
         } else if self.batch_saturated {
             self.limit = (self.limit + 1).min(self.max);
         }
+        self.reset_batch();
+        self.limit
+    }
+
+    fn reset_batch(&mut self) {
         self.batch_sum = 0.0;
         self.batch_n = 0;
         self.batch_saturated = false;
-        self.limit
     }
 }
 
@@ -126,10 +167,30 @@ mod tests {
     fn stays_within_bounds() {
         let mut now = Instant::now();
         let mut l = AdaptiveLimit::new(5, 7, 6);
-        run(&mut l, 1, 100, &mut now);
-        assert_eq!(l.limit(), 5);
+        for _ in 0..100 {
+            run(&mut l, 1, 1, &mut now);
+            assert!((5..=7).contains(&l.limit()), "limit {}", l.limit());
+        }
         let mut l = AdaptiveLimit::new(1, 7, 6);
         run(&mut l, 100, 100, &mut now);
         assert_eq!(l.limit(), 7);
+    }
+
+    #[test]
+    fn re_measures_no_load_latency_periodically() {
+        let mut now = Instant::now();
+        let mut l = AdaptiveLimit::new(1, 64, 8);
+        run(&mut l, 8, 100, &mut now);
+        let before = l.limit();
+        // Time passes; the next completion starts a probe at the minimum.
+        now += PROBE_INTERVAL;
+        l.record(Duration::from_millis(50), before, now);
+        assert_eq!(l.limit(), 1);
+        run(&mut l, 8, 10, &mut now);
+        assert!(
+            l.limit() >= before - 1,
+            "resumed near {before}, got {}",
+            l.limit()
+        );
     }
 }

@@ -54,7 +54,8 @@ impl Estimator {
     /// A pessimistic service time (mean + 2 deviations): admitting a request only when even a
     /// slow exchange fits keeps answers inside the budget.
     pub fn service_high(&self) -> Option<Duration> {
-        self.mean.map(|m| Duration::from_secs_f64(m + 2.0 * self.dev))
+        self.mean
+            .map(|m| Duration::from_secs_f64(m + 2.0 * self.dev))
     }
 
     /// Completions per second with `limit` exchanges in flight.

@@ -128,9 +128,10 @@ impl Admission {
                 return Err(self.refuse(&s, Reason::QueueFull));
             }
             let remaining = deadline.saturating_duration_since(now);
-            if let (Some(wait), Some(service)) =
-                (s.estimator.wait_for(position, limit), s.estimator.service_high())
-            {
+            if let (Some(wait), Some(service)) = (
+                s.estimator.wait_for(position, limit),
+                s.estimator.service_high(),
+            ) {
                 if wait + service > remaining {
                     return Err(self.refuse(&s, Reason::Deadline));
                 }

@@ -127,7 +127,11 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Concurrency {
     Fixed(usize),
-    Adaptive { min: usize, max: usize, initial: usize },
+    Adaptive {
+        min: usize,
+        max: usize,
+        initial: usize,
+    },
 }
 
 impl Concurrency {
@@ -235,10 +239,8 @@ pub fn from_yaml(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let mut builder = config::Config::builder().add_source(config::File::from_str(
-        text,
-        config::FileFormat::Yaml,
-    ));
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Yaml));
     let mut overrides: Vec<(String, String)> = env
         .into_iter()
         .filter_map(|(k, v)| env_key_to_path(&k).map(|p| (p, v)))

@@ -1,7 +1,10 @@
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 const MINIMAL: &str = r#"
@@ -38,7 +41,10 @@ fn env_overrides_any_key_including_list_items() {
     let c = from_yaml(
         MINIMAL,
         env(&[
-            ("BREAKWATER__UPSTREAMS__ANALYTICS__URL", "http://10.1.2.3:9000"),
+            (
+                "BREAKWATER__UPSTREAMS__ANALYTICS__URL",
+                "http://10.1.2.3:9000",
+            ),
             ("BREAKWATER__SERVER__MAX_CONNECTIONS", "42"),
             ("BREAKWATER__ROUTES__0__BUDGET", "3s"),
             ("BREAKWATER__ROUTES__0__MATCH__METHODS", "GET,POST"),
@@ -56,8 +62,14 @@ fn env_overrides_any_key_including_list_items() {
 
 #[test]
 fn env_key_mapping() {
-    assert_eq!(env_key_to_path("BREAKWATER__SERVER__LISTEN").unwrap(), "server.listen");
-    assert_eq!(env_key_to_path("BREAKWATER__ROUTES__1__QUEUE__MAX_WAIT").unwrap(), "routes[1].queue.max_wait");
+    assert_eq!(
+        env_key_to_path("BREAKWATER__SERVER__LISTEN").unwrap(),
+        "server.listen"
+    );
+    assert_eq!(
+        env_key_to_path("BREAKWATER__ROUTES__1__QUEUE__MAX_WAIT").unwrap(),
+        "routes[1].queue.max_wait"
+    );
     assert!(env_key_to_path("BREAKWATER_CONFIG").is_none());
     assert!(env_key_to_path("BREAKWATER__").is_none());
     assert!(env_key_to_path("BREAKWATER__A____B").is_none());
@@ -109,7 +121,9 @@ routes:
     ];
     for (key, text) in want {
         assert!(
-            problems.iter().any(|p| p.key == key && p.message.contains(text)),
+            problems
+                .iter()
+                .any(|p| p.key == key && p.message.contains(text)),
             "no problem for {key} containing {text:?}; got:\n{}",
             rendered.join("\n")
         );
@@ -122,11 +136,34 @@ fn concurrency_forms() {
     let c = from_yaml(&base.replace("CONC", "4"), env(&[])).unwrap();
     assert_eq!(c.routes[0].concurrency, Concurrency::Fixed(4));
     let c = from_yaml(&base.replace("CONC", "auto"), env(&[])).unwrap();
-    assert!(matches!(c.routes[0].concurrency, Concurrency::Adaptive { min: 1, max: 64, .. }));
-    let c = from_yaml(&base.replace("CONC", "{ mode: auto, min: 2, max: 10 }"), env(&[])).unwrap();
-    assert_eq!(c.routes[0].concurrency, Concurrency::Adaptive { min: 2, max: 10, initial: 4 });
-    let err = from_yaml(&base.replace("CONC", "lots"), env(&[])).unwrap_err().to_string();
-    assert!(err.contains("routes[0].concurrency") && err.contains("lots"), "{err}");
+    assert!(matches!(
+        c.routes[0].concurrency,
+        Concurrency::Adaptive {
+            min: 1,
+            max: 64,
+            ..
+        }
+    ));
+    let c = from_yaml(
+        &base.replace("CONC", "{ mode: auto, min: 2, max: 10 }"),
+        env(&[]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.routes[0].concurrency,
+        Concurrency::Adaptive {
+            min: 2,
+            max: 10,
+            initial: 4
+        }
+    );
+    let err = from_yaml(&base.replace("CONC", "lots"), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("routes[0].concurrency") && err.contains("lots"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -15,7 +15,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if t.chars().all(|c| c.is_ascii_digit() || c == '.') {
         return Err("missing unit (write e.g. `250ms`, `2s`, `5m`)".into());
     }
-    humantime::parse_duration(t).map_err(|e| format!("not a duration ({e}); write e.g. `250ms`, `2s`, `5m`"))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("not a duration ({e}); write e.g. `250ms`, `2s`, `5m`"))
 }
 
 /// Parses `512`, `512B`, `64KiB`, `64KB`, `1MiB`, `2GiB`. Decimal (`KB`) and binary (`KiB`)
@@ -39,9 +40,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}`; use B, KB, KiB, MB, MiB, GB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`; use B, KB, KiB, MB, MiB, GB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| "size too large".to_string())
+    n.checked_mul(mult)
+        .ok_or_else(|| "size too large".to_string())
 }
 
 /// Renders a duration the way the config file writes it (`250ms`, `2s`, `5m`).
@@ -92,7 +98,9 @@ mod tests {
         assert_eq!(parse_size("512").unwrap(), 512);
         assert_eq!(parse_size(" 2 GiB ").unwrap(), 2 << 30);
         assert!(parse_size("-1KiB").is_err());
-        assert!(parse_size("12XB").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("12XB")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(parse_size("KiB").is_err());
         assert!(parse_size("99999999999999999999").is_err());
         assert!(parse_size("99999999999GiB").is_err());

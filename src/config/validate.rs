@@ -61,10 +61,16 @@ impl Problems {
 
     fn status(&mut self, key: &str, value: Option<i64>, default: StatusCode) -> StatusCode {
         let Some(n) = value else { return default };
-        match u16::try_from(n).ok().and_then(|n| StatusCode::from_u16(n).ok()) {
+        match u16::try_from(n)
+            .ok()
+            .and_then(|n| StatusCode::from_u16(n).ok())
+        {
             Some(s) if (200..600).contains(&s.as_u16()) => s,
             _ => {
-                self.add(key, format!("`{n}`: not an HTTP status between 200 and 599"));
+                self.add(
+                    key,
+                    format!("`{n}`: not an HTTP status between 200 and 599"),
+                );
                 default
             }
         }
@@ -77,7 +83,9 @@ impl Problems {
             Err(_) => {
                 self.add(
                     key,
-                    format!("`{text}`: not a socket address (write e.g. `0.0.0.0:8080` or `[::]:8080`)"),
+                    format!(
+                        "`{text}`: not a socket address (write e.g. `0.0.0.0:8080` or `[::]:8080`)"
+                    ),
                 );
                 default.parse().expect("default address parses")
             }
@@ -118,8 +126,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             &s.keepalive_timeout,
             Duration::from_secs(75),
         ),
-        max_connections: p.count("server.max_connections", s.max_connections, 10_000, 1, 10_000_000)
-            as usize,
+        max_connections: p.count(
+            "server.max_connections",
+            s.max_connections,
+            10_000,
+            1,
+            10_000_000,
+        ) as usize,
         max_request_body: p.size("server.max_request_body", &s.max_request_body, 1 << 20),
         max_header_size: p.size("server.max_header_size", &s.max_header_size, 64 << 10) as usize,
         max_headers: p.count("server.max_headers", s.max_headers, 100, 1, 10_000) as usize,
@@ -151,7 +164,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             Some("json") => LogFormat::Json,
             Some("text") => LogFormat::Text,
             Some(other) => {
-                p.add("log.format", format!("`{other}`: must be json, text or auto"));
+                p.add(
+                    "log.format",
+                    format!("`{other}`: must be json, text or auto"),
+                );
                 LogFormat::Auto
             }
         },
@@ -159,7 +175,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             None => "info".into(),
             Some(l) => {
                 if tracing_subscriber::EnvFilter::try_new(l).is_err() {
-                    p.add("log.level", format!("`{l}`: not a level or filter (e.g. `info`, `breakwater=debug`)"));
+                    p.add(
+                        "log.level",
+                        format!("`{l}`: not a level or filter (e.g. `info`, `breakwater=debug`)"),
+                    );
                 }
                 l.to_string()
             }
@@ -215,7 +234,13 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
         1,
         100_000,
     ) as u32;
-    let min_idle = p.count(&format!("{pool_key}.min_idle"), u.pool.min_idle, 4.min(max_connections as u64), 0, 100_000) as u32;
+    let min_idle = p.count(
+        &format!("{pool_key}.min_idle"),
+        u.pool.min_idle,
+        4.min(max_connections as u64),
+        0,
+        100_000,
+    ) as u32;
     if min_idle > max_connections {
         p.add(
             format!("{pool_key}.min_idle"),
@@ -225,27 +250,59 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
     let pool = PoolConfig {
         max_connections,
         min_idle,
-        idle_timeout: p.duration(&format!("{pool_key}.idle_timeout"), &u.pool.idle_timeout, Duration::from_secs(45)),
-        max_lifetime: p.duration(&format!("{pool_key}.max_lifetime"), &u.pool.max_lifetime, Duration::from_secs(300)),
-        connect_timeout: p.duration(&format!("{pool_key}.connect_timeout"), &u.pool.connect_timeout, Duration::from_secs(1)),
+        idle_timeout: p.duration(
+            &format!("{pool_key}.idle_timeout"),
+            &u.pool.idle_timeout,
+            Duration::from_secs(45),
+        ),
+        max_lifetime: p.duration(
+            &format!("{pool_key}.max_lifetime"),
+            &u.pool.max_lifetime,
+            Duration::from_secs(300),
+        ),
+        connect_timeout: p.duration(
+            &format!("{pool_key}.connect_timeout"),
+            &u.pool.connect_timeout,
+            Duration::from_secs(1),
+        ),
     };
     let ckey = format!("{key}.circuit");
     let circuit = CircuitConfig {
         enabled: u.circuit.enabled.unwrap_or(true),
-        consecutive_failures: p.count(&format!("{ckey}.consecutive_failures"), u.circuit.consecutive_failures, 5, 1, 1_000_000) as u32,
-        window: p.duration(&format!("{ckey}.window"), &u.circuit.window, Duration::from_secs(10)),
-        cooldown: p.duration(&format!("{ckey}.cooldown"), &u.circuit.cooldown, Duration::from_secs(5)),
+        consecutive_failures: p.count(
+            &format!("{ckey}.consecutive_failures"),
+            u.circuit.consecutive_failures,
+            5,
+            1,
+            1_000_000,
+        ) as u32,
+        window: p.duration(
+            &format!("{ckey}.window"),
+            &u.circuit.window,
+            Duration::from_secs(10),
+        ),
+        cooldown: p.duration(
+            &format!("{ckey}.cooldown"),
+            &u.circuit.cooldown,
+            Duration::from_secs(5),
+        ),
         probes: p.count(&format!("{ckey}.probes"), u.circuit.probes, 1, 1, 1000) as u32,
     };
 
     let Some(url_text) = &u.url else {
-        p.add(format!("{key}.url"), "missing: every upstream needs a url like `http://10.0.0.5:8000`");
+        p.add(
+            format!("{key}.url"),
+            "missing: every upstream needs a url like `http://10.0.0.5:8000`",
+        );
         return None;
     };
     let url: http::Uri = match url_text.parse() {
         Ok(u) => u,
         Err(e) => {
-            p.add(format!("{key}.url"), format!("`{url_text}`: not a URL ({e})"));
+            p.add(
+                format!("{key}.url"),
+                format!("`{url_text}`: not a URL ({e})"),
+            );
             return None;
         }
     };
@@ -259,11 +316,17 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
             return None;
         }
         Some(other) => {
-            p.add(format!("{key}.url"), format!("`{url_text}`: scheme `{other}` is not supported; use http://"));
+            p.add(
+                format!("{key}.url"),
+                format!("`{url_text}`: scheme `{other}` is not supported; use http://"),
+            );
             return None;
         }
         None => {
-            p.add(format!("{key}.url"), format!("`{url_text}`: missing scheme; write `http://host:port`"));
+            p.add(
+                format!("{key}.url"),
+                format!("`{url_text}`: missing scheme; write `http://host:port`"),
+            );
             return None;
         }
     }
@@ -272,9 +335,15 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
         return None;
     };
     if url.query().is_some() {
-        p.add(format!("{key}.url"), format!("`{url_text}`: a query string is not allowed in an upstream url"));
+        p.add(
+            format!("{key}.url"),
+            format!("`{url_text}`: a query string is not allowed in an upstream url"),
+        );
     }
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = url.port_u16().unwrap_or(80);
     Some(UpstreamConfig {
         name: name.to_string(),
@@ -297,7 +366,10 @@ fn validate_route(
 ) -> Option<RouteConfig> {
     let name = match &r.name {
         Some(n) if !n.trim().is_empty() => {
-            if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 p.add(format!("{key}.name"), format!("`{n}`: use letters, digits, `-`, `_` and `.` only (it becomes a metric label)"));
             }
             n.clone()
@@ -310,14 +382,20 @@ fn validate_route(
 
     let path_prefix = r.matcher.path_prefix.clone().unwrap_or_else(|| "/".into());
     if !path_prefix.starts_with('/') {
-        p.add(format!("{key}.match.path_prefix"), format!("`{path_prefix}`: must start with `/`"));
+        p.add(
+            format!("{key}.match.path_prefix"),
+            format!("`{path_prefix}`: must start with `/`"),
+        );
     }
     let mut methods = Vec::new();
     if let Some(ms) = &r.matcher.methods {
         for m in ms.items() {
             match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
                 Ok(method) => methods.push(method),
-                Err(_) => p.add(format!("{key}.match.methods"), format!("`{m}`: not an HTTP method")),
+                Err(_) => p.add(
+                    format!("{key}.match.methods"),
+                    format!("`{m}`: not an HTTP method"),
+                ),
             }
         }
     }
@@ -325,7 +403,10 @@ fn validate_route(
 
     let upstream = match &r.upstream {
         None => {
-            p.add(format!("{key}.upstream"), "missing: name one of the upstreams");
+            p.add(
+                format!("{key}.upstream"),
+                "missing: name one of the upstreams",
+            );
             String::new()
         }
         Some(u) => {
@@ -333,7 +414,14 @@ fn validate_route(
                 let known: Vec<&str> = raw_upstreams.keys().map(|s| s.as_str()).collect();
                 p.add(
                     format!("{key}.upstream"),
-                    format!("`{u}`: no such upstream (defined: {})", if known.is_empty() { "none".into() } else { known.join(", ") }),
+                    format!(
+                        "`{u}`: no such upstream (defined: {})",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
                 );
             }
             u.clone()
@@ -341,25 +429,41 @@ fn validate_route(
     };
 
     let budget = p.duration(&format!("{key}.budget"), &r.budget, Duration::from_secs(10));
-    let max_request_body = p.size(&format!("{key}.max_request_body"), &r.max_request_body, server.max_request_body);
+    let max_request_body = p.size(
+        &format!("{key}.max_request_body"),
+        &r.max_request_body,
+        server.max_request_body,
+    );
     let timeout_status = match r.timeout_status {
         None => StatusCode::SERVICE_UNAVAILABLE,
         Some(503) => StatusCode::SERVICE_UNAVAILABLE,
         Some(504) => StatusCode::GATEWAY_TIMEOUT,
         Some(other) => {
-            p.add(format!("{key}.timeout_status"), format!("`{other}`: must be 503 or 504"));
+            p.add(
+                format!("{key}.timeout_status"),
+                format!("`{other}`: must be 503 or 504"),
+            );
             StatusCode::SERVICE_UNAVAILABLE
         }
     };
 
-    let pool_cap = upstreams.get(&upstream).map(|u| u.pool.max_connections as usize).unwrap_or(64);
+    let pool_cap = upstreams
+        .get(&upstream)
+        .map(|u| u.pool.max_connections as usize)
+        .unwrap_or(64);
     let ckey = format!("{key}.concurrency");
     let concurrency = match &r.concurrency {
         None => Concurrency::Fixed(pool_cap),
-        Some(RawConcurrency::Number(n)) => Concurrency::Fixed(p.count(&ckey, Some(*n), pool_cap as u64, 1, 100_000) as usize),
-        Some(RawConcurrency::Word(w)) if w.eq_ignore_ascii_case("auto") => adaptive(p, &ckey, &RawAdaptive::default(), pool_cap),
+        Some(RawConcurrency::Number(n)) => {
+            Concurrency::Fixed(p.count(&ckey, Some(*n), pool_cap as u64, 1, 100_000) as usize)
+        }
+        Some(RawConcurrency::Word(w)) if w.eq_ignore_ascii_case("auto") => {
+            adaptive(p, &ckey, &RawAdaptive::default(), pool_cap)
+        }
         Some(RawConcurrency::Word(w)) => match w.trim().parse::<i64>() {
-            Ok(n) => Concurrency::Fixed(p.count(&ckey, Some(n), pool_cap as u64, 1, 100_000) as usize),
+            Ok(n) => {
+                Concurrency::Fixed(p.count(&ckey, Some(n), pool_cap as u64, 1, 100_000) as usize)
+            }
             Err(_) => {
                 p.add(&ckey, format!("`{w}`: must be a number or `auto`"));
                 Concurrency::Fixed(pool_cap)
@@ -368,19 +472,32 @@ fn validate_route(
         Some(RawConcurrency::Adaptive(a)) => {
             match a.mode.as_deref() {
                 Some("auto") | None => {}
-                Some(other) => p.add(format!("{ckey}.mode"), format!("`{other}`: the only mode is `auto`")),
+                Some(other) => p.add(
+                    format!("{ckey}.mode"),
+                    format!("`{other}`: the only mode is `auto`"),
+                ),
             }
             adaptive(p, &ckey, a, pool_cap)
         }
     };
 
     let queue = QueueConfig {
-        max_depth: p.count(&format!("{key}.queue.max_depth"), r.queue.max_depth, 100, 0, 1_000_000) as usize,
+        max_depth: p.count(
+            &format!("{key}.queue.max_depth"),
+            r.queue.max_depth,
+            100,
+            0,
+            1_000_000,
+        ) as usize,
         max_wait: p.duration(&format!("{key}.queue.max_wait"), &r.queue.max_wait, budget),
     };
 
     let overload = OverloadConfig {
-        status: p.status(&format!("{key}.overload.status"), r.overload.status, StatusCode::SERVICE_UNAVAILABLE),
+        status: p.status(
+            &format!("{key}.overload.status"),
+            r.overload.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
         body: r.overload.body.clone(),
     };
     if let Some(body) = &overload.body {
@@ -389,11 +506,17 @@ fn validate_route(
 
     let fallback = r.fallback.as_ref().map(|f| {
         let fkey = format!("{key}.fallback");
-        let content_type = f.content_type.clone().unwrap_or_else(|| "application/json".into());
+        let content_type = f
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "application/json".into());
         let body = match &f.body {
             Some(b) => b.clone(),
             None => {
-                p.add(format!("{fkey}.body"), "missing: a fallback needs the body to answer with");
+                p.add(
+                    format!("{fkey}.body"),
+                    "missing: a fallback needs the body to answer with",
+                );
                 String::new()
             }
         };
@@ -401,7 +524,10 @@ fn validate_route(
             p.json(&format!("{fkey}.body"), &body);
         }
         if http::HeaderValue::from_str(&content_type).is_err() {
-            p.add(format!("{fkey}.content_type"), format!("`{content_type}`: not a valid header value"));
+            p.add(
+                format!("{fkey}.content_type"),
+                format!("`{content_type}`: not a valid header value"),
+            );
         }
         FallbackConfig {
             status: p.status(&format!("{fkey}.status"), f.status, StatusCode::OK),
@@ -414,19 +540,34 @@ fn validate_route(
     let mut on_status = Vec::new();
     if let Some(list) = &r.retry.on_status {
         for s in list.items() {
-            match s.parse::<u16>().ok().and_then(|n| StatusCode::from_u16(n).ok()) {
-                Some(code) if code.is_server_error() || code == StatusCode::TOO_MANY_REQUESTS => on_status.push(code),
-                _ => p.add(format!("{rkey}.on_status"), format!("`{s}`: only 5xx statuses and 429 can be retried")),
+            match s
+                .parse::<u16>()
+                .ok()
+                .and_then(|n| StatusCode::from_u16(n).ok())
+            {
+                Some(code) if code.is_server_error() || code == StatusCode::TOO_MANY_REQUESTS => {
+                    on_status.push(code)
+                }
+                _ => p.add(
+                    format!("{rkey}.on_status"),
+                    format!("`{s}`: only 5xx statuses and 429 can be retried"),
+                ),
             }
         }
     }
     let budget_ratio = r.retry.budget_ratio.unwrap_or(0.2);
     if !(0.0..=1.0).contains(&budget_ratio) {
-        p.add(format!("{rkey}.budget_ratio"), format!("`{budget_ratio}`: must be between 0 and 1"));
+        p.add(
+            format!("{rkey}.budget_ratio"),
+            format!("`{budget_ratio}`: must be between 0 and 1"),
+        );
     }
     let min_per_second = r.retry.min_per_second.unwrap_or(1.0);
     if !(0.0..=10_000.0).contains(&min_per_second) {
-        p.add(format!("{rkey}.min_per_second"), format!("`{min_per_second}`: must be between 0 and 10000"));
+        p.add(
+            format!("{rkey}.min_per_second"),
+            format!("`{min_per_second}`: must be between 0 and 10000"),
+        );
     }
     let retry = RetryConfig {
         attempts: p.count(&format!("{rkey}.attempts"), r.retry.attempts, 0, 0, 5) as u32,
@@ -449,7 +590,11 @@ fn validate_route(
         overload,
         fallback,
         retry,
-        retry_after_max: p.duration(&format!("{key}.retry_after_max"), &r.retry_after_max, Duration::from_secs(30)),
+        retry_after_max: p.duration(
+            &format!("{key}.retry_after_max"),
+            &r.retry_after_max,
+            Duration::from_secs(30),
+        ),
     })
 }
 
@@ -457,11 +602,23 @@ fn adaptive(p: &mut Problems, key: &str, a: &RawAdaptive, pool_cap: usize) -> Co
     let min = p.count(&format!("{key}.min"), a.min, 1, 1, 100_000) as usize;
     let max = p.count(&format!("{key}.max"), a.max, pool_cap as u64, 1, 100_000) as usize;
     if min > max {
-        p.add(format!("{key}.min"), format!("`{min}`: larger than max ({max})"));
+        p.add(
+            format!("{key}.min"),
+            format!("`{min}`: larger than max ({max})"),
+        );
     }
-    let initial = p.count(&format!("{key}.initial"), a.initial, min.max(4).min(max) as u64, 1, 100_000) as usize;
+    let initial = p.count(
+        &format!("{key}.initial"),
+        a.initial,
+        min.max(4).min(max) as u64,
+        1,
+        100_000,
+    ) as usize;
     if initial < min || initial > max {
-        p.add(format!("{key}.initial"), format!("`{initial}`: must lie between min ({min}) and max ({max})"));
+        p.add(
+            format!("{key}.initial"),
+            format!("`{initial}`: must lie between min ({min}) and max ({max})"),
+        );
     }
     Concurrency::Adaptive { min, max, initial }
 }

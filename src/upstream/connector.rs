@@ -37,8 +37,19 @@ pub struct UpstreamConn {
     /// Exchanges completed on this connection; a reused connection is one that may have been
     /// closed by the peer while it sat idle.
     pub(crate) served: u32,
+    /// When the connection last went idle (opened, or given back).
+    pub(crate) idle_since: Instant,
     pub(crate) addr: SocketAddr,
     task: tokio::task::AbortHandle,
+}
+
+impl UpstreamConn {
+    /// Whether the peer may have closed this connection while it waited: it served before, or
+    /// sat idle for more than a moment. A connection opened for this very request cannot have
+    /// been idled out, so a failure on it is a real failure.
+    pub(crate) fn may_be_stale(&self) -> bool {
+        self.served > 0 || self.idle_since.elapsed() >= std::time::Duration::from_millis(1)
+    }
 }
 
 impl Drop for UpstreamConn {
@@ -98,7 +109,8 @@ impl Connector {
         };
         self.record(result);
         tracing::warn!(upstream = %self.name, error = %err, "upstream connect failed");
-        *self.state.last_failure.lock().expect("not poisoned") = Some((Instant::now(), err.clone()));
+        *self.state.last_failure.lock().expect("not poisoned") =
+            Some((Instant::now(), err.clone()));
         self.state.failed.notify_waiters();
         err
     }
@@ -159,7 +171,11 @@ impl Connector {
         Err(last_err.expect("at least one address was tried"))
     }
 
-    async fn handshake(&self, stream: TcpStream, addr: SocketAddr) -> Result<UpstreamConn, ConnectError> {
+    async fn handshake(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<UpstreamConn, ConnectError> {
         let (sender, conn) = http1::Builder::new()
             .handshake::<_, RequestBody>(TokioIo::new(stream))
             .await
@@ -178,6 +194,7 @@ impl Connector {
             sender,
             busy: false,
             served: 0,
+            idle_since: Instant::now(),
             addr,
             task,
         })

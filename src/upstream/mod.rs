@@ -76,6 +76,7 @@ impl Lease {
         let conn = self.conn();
         conn.busy = !reusable;
         conn.served = conn.served.saturating_add(1);
+        conn.idle_since = Instant::now();
         if let Lease::Fresh { conn, pool } = self {
             if reusable {
                 let _ = pool.add(conn);
@@ -158,7 +159,7 @@ impl Upstream {
         };
         let conn = lease.conn();
         conn.busy = true;
-        let reused = conn.served > 0;
+        let reused = conn.may_be_stale();
         let req = match conn.sender.try_send_request(req).await {
             Ok(resp) => return Ok((resp, lease)),
             Err(mut e) => match (e.take_message(), replay) {
@@ -174,7 +175,12 @@ impl Upstream {
         tracing::debug!(upstream = %self.config.name, "pooled connection was closed by the peer; sending on a fresh one");
         let mut conn = match self.pool.dedicated_connection().await {
             Ok(c) => c,
-            Err(e) => return Err(SendError::unsent(UpstreamError::Unavailable(e.to_string()), req)),
+            Err(e) => {
+                return Err(SendError::unsent(
+                    UpstreamError::Unavailable(e.to_string()),
+                    req,
+                ))
+            }
         };
         if let Err(e) = conn.sender.ready().await {
             return Err(SendError::unsent(UpstreamError::NotSent(e), req));
@@ -189,7 +195,10 @@ impl Upstream {
                 },
             )),
             Err(mut e) => match e.take_message() {
-                Some(req) => Err(SendError::unsent(UpstreamError::NotSent(e.into_error()), req)),
+                Some(req) => Err(SendError::unsent(
+                    UpstreamError::NotSent(e.into_error()),
+                    req,
+                )),
                 None => Err(SendError::sent(UpstreamError::Failed(e.into_error()))),
             },
         }

@@ -79,11 +79,15 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(BackendStats::default());
         let release = Arc::new(Semaphore::new(0));
-        let workers = Arc::new(Semaphore::new(opts.workers.unwrap_or(Semaphore::MAX_PERMITS)));
+        let workers = Arc::new(Semaphore::new(
+            opts.workers.unwrap_or(Semaphore::MAX_PERMITS),
+        ));
         let (s, r) = (stats.clone(), release.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 s.accepted.fetch_add(1, Ordering::SeqCst);
                 s.changed.notify_waiters();
                 let (s, r, w, opts) = (s.clone(), r.clone(), workers.clone(), opts.clone());
@@ -92,7 +96,14 @@ impl Backend {
                     let idle_close = opts.idle_close;
                     let s2 = s.clone();
                     let svc = hyper::service::service_fn(move |req| {
-                        handle(req, s2.clone(), r.clone(), w.clone(), opts.clone(), per_conn.clone())
+                        handle(
+                            req,
+                            s2.clone(),
+                            r.clone(),
+                            w.clone(),
+                            opts.clone(),
+                            per_conn.clone(),
+                        )
                     });
                     let mut b = hyper::server::conn::http1::Builder::new();
                     b.timer(TokioTimer::new());
@@ -301,8 +312,11 @@ impl Gateway {
         } else {
             format!("server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n{text}")
         };
-        let config = breakwater::config::from_yaml(&text, Vec::new()).expect("test config is valid");
-        let running = breakwater::gateway::start(config).await.expect("gateway starts");
+        let config =
+            breakwater::config::from_yaml(&text, Vec::new()).expect("test config is valid");
+        let running = breakwater::gateway::start(config)
+            .await
+            .expect("gateway starts");
         Gateway {
             addr: running.addr,
             admin: running.admin_addr,
@@ -327,10 +341,22 @@ impl Gateway {
     pub async fn metrics(&self) -> String {
         let client = client();
         let resp = client
-            .get(format!("http://{}/metrics", self.admin.unwrap()).parse().unwrap())
+            .get(
+                format!("http://{}/metrics", self.admin.unwrap())
+                    .parse()
+                    .unwrap(),
+            )
             .await
             .unwrap();
-        String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+        String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
     }
 }
 
@@ -341,7 +367,9 @@ pub fn client() -> TestClient {
 }
 
 pub fn body(bytes: impl Into<Bytes>) -> TestBody {
-    Full::new(bytes.into()).map_err(|e| match e {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
 }
 
 pub struct Answer {
@@ -366,7 +394,13 @@ impl Answer {
 
     /// Every refusal carries an integer Retry-After of at least one second.
     pub fn assert_refusal(&self, reason: &str) {
-        assert_eq!(self.reason(), Some(reason), "status {} body {:?}", self.status, self.body);
+        assert_eq!(
+            self.reason(),
+            Some(reason),
+            "status {} body {:?}",
+            self.status,
+            self.body
+        );
         assert_eq!(self.status, StatusCode::SERVICE_UNAVAILABLE);
         let ra: u64 = self
             .header("retry-after")
@@ -394,17 +428,15 @@ pub async fn send(client: &TestClient, req: Request<TestBody>) -> Answer {
 }
 
 pub async fn get(client: &TestClient, url: &str) -> Answer {
-    send(
-        client,
-        Request::get(url).body(body(Bytes::new())).unwrap(),
-    )
-    .await
+    send(client, Request::get(url).body(body(Bytes::new())).unwrap()).await
 }
 
 pub async fn post(client: &TestClient, url: &str, data: &'static [u8]) -> Answer {
     send(
         client,
-        Request::post(url).body(body(Bytes::from_static(data))).unwrap(),
+        Request::post(url)
+            .body(body(Bytes::from_static(data)))
+            .unwrap(),
     )
     .await
 }
