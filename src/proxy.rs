@@ -345,11 +345,12 @@ async fn send_upstream(
                 } else {
                     route.circuit.record_success();
                 }
+                let attempt_took = sent_at.elapsed();
                 let again = replay.as_ref().filter(|_| {
                     route.retry.retries_status(&record.method, status)
                         && route
                             .retry
-                            .allow(retries, deadline, route.admission.expected_service())
+                            .allow(retries, deadline, expected(route, attempt_took))
                 });
                 if let Some(replay) = again {
                     // Dropped unread: the connection is closed rather than drained.
@@ -399,6 +400,17 @@ async fn send_upstream(
             }
         });
     }
+}
+
+/// How long another attempt should be expected to take: the route's estimate, or what this
+/// attempt took if that was longer (before the first completion there is no estimate).
+fn expected(route: &RouteState, attempt_took: std::time::Duration) -> Option<std::time::Duration> {
+    Some(
+        route
+            .admission
+            .expected_service()
+            .map_or(attempt_took, |e| e.max(attempt_took)),
+    )
 }
 
 fn count_retry(route: &RouteState, reason: crate::retry::RetryReason) {

@@ -113,15 +113,33 @@ pub struct RawMatch {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
-    Many(Vec<String>),
-    One(String),
+    Many(Vec<Scalar>),
+    One(Scalar),
+}
+
+/// A list item as YAML writes it: `[POST]` gives strings, `[502, 503]` numbers.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Text(String),
+    Number(i64),
+}
+
+impl Scalar {
+    fn text(&self) -> String {
+        match self {
+            Scalar::Text(s) => s.clone(),
+            Scalar::Number(n) => n.to_string(),
+        }
+    }
 }
 
 impl OneOrMany {
     pub fn items(&self) -> Vec<String> {
         match self {
-            OneOrMany::Many(v) => v.clone(),
+            OneOrMany::Many(v) => v.iter().map(Scalar::text).collect(),
             OneOrMany::One(s) => s
+                .text()
                 .split(',')
                 .map(|p| p.trim().to_string())
                 .filter(|p| !p.is_empty())
