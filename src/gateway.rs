@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -39,8 +38,7 @@ pub struct Running {
 /// Binds the listeners, builds the upstream pools and waits (at most each upstream's connect
 /// timeout) for their `min_idle` connections, then starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let listener = TcpListener::bind(config.server.listen)
-        .await
+    let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
         .map_err(|source| StartError::Bind {
             what: "server.listen",
             addr: config.server.listen,
@@ -49,13 +47,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let addr = listener.local_addr().expect("bound socket has an address");
     let admin = match config.admin.listen {
         Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "admin.listen",
-                    addr: a,
-                    source,
-                })?,
+            crate::listener::bind(a, 128).map_err(|source| StartError::Bind {
+                what: "admin.listen",
+                addr: a,
+                source,
+            })?,
         ),
         None => None,
     };

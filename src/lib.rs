@@ -12,6 +12,7 @@ pub mod admission;
 pub mod body;
 pub mod circuit;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod gateway;

@@ -260,6 +260,21 @@ pub async fn serve(
     }
 }
 
+/// Binds a listening socket with an explicit accept backlog. tokio's `TcpListener::bind` uses
+/// 128, which a burst of a few hundred simultaneous callers overflows: the kernel drops their
+/// SYNs and they retry a full second later, which is exactly the latency this gateway exists to
+/// remove. The kernel caps the value at `net.core.somaxconn`.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Resolves once shutdown has been asked for (or whoever could ask has gone away).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {

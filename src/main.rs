@@ -29,6 +29,73 @@ enum Command {
     Run,
     /// Validate the config, print the effective routes and upstreams, and exit.
     Check,
+    /// See the problem and the fix: a burst against a simulated backend, directly and through
+    /// Breakwater, side by side. Loopback only, under a minute.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[command(subcommand)]
+    part: Option<DemoPart>,
+    #[command(flatten)]
+    shape: BurstShape,
+    /// Route budget through Breakwater.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    budget: Duration,
+    /// Queue depth through Breakwater.
+    #[arg(long, default_value_t = 100)]
+    queue_depth: usize,
+    /// Requests through Breakwater before the burst (0 shows the cold start).
+    #[arg(long, default_value_t = 8)]
+    warmup: usize,
+    #[command(flatten)]
+    backend: BackendShape,
+}
+
+#[derive(clap::Args, Clone)]
+struct BurstShape {
+    /// Callers arriving at once.
+    #[arg(long, default_value_t = 200)]
+    callers: usize,
+    /// How long each caller waits before giving up (a data action's timeout).
+    #[arg(long, default_value = "3s", value_parser = duration)]
+    caller_timeout: Duration,
+}
+
+#[derive(clap::Args, Clone)]
+struct BackendShape {
+    /// Simulated backend workers (uvicorn --workers).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Time each request takes a worker.
+    #[arg(long, default_value = "200ms", value_parser = duration)]
+    service_time: Duration,
+}
+
+#[derive(Subcommand)]
+enum DemoPart {
+    /// Serve only the simulated backend (to put other proxies in front of it).
+    Backend {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        backend: BackendShape,
+    },
+    /// Fire one burst at a URL and print what the callers got.
+    Burst {
+        /// e.g. http://127.0.0.1:8080/v1/sentiment
+        url: http::Uri,
+        #[command(flatten)]
+        shape: BurstShape,
+        /// Backend capacity in requests/s, to express goodput as a share of it.
+        #[arg(long, default_value_t = 20.0)]
+        capacity: f64,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration(s)
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +103,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config.as_deref()),
         Command::Check => check(cli.config.as_deref()),
+        Command::Demo(args) => demo(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -121,6 +189,59 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    use breakwater::demo;
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    rt.block_on(async move {
+        match args.part {
+            Some(DemoPart::Backend { listen, backend }) => {
+                let b = demo::SimBackend::start(listen, backend.workers, backend.service_time).await?;
+                println!(
+                    "simulated backend on http://{} ({} workers x {}); Ctrl-C to stop",
+                    b.addr,
+                    backend.workers,
+                    units::format_duration(backend.service_time)
+                );
+                wait_for_signal().await;
+                Ok(())
+            }
+            Some(DemoPart::Burst { url, shape, capacity }) => {
+                let b = demo::burst::fire(&url, shape.callers, shape.caller_timeout).await;
+                let s = demo::Summary::of(&b);
+                print!("{}", demo::report::table(&[(&url.to_string(), &s)], capacity));
+                Ok(())
+            }
+            None => {
+                let opts = demo::DemoOptions {
+                    callers: args.shape.callers,
+                    caller_timeout: args.shape.caller_timeout,
+                    budget: args.budget,
+                    workers: args.backend.workers,
+                    service_time: args.backend.service_time,
+                    queue_depth: args.queue_depth,
+                    warmup: args.warmup,
+                };
+                println!("Breakwater demo: a burst of data-action calls against a backend that cannot keep up.\n");
+                let r = demo::run(&opts).await?;
+                println!();
+                print!(
+                    "{}",
+                    demo::report::table(
+                        &[("direct to backend", &r.direct), ("through Breakwater", &r.gateway)],
+                        opts.capacity()
+                    )
+                );
+                println!(
+                    "{:29}  {:>17}  {:>18}",
+                    "backend work for callers gone", r.wasted_direct, r.wasted_gateway
+                );
+                println!("\n{}", demo::verdict(&r, &opts));
+                anyhow::Ok(())
+            }
+        }
+    })
 }
 
 fn init_logging(c: &Config) {

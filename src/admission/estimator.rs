@@ -1,11 +1,10 @@
-//! Running estimates of a route's upstream service time, from which the admission queue derives
-//! its drain rate and the wait a newcomer would face.
+//! A running estimate of a route's upstream service time (sent → last byte), from which the
+//! admission queue predicts when each waiter gets a slot.
 //!
-//! - Service time: an exponentially weighted mean and mean absolute deviation of completed
-//!   exchanges (sent → last byte), weight 1/8 per sample (about the last 16 samples dominate),
-//!   so a backend that slows down moves the estimate within a couple of dozen completions.
-//! - Drain rate: `concurrency limit / mean service time` requests per second. Measured service
-//!   time already contains any queueing inside the backend, so the rate falls as it slows.
+//! - An exponentially weighted mean and mean absolute deviation of completed exchanges, weight
+//!   1/8 per sample (about the last 16 samples dominate), so a backend that slows down moves the
+//!   estimate within a couple of dozen completions. Measured service time already contains any
+//!   queueing inside the backend, so the predicted drain rate falls as it slows.
 //! - Cold start: until the first completion there is no estimate and nothing is refused on
 //!   estimates (only `max_wait`, the budget and the queue depth apply). The first sample seeds the
 //!   mean directly with a deviation of half the sample.
@@ -57,19 +56,6 @@ impl Estimator {
         self.mean
             .map(|m| Duration::from_secs_f64(m + 2.0 * self.dev))
     }
-
-    /// Completions per second with `limit` exchanges in flight.
-    pub fn drain_rate(&self, limit: usize) -> Option<f64> {
-        self.mean
-            .filter(|m| *m > 0.0)
-            .map(|m| limit.max(1) as f64 / m)
-    }
-
-    /// Expected time until the request at 1-based queue `position` gets a slot.
-    pub fn wait_for(&self, position: usize, limit: usize) -> Option<Duration> {
-        self.drain_rate(limit)
-            .map(|r| Duration::from_secs_f64(position as f64 / r))
-    }
 }
 
 #[cfg(test)]
@@ -80,21 +66,20 @@ mod tests {
     fn cold_estimator_estimates_nothing() {
         let e = Estimator::default();
         assert!(!e.is_warm());
-        assert!(e.wait_for(10, 4).is_none());
+        assert!(e.mean().is_none());
         assert!(e.service_high().is_none());
     }
 
     #[test]
-    fn drain_rate_follows_limit_and_service_time() {
+    fn steady_samples_give_a_tight_estimate() {
         let mut e = Estimator::default();
         for _ in 0..50 {
             e.record(Duration::from_millis(200));
         }
-        let rate = e.drain_rate(4).unwrap();
-        assert!((rate - 20.0).abs() < 0.01, "{rate}");
-        let wait = e.wait_for(20, 4).unwrap();
-        assert!((wait.as_secs_f64() - 1.0).abs() < 0.01, "{wait:?}");
-        assert!(e.service_high().unwrap() >= Duration::from_millis(200));
+        let mean = e.mean().unwrap().as_secs_f64();
+        assert!((mean - 0.2).abs() < 0.001, "{mean}");
+        let high = e.service_high().unwrap().as_secs_f64();
+        assert!((0.2..0.21).contains(&high), "{high}");
     }
 
     #[test]

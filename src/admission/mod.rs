@@ -2,13 +2,22 @@
 //! queue for short bursts, and deadline-aware shedding so that a request that cannot finish within
 //! its budget is refused at once instead of waiting to fail.
 //!
+//! When does a queued request get a slot? Each in-flight exchange is expected to end one mean
+//! service time after it started; from then on every slot serves the queue in order, one mean
+//! exchange after another. So the request at queue position `p` with `n` exchanges in flight
+//! starts at `finish[(p-1) % n] + mean × ((p-1) / n)`. On arrival a request is refused
+//! (`deadline`) when that wait plus a pessimistic exchange (mean + 2 deviations) exceeds its
+//! remaining budget; while queued it is refused as soon as the wait plus a mean exchange does.
+//! The two thresholds differ on purpose, so a request admitted at the margin is not refused a
+//! moment later by estimate noise. Retry-After is the predicted time for the queue to drain.
+//!
 //! The state sits behind one mutex that is never held across an await; a queued request waits on
 //! its own oneshot channel and timer.
 
 mod adaptive;
 mod estimator;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,15 +38,18 @@ pub struct Admission {
     state: Mutex<State>,
 }
 
+/// An in-flight slot, keyed by when it was granted so the running set is ordered by start.
+type Slot = (Instant, u64);
+
 struct Waiter {
     id: u64,
     deadline: Instant,
-    /// `Ok` hands over a slot (already counted in `inflight`); `Err` refuses with a reason.
-    tx: oneshot::Sender<Result<(), Reason>>,
+    /// `Ok` hands over a slot (already in `running`); `Err` refuses with a reason.
+    tx: oneshot::Sender<Result<Slot, Reason>>,
 }
 
 struct State {
-    inflight: usize,
+    running: BTreeSet<Slot>,
     fixed_limit: usize,
     adaptive: Option<AdaptiveLimit>,
     queue: VecDeque<Waiter>,
@@ -52,6 +64,60 @@ impl State {
             .map(|a| a.limit())
             .unwrap_or(self.fixed_limit)
     }
+
+    fn inflight(&self) -> usize {
+        self.running.len()
+    }
+
+    fn grant(&mut self, now: Instant) -> Slot {
+        let slot = (now, self.next_id);
+        self.next_id += 1;
+        self.running.insert(slot);
+        slot
+    }
+
+    /// Expected wait until the request at 1-based queue `position` gets a slot, once an exchange
+    /// has been seen. Each in-flight exchange is expected to end `mean` after it started; every
+    /// slot then serves the queue in order, one mean exchange after another. Completions that
+    /// only bring the in-flight count back under a lowered limit free nothing for the queue.
+    fn wait_at(&self, position: usize, now: Instant) -> Option<Duration> {
+        let mean = self.estimator.mean()?;
+        Some(slot_wait(
+            &self.finishes(now, mean),
+            position,
+            self.excess(),
+            mean,
+            now,
+        ))
+    }
+
+    fn finishes(&self, now: Instant, mean: Duration) -> Vec<Instant> {
+        // `running` is ordered by start, so the finishes come out sorted.
+        self.running
+            .iter()
+            .map(|(start, _)| (*start + mean).max(now))
+            .collect()
+    }
+
+    fn excess(&self) -> usize {
+        self.inflight().saturating_sub(self.limit())
+    }
+}
+
+fn slot_wait(
+    finishes: &[Instant],
+    position: usize,
+    excess: usize,
+    mean: Duration,
+    now: Instant,
+) -> Duration {
+    if finishes.is_empty() {
+        return Duration::ZERO;
+    }
+    let k = position + excess - 1;
+    let lanes = finishes.len();
+    let at = finishes[k % lanes] + mean * (k / lanes) as u32;
+    at.saturating_duration_since(now)
 }
 
 /// A snapshot for metrics and tests.
@@ -77,7 +143,7 @@ impl Admission {
             max_wait: route.queue.max_wait,
             retry_after_max: route.retry_after_max,
             state: Mutex::new(State {
-                inflight: 0,
+                running: BTreeSet::new(),
                 fixed_limit,
                 adaptive,
                 queue: VecDeque::new(),
@@ -98,7 +164,7 @@ impl Admission {
     pub fn snapshot(&self) -> Snapshot {
         let s = self.lock();
         Snapshot {
-            inflight: s.inflight,
+            inflight: s.inflight(),
             limit: s.limit(),
             queued: s.queue.len(),
             mean_service: s.estimator.mean(),
@@ -117,28 +183,28 @@ impl Admission {
         let now = Instant::now();
         let (rx, id, give_up_at, by_max_wait) = {
             let mut s = self.lock();
-            let limit = s.limit();
-            if s.inflight < limit && s.queue.is_empty() {
-                s.inflight += 1;
+            if s.inflight() < s.limit() && s.queue.is_empty() {
+                let slot = s.grant(now);
                 self.publish(&s);
-                return Ok(self.permit());
+                return Ok(self.permit(slot));
             }
             let position = s.queue.len() + 1;
             if s.queue.len() >= self.max_depth {
                 return Err(self.refuse(&s, Reason::QueueFull));
             }
             let remaining = deadline.saturating_duration_since(now);
-            if let (Some(wait), Some(service)) = (
-                s.estimator.wait_for(position, limit),
-                s.estimator.service_high(),
-            ) {
+            if let (Some(wait), Some(service)) =
+                (s.wait_at(position, now), s.estimator.service_high())
+            {
                 if wait + service > remaining {
                     return Err(self.refuse(&s, Reason::Deadline));
                 }
             }
-            // The latest moment a slot is still useful: enough left for a slow exchange.
+            // The latest moment a slot is still useful: enough left for a typical exchange.
+            // Arrival is judged with a pessimistic service time and the queue with the mean, so a
+            // request admitted at the margin is not refused moments later by estimate noise.
             let latest_start = deadline
-                .checked_sub(s.estimator.service_high().unwrap_or(Duration::ZERO))
+                .checked_sub(s.estimator.mean().unwrap_or(Duration::ZERO))
                 .unwrap_or(now);
             let max_wait_at = now + self.max_wait;
             let (give_up_at, by_max_wait) = if max_wait_at <= latest_start {
@@ -170,7 +236,7 @@ impl Admission {
             Some(handed) => {
                 queued.rx = None;
                 match handed {
-                    Ok(Ok(())) => Ok(self.permit()),
+                    Ok(Ok(slot)) => Ok(self.permit(slot)),
                     Ok(Err(reason)) => Err(self.refuse(&self.lock(), reason)),
                     Err(_) => Err(self.refuse_waiter(id, Reason::QueueTimeout)),
                 }
@@ -186,7 +252,7 @@ impl Admission {
                     // The timer raced a hand-over: if a slot arrived, use it.
                     if let Some(mut rx) = queued.rx.take() {
                         match rx.try_recv() {
-                            Ok(Ok(())) => return Ok(self.permit()),
+                            Ok(Ok(slot)) => return Ok(self.permit(slot)),
                             Ok(Err(r)) => return Err(self.refuse(&self.lock(), r)),
                             Err(_) => {}
                         }
@@ -197,9 +263,10 @@ impl Admission {
         }
     }
 
-    fn permit(self: &Arc<Self>) -> Permit {
+    fn permit(self: &Arc<Self>, slot: Slot) -> Permit {
         Permit {
             admission: Some(self.clone()),
+            slot,
         }
     }
 
@@ -222,8 +289,7 @@ impl Admission {
     /// callers do not all come back in the same second.
     fn retry_after(&self, s: &State) -> Duration {
         let drain = s
-            .estimator
-            .wait_for(s.queue.len() + 1, s.limit())
+            .wait_at(s.queue.len() + 1, Instant::now())
             .unwrap_or(Duration::from_secs(1));
         let base = drain.max(Duration::from_secs(1));
         let jitter = base.mul_f64(fastrand::f64() * 0.25);
@@ -231,57 +297,60 @@ impl Admission {
     }
 
     /// Gives back a slot, records what the exchange taught us, and hands free slots to the queue.
-    fn release(&self, sample: Option<Duration>) {
+    fn release(&self, slot: Slot, sample: Option<Duration>) {
         let mut s = self.lock();
         if let Some(rtt) = sample {
             s.estimator.record(rtt);
-            let inflight = s.inflight;
+            let inflight = s.inflight();
             if let Some(a) = s.adaptive.as_mut() {
                 a.record(rtt, inflight, std::time::Instant::now());
             }
         }
-        s.inflight = s.inflight.saturating_sub(1);
+        s.running.remove(&slot);
         self.dispatch(&mut s);
         self.publish(&s);
     }
 
     fn dispatch(&self, s: &mut State) {
         let now = Instant::now();
-        while s.inflight < s.limit() {
+        while s.inflight() < s.limit() {
             let Some(w) = s.queue.pop_front() else { break };
             if w.deadline <= now {
                 let _ = w.tx.send(Err(Reason::Deadline));
                 continue;
             }
-            if w.tx.send(Ok(())).is_ok() {
-                s.inflight += 1;
+            let slot = s.grant(now);
+            if w.tx.send(Ok(slot)).is_err() {
+                s.running.remove(&slot);
             }
         }
-        // Waiters that can no longer make it are told now, not at their timer.
-        let limit = s.limit();
-        if let Some(service) = s.estimator.service_high() {
-            let mut position = 0;
-            let est = s.estimator.clone();
-            s.queue.retain_mut(|w| {
+        // Waiters that can no longer make it are told now, not at their timer. The queue is
+        // judged with the mean exchange (arrival used a pessimistic one), so estimate noise does
+        // not refuse a request moments after admitting it.
+        let Some(mean) = s.estimator.mean() else {
+            return;
+        };
+        let finishes = s.finishes(now, mean);
+        let excess = s.excess();
+        let mut position = 0;
+        s.queue.retain_mut(|w| {
+            let wait = slot_wait(&finishes, position + 1, excess, mean, now);
+            if now + wait + mean > w.deadline {
+                // Sending needs the sender by value; swap in a dead one.
+                let (dead, _) = oneshot::channel();
+                let tx = std::mem::replace(&mut w.tx, dead);
+                let _ = tx.send(Err(Reason::Deadline));
+                false
+            } else {
                 position += 1;
-                let wait = est.wait_for(position, limit).unwrap_or(Duration::ZERO);
-                if now + wait + service > w.deadline {
-                    position -= 1;
-                    // Sending on a `&mut` is not possible; swap in a dead channel.
-                    let (dead, _) = oneshot::channel();
-                    let tx = std::mem::replace(&mut w.tx, dead);
-                    let _ = tx.send(Err(Reason::Deadline));
-                    false
-                } else {
-                    true
-                }
-            });
-        }
+                true
+            }
+        });
     }
 
     fn publish(&self, s: &State) {
         let route = self.route.to_string();
-        metrics::gauge!("breakwater_inflight", "route" => route.clone()).set(s.inflight as f64);
+        metrics::gauge!("breakwater_inflight", "route" => route.clone()).set(s.inflight() as f64);
         metrics::gauge!("breakwater_concurrency_limit", "route" => route.clone())
             .set(s.limit() as f64);
         metrics::gauge!("breakwater_queue_depth", "route" => route).set(s.queue.len() as f64);
@@ -293,7 +362,7 @@ impl Admission {
 struct Queued {
     admission: Arc<Admission>,
     id: u64,
-    rx: Option<oneshot::Receiver<Result<(), Reason>>>,
+    rx: Option<oneshot::Receiver<Result<Slot, Reason>>>,
 }
 
 impl Drop for Queued {
@@ -303,8 +372,8 @@ impl Drop for Queued {
         let before = s.queue.len();
         s.queue.retain(|w| w.id != self.id);
         if s.queue.len() == before {
-            if let Ok(Ok(())) = rx.try_recv() {
-                s.inflight = s.inflight.saturating_sub(1);
+            if let Ok(Ok(slot)) = rx.try_recv() {
+                s.running.remove(&slot);
                 self.admission.dispatch(&mut s);
             }
         }
@@ -316,13 +385,14 @@ impl Drop for Queued {
 /// (request abandoned) it is returned without teaching the estimator anything.
 pub struct Permit {
     admission: Option<Arc<Admission>>,
+    slot: Slot,
 }
 
 impl Permit {
     /// The exchange completed; `service` is sent → last byte.
     pub fn succeeded(mut self, service: Duration) {
         if let Some(a) = self.admission.take() {
-            a.release(Some(service));
+            a.release(self.slot, Some(service));
         }
     }
 
@@ -330,7 +400,7 @@ impl Permit {
     /// is, so it feeds the estimate too.
     pub fn failed(mut self, service: Duration) {
         if let Some(a) = self.admission.take() {
-            a.release(Some(service));
+            a.release(self.slot, Some(service));
         }
     }
 
@@ -341,7 +411,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(a) = self.admission.take() {
-            a.release(None);
+            a.release(self.slot, None);
         }
     }
 }

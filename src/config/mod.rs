@@ -30,6 +30,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Accept queue length; bursts of simultaneous connects beyond it wait for a SYN retry.
+    pub listen_backlog: u32,
     pub workers: Option<usize>,
     pub header_read_timeout: Duration,
     pub keepalive_timeout: Duration,

@@ -24,6 +24,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<String>,
+    pub listen_backlog: Option<i64>,
     pub workers: Option<i64>,
     pub header_read_timeout: Option<String>,
     pub keepalive_timeout: Option<String>,

@@ -113,6 +113,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let s = &raw.server;
     let server = ServerConfig {
         listen: p.addr("server.listen", &s.listen, "0.0.0.0:8080"),
+        listen_backlog: p.count("server.listen_backlog", s.listen_backlog, 4096, 1, 65535) as u32,
         workers: s
             .workers
             .map(|_| p.count("server.workers", s.workers, 1, 1, 1024) as usize),

@@ -1,0 +1,211 @@
+//! `breakwater demo`: shows the problem and the fix side by side on loopback, with nothing to
+//! install. A simulated uvicorn-like backend is hit by a burst of callers directly, then through
+//! the gateway, and the two outcomes are printed as a table.
+//!
+//! The same pieces back the burst benchmark: `demo backend` serves the simulated backend on its
+//! own, and `demo burst` fires a burst at any URL, so other proxies can be measured with them.
+
+pub mod backend;
+pub mod burst;
+pub mod report;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Uri;
+
+use crate::config::units::format_duration;
+
+pub use backend::SimBackend;
+pub use report::Summary;
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub callers: usize,
+    pub caller_timeout: Duration,
+    pub budget: Duration,
+    pub workers: usize,
+    pub service_time: Duration,
+    pub queue_depth: usize,
+    /// Requests sent through the gateway before the burst, so its estimator has seen the
+    /// backend (a gateway in production has; the cold start is described in docs).
+    pub warmup: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            callers: 200,
+            caller_timeout: Duration::from_secs(3),
+            budget: Duration::from_secs(2),
+            workers: 4,
+            service_time: Duration::from_millis(200),
+            queue_depth: 100,
+            warmup: 8,
+        }
+    }
+}
+
+impl DemoOptions {
+    /// Requests per second the simulated backend can finish.
+    pub fn capacity(&self) -> f64 {
+        self.workers as f64 / self.service_time.as_secs_f64()
+    }
+
+    /// The gateway configuration the demo runs with.
+    pub fn gateway_yaml(&self, backend: SocketAddr) -> String {
+        format!(
+            r#"
+server: {{ listen: "127.0.0.1:0" }}
+admin: {{ enabled: false }}
+upstreams:
+  analytics:
+    url: "http://{backend}"
+    pool: {{ max_connections: {pool}, min_idle: {workers} }}
+routes:
+  - name: sentiment
+    match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
+    upstream: analytics
+    budget: {budget}
+    concurrency: {workers}
+    queue: {{ max_depth: {depth}, max_wait: {budget} }}
+"#,
+            pool = self.workers * 2,
+            workers = self.workers,
+            budget = format_duration(self.budget),
+            depth = self.queue_depth,
+        )
+    }
+}
+
+pub struct DemoResult {
+    pub direct: Summary,
+    pub gateway: Summary,
+    pub wasted_direct: usize,
+    pub wasted_gateway: usize,
+}
+
+fn progress(msg: &str) {
+    println!("  {msg}");
+    let _ = std::io::stdout().flush();
+}
+
+pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    progress(&format!(
+        "[1/4] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog like uvicorn",
+        opts.workers,
+        format_duration(opts.service_time),
+        opts.capacity()
+    ));
+    let direct_backend = SimBackend::start(any, opts.workers, opts.service_time).await?;
+    let gw_backend = SimBackend::start(any, opts.workers, opts.service_time).await?;
+
+    progress(&format!(
+        "[2/4] {} callers at once, straight to the backend, each giving up after {}",
+        opts.callers,
+        format_duration(opts.caller_timeout)
+    ));
+    let url: Uri = format!("http://{}/v1/sentiment", direct_backend.addr).parse()?;
+    let direct = fire_elsewhere(&url, opts).await?;
+
+    progress(&format!(
+        "[3/4] starting Breakwater in front of a fresh backend: budget {}, concurrency {}, queue {}",
+        format_duration(opts.budget),
+        opts.workers,
+        opts.queue_depth
+    ));
+    let config = crate::config::from_yaml(&opts.gateway_yaml(gw_backend.addr), Vec::new())?;
+    let running = crate::gateway::start(config).await?;
+    let url: Uri = format!("http://{}/v1/sentiment", running.addr).parse()?;
+    let mut sent = 0;
+    while sent < opts.warmup {
+        let batch = (opts.warmup - sent).min(opts.workers.max(1));
+        let calls = (0..batch).map(|i| burst::call(&url, i));
+        futures_util::future::join_all(calls).await;
+        sent += batch;
+    }
+
+    progress(&format!(
+        "[4/4] the same {} callers through Breakwater",
+        opts.callers
+    ));
+    let via = fire_elsewhere(&url, opts).await?;
+    // Let abandoned direct work finish counting (bounded: it is all sleeping).
+    let wasted_direct = direct_backend
+        .stats
+        .wasted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let wasted_gateway = gw_backend
+        .stats
+        .wasted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    running.drain(Duration::from_secs(2)).await;
+    Ok(DemoResult {
+        direct: Summary::of(&direct),
+        gateway: Summary::of(&via),
+        wasted_direct,
+        wasted_gateway,
+    })
+}
+
+/// Callers run on their own runtime thread, as they would from another machine: sharing the
+/// gateway's worker threads would delay the gateway's accepts behind 200 callers' connects and
+/// charge that to the gateway.
+async fn fire_elsewhere(url: &Uri, opts: &DemoOptions) -> Result<burst::Burst, DemoError> {
+    let (url, callers, timeout) = (url.clone(), opts.callers, opts.caller_timeout);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build();
+        let result = rt.map(|rt| rt.block_on(burst::fire(&url, callers, timeout)));
+        let _ = tx.send(result);
+    });
+    let result = rx
+        .await
+        .map_err(|_| std::io::Error::other("burst thread ended without a result"))?;
+    Ok(result?)
+}
+
+/// The one-line verdict under the table.
+pub fn verdict(r: &DemoResult, opts: &DemoOptions) -> String {
+    let g = &r.gateway;
+    let goodput = g.goodput(opts.capacity()).unwrap_or(0.0) * 100.0;
+    if g.timeouts == 0 && g.refused_without_retry_after == 0 {
+        format!(
+            "Verdict: direct, {} of {} callers hung until their {} timeout; through Breakwater none did — {} got an answer, {} a 503 with Retry-After (p99 {}), backend kept at {:.0}% of capacity.",
+            r.direct.timeouts,
+            r.direct.callers,
+            format_duration(opts.caller_timeout),
+            g.ok,
+            g.refused_with_retry_after,
+            g.refusal_p99
+                .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            goodput,
+        )
+    } else {
+        format!(
+            "Verdict: through Breakwater {} callers still timed out and {} refusals lacked Retry-After: the budget ({}) should be below the caller timeout ({}).",
+            g.timeouts,
+            g.refused_without_retry_after,
+            format_duration(opts.budget),
+            format_duration(opts.caller_timeout)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Uri(#[from] http::uri::InvalidUri),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Start(#[from] crate::gateway::StartError),
+}

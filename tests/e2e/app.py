@@ -1,0 +1,69 @@
+"""A small FastAPI backend for Breakwater's end-to-end tests (tests/e2e.rs) and docker/compose.yaml.
+
+The sentiment endpoint is a *sync* function doing a blocking sleep, so it behaves like a
+CPU-bound model call: FastAPI runs it in its threadpool, but with `--workers N` and the latency
+dominating, throughput is bounded by the number of uvicorn workers.
+
+Environment:
+  E2E_LATENCY_MS  simulated work per request in milliseconds (default 200). A request may
+                  override it with the query parameter `?latency_ms=N`.
+"""
+
+import os
+import threading
+import time
+from typing import Optional
+
+from fastapi import FastAPI, Header, Query
+from pydantic import BaseModel
+
+LATENCY_MS = int(os.environ.get("E2E_LATENCY_MS", "200"))
+
+# One request at a time per worker process, like a model that is not thread-safe.
+_work_lock = threading.Lock()
+
+app = FastAPI(title="breakwater-e2e-backend")
+
+_POSITIVE = {"good", "great", "love", "excellent", "happy", "nice", "fast"}
+_NEGATIVE = {"bad", "awful", "hate", "terrible", "sad", "slow", "broken"}
+
+
+class SentimentIn(BaseModel):
+    text: str
+
+
+def _classify(text: str) -> str:
+    words = {w.strip(".,!?;:").lower() for w in text.split()}
+    score = len(words & _POSITIVE) - len(words & _NEGATIVE)
+    if score > 0:
+        return "positive"
+    if score < 0:
+        return "negative"
+    return "neutral"
+
+
+@app.post("/v1/sentiment")
+def sentiment(
+    body: SentimentIn,
+    latency_ms: Optional[int] = Query(default=None, ge=0, le=60_000),
+    x_request_id: Optional[str] = Header(default=None),
+    x_breakwater_budget_ms: Optional[str] = Header(default=None),
+):
+    delay = LATENCY_MS if latency_ms is None else latency_ms
+    with _work_lock:
+        time.sleep(delay / 1000.0)
+    try:
+        budget = int(x_breakwater_budget_ms) if x_breakwater_budget_ms is not None else None
+    except ValueError:
+        budget = None
+    return {
+        "sentiment": _classify(body.text),
+        "request_id": x_request_id,
+        "budget_ms": budget,
+    }
+
+
+@app.get("/healthz")
+def healthz():
+    # The worker's pid lets a test wait until every `--workers N` process is serving.
+    return {"status": "ok", "pid": os.getpid()}
