@@ -1,4 +1,5 @@
-//! The admin listener, separate from traffic: `/healthz`, `/readyz` and `/metrics`.
+//! The admin listener, separate from traffic: `GET /healthz`, `/readyz`, `/metrics`, `/config`
+//! and `POST /reload`.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -12,7 +13,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::proxy::Shared;
 
@@ -45,23 +45,16 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let handle = metrics_handle();
     loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = crate::listener::stopped(&mut shutdown) => return,
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         let handle = handle.clone();
@@ -85,34 +78,83 @@ fn answer(
     shared: &Shared,
     handle: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String, ct: &'static str| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(ct),
-        );
-        r
-    };
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        (&Method::GET, "/readyz") => {
-            if shared.draining.load(Ordering::Relaxed) {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "draining\n".into(),
-                    "text/plain",
-                )
-            } else {
-                text(StatusCode::OK, "ready\n".into(), "text/plain")
-            }
-        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => readiness(shared),
         (&Method::GET, "/metrics") => {
             publish_pool_gauges(shared);
-            text(StatusCode::OK, handle.render(), "text/plain; version=0.0.4")
+            let mut r = text(StatusCode::OK, handle.render());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+        (&Method::GET, "/config") => {
+            let table = shared.table.load();
+            json(StatusCode::OK, crate::config::describe(&table.config))
+        }
+        (&Method::POST, "/reload") => match crate::reload::reload(shared) {
+            Ok(applied) => json(
+                StatusCode::OK,
+                serde_json::json!({ "result": "ok", "needs_restart": applied.needs_restart }),
+            ),
+            Err(crate::reload::ReloadError::Config(e)) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({
+                    "result": "error",
+                    "problems": e.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                }),
+            ),
+            Err(e) => json(
+                StatusCode::CONFLICT,
+                serde_json::json!({ "result": "error", "problems": [e.to_string()] }),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.draining.load(Ordering::Relaxed) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    let table = shared.table.load();
+    if table.config.admin.ready_requires_upstream {
+        let mut waiting: Vec<&str> = table
+            .upstreams
+            .iter()
+            .filter(|(_, u)| !u.connector.ever_connected())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !waiting.is_empty() {
+            waiting.sort();
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no connection yet to upstream(s): {}\n", waiting.join(", ")),
+            );
+        }
+    }
+    text(StatusCode::OK, "ready\n")
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(status, format!("{v:#}\n"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Pool sizes are read when scraped rather than tracked on every checkout.

@@ -1,6 +1,7 @@
 //! Starting and stopping a whole gateway: listeners, upstream pools, admin endpoint.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,11 @@ pub struct Running {
 /// Binds the listeners, builds the upstream pools and waits (at most each upstream's connect
 /// timeout) for their `min_idle` connections, then starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_from(config, None).await
+}
+
+/// Like [`start`], remembering the file the config came from so it can be reloaded.
+pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running, StartError> {
     let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
         .map_err(|source| StartError::Bind {
             what: "server.listen",
@@ -73,6 +79,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(table),
+        config_path: path,
+        reloading: std::sync::Mutex::new(()),
         draining: AtomicBool::new(false),
     });
     let (shutdown, rx) = watch::channel(false);
@@ -86,7 +94,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         rx.clone(),
     ))];
     if let Some(admin) = admin {
-        tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone(), rx)));
+        // The admin listener keeps answering while draining (readyz turns 503); it stops with
+        // the process.
+        tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));
     }
     tracing::info!(%addr, admin = ?admin_addr, routes = config.routes.len(), "breakwater listening");
     Ok(Running {
@@ -106,6 +116,10 @@ impl Running {
     pub async fn drain(self, timeout: Duration) -> bool {
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        for route in &self.shared.table.load().routes {
+            route.admission.begin_drain(deadline);
+        }
         let all = self.max_connections.min(u32::MAX as usize) as u32;
         let drained = tokio::time::timeout(timeout, self.connections.acquire_many(all))
             .await

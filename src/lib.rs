@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod listener;
 pub mod observe;
 pub mod proxy;
+pub mod reload;
 pub mod respond;
 pub mod retry;
 pub mod routing;

@@ -275,7 +275,19 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
         let drain_timeout = config.server.drain_timeout;
-        let running = breakwater::gateway::start(config).await?;
+        let running = breakwater::gateway::start_from(config, Some(path)).await?;
+        let shared = running.shared.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::warn!("cannot listen for SIGHUP; reload with POST /reload instead");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                // Outcome and problems are logged and counted by reload itself.
+                let _ = breakwater::reload::reload(&shared);
+            }
+        });
         wait_for_signal().await;
         tracing::info!(timeout = ?drain_timeout, "draining");
         let drain = running.drain(drain_timeout);

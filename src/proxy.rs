@@ -50,27 +50,70 @@ pub struct Table {
 
 impl Table {
     pub fn new(config: Config) -> Self {
+        Table::build(config, None)
+    }
+
+    /// Builds the table for a reloaded `config`, keeping what did not change: an upstream whose
+    /// settings are the same keeps its pool (and its warm connections) and its circuit; a route
+    /// whose limits are the same keeps its admission state (in-flight slots, queue, estimates)
+    /// and retry budget. What changed starts fresh; requests in flight keep the old table.
+    pub fn rebuild(&self, config: Config) -> Self {
+        Table::build(config, Some(self))
+    }
+
+    fn build(config: Config, old: Option<&Table>) -> Self {
+        let reuse_upstream = |u: &crate::config::UpstreamConfig| {
+            old.and_then(|t| t.upstreams.get(&u.name))
+                .filter(|o| o.config == *u)
+                .cloned()
+        };
+        let old_route =
+            |r: &RouteConfig| old.and_then(|t| t.routes.iter().find(|o| o.config.name == r.name));
         let upstreams: HashMap<String, Arc<Upstream>> = config
             .upstreams
             .values()
-            .map(|u| (u.name.clone(), Arc::new(Upstream::new(u.clone()))))
+            .map(|u| {
+                let up = reuse_upstream(u).unwrap_or_else(|| Arc::new(Upstream::new(u.clone())));
+                (u.name.clone(), up)
+            })
             .collect();
         let circuits: HashMap<String, Arc<Circuit>> = config
             .upstreams
             .values()
-            .map(|u| (u.name.clone(), Arc::new(Circuit::new(&u.name, &u.circuit))))
+            .map(|u| {
+                let kept = old.and_then(|t| {
+                    t.routes
+                        .iter()
+                        .find(|r| {
+                            r.upstream.config.name == u.name
+                                && r.upstream.config.circuit == u.circuit
+                        })
+                        .map(|r| r.circuit.clone())
+                });
+                let c = kept.unwrap_or_else(|| Arc::new(Circuit::new(&u.name, &u.circuit)));
+                (u.name.clone(), c)
+            })
             .collect();
         let route_configs: Vec<Arc<RouteConfig>> =
             config.routes.iter().cloned().map(Arc::new).collect();
         let routes = route_configs
             .iter()
             .map(|r| {
+                let prev = old_route(r);
+                let admission = prev
+                    .filter(|o| same_admission(&o.config, r))
+                    .map(|o| o.admission.clone())
+                    .unwrap_or_else(|| Arc::new(Admission::new(r)));
+                let retry = prev
+                    .filter(|o| o.config.retry == r.retry)
+                    .map(|o| o.retry.clone())
+                    .unwrap_or_else(|| Arc::new(crate::retry::RetryPolicy::new(&r.retry)));
                 Arc::new(RouteState {
                     config: r.clone(),
                     upstream: upstreams[&r.upstream].clone(),
                     circuit: circuits[&r.upstream].clone(),
-                    admission: Arc::new(Admission::new(r)),
-                    retry: Arc::new(crate::retry::RetryPolicy::new(&r.retry)),
+                    admission,
+                    retry,
                 })
             })
             .collect();
@@ -83,9 +126,23 @@ impl Table {
     }
 }
 
+/// Admission state can carry over when nothing it was built from changed (budgets may change:
+/// each request brings its own deadline).
+fn same_admission(a: &RouteConfig, b: &RouteConfig) -> bool {
+    a.upstream == b.upstream
+        && a.concurrency == b.concurrency
+        && a.queue.max_depth == b.queue.max_depth
+        && a.queue.max_wait == b.queue.max_wait
+        && a.retry_after_max == b.retry_after_max
+}
+
 /// Gateway-wide state the proxy reads on every request.
 pub struct Shared {
     pub table: ArcSwap<Table>,
+    /// The file reloads read (none when started from a config in memory).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Reloads are applied one at a time.
+    pub reloading: std::sync::Mutex<()>,
     /// Set once a drain has begun: HTTP/1.1 answers then carry `Connection: close`.
     pub draining: std::sync::atomic::AtomicBool,
 }

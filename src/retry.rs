@@ -46,8 +46,9 @@ impl RetryPolicy {
     pub fn new(config: &RetryConfig) -> Self {
         RetryPolicy {
             config: config.clone(),
+            // A new route may retry at its floor rate from the first second.
             budget: Mutex::new(Budget {
-                tokens: 0.0,
+                tokens: config.min_per_second.min(MAX_TOKENS),
                 last: Instant::now(),
             }),
         }

@@ -55,6 +55,8 @@ struct State {
     queue: VecDeque<Waiter>,
     next_id: u64,
     estimator: Estimator,
+    /// Set when the gateway starts draining: nothing may be admitted that cannot finish by then.
+    drain_deadline: Option<Instant>,
 }
 
 impl State {
@@ -101,6 +103,15 @@ impl State {
 
     fn excess(&self) -> usize {
         self.inflight().saturating_sub(self.limit())
+    }
+
+    /// The moment a request must be done by, and what to call a refusal for missing it: its own
+    /// deadline, or the drain deadline if that comes first.
+    fn must_finish_by(&self, deadline: Instant) -> (Instant, Reason) {
+        match self.drain_deadline {
+            Some(d) if d < deadline => (d, Reason::Draining),
+            _ => (deadline, Reason::Deadline),
+        }
     }
 }
 
@@ -149,6 +160,7 @@ impl Admission {
                 queue: VecDeque::new(),
                 next_id: 0,
                 estimator: Estimator::default(),
+                drain_deadline: None,
             }),
         };
         a.publish(&a.lock());
@@ -169,6 +181,15 @@ impl Admission {
             queued: s.queue.len(),
             mean_service: s.estimator.mean(),
         }
+    }
+
+    /// From now on, requests that cannot finish by `deadline` are refused with `draining`, and
+    /// queued ones that no longer can are told at once.
+    pub fn begin_drain(&self, deadline: Instant) {
+        let mut s = self.lock();
+        s.drain_deadline = Some(deadline);
+        self.dispatch(&mut s);
+        self.publish(&s);
     }
 
     /// A pessimistic estimate of one exchange's length, once one has been seen.
@@ -192,12 +213,16 @@ impl Admission {
             if s.queue.len() >= self.max_depth {
                 return Err(self.refuse(&s, Reason::QueueFull));
             }
-            let remaining = deadline.saturating_duration_since(now);
+            let (finish_by, reason) = s.must_finish_by(deadline);
+            let remaining = finish_by.saturating_duration_since(now);
+            if remaining.is_zero() {
+                return Err(self.refuse(&s, reason));
+            }
             if let (Some(wait), Some(service)) =
                 (s.wait_at(position, now), s.estimator.service_high())
             {
                 if wait + service > remaining {
-                    return Err(self.refuse(&s, Reason::Deadline));
+                    return Err(self.refuse(&s, reason));
                 }
             }
             // The latest moment a slot is still useful: enough left for a typical exchange.
@@ -333,13 +358,18 @@ impl Admission {
         let finishes = s.finishes(now, mean);
         let excess = s.excess();
         let mut position = 0;
+        let drain = s.drain_deadline;
         s.queue.retain_mut(|w| {
             let wait = slot_wait(&finishes, position + 1, excess, mean, now);
-            if now + wait + mean > w.deadline {
+            let (finish_by, reason) = match drain {
+                Some(d) if d < w.deadline => (d, Reason::Draining),
+                _ => (w.deadline, Reason::Deadline),
+            };
+            if now + wait + mean > finish_by {
                 // Sending needs the sender by value; swap in a dead one.
                 let (dead, _) = oneshot::channel();
                 let tx = std::mem::replace(&mut w.tx, dead);
-                let _ = tx.send(Err(Reason::Deadline));
+                let _ = tx.send(Err(reason));
                 false
             } else {
                 position += 1;

@@ -1,6 +1,7 @@
 //! Configuration: one YAML file, environment overrides (`BREAKWATER__SECTION__KEY`), strict
 //! validation that reports every problem with the key and the bad value.
 
+mod describe;
 mod raw;
 pub mod units;
 mod validate;
@@ -13,12 +14,13 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 
+pub use describe::{describe, redact_url};
 pub use validate::validate;
 
 /// Environment variables starting with this override keys of the file.
 pub const ENV_PREFIX: &str = "BREAKWATER__";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub admin: AdminConfig,
@@ -27,7 +29,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Accept queue length; bursts of simultaneous connects beyond it wait for a SYN retry.
@@ -43,9 +45,11 @@ pub struct ServerConfig {
     pub http2: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// `/readyz` answers 503 until every upstream has accepted at least one connection.
+    pub ready_requires_upstream: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,13 +60,13 @@ pub enum LogFormat {
     Auto,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub url: http::Uri,
@@ -89,7 +93,7 @@ impl UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub max_connections: u32,
     pub min_idle: u32,
@@ -98,7 +102,7 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CircuitConfig {
     pub enabled: bool,
     pub consecutive_failures: u32,
@@ -108,7 +112,7 @@ pub struct CircuitConfig {
     pub probes: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub name: String,
     pub path_prefix: String,
@@ -147,26 +151,26 @@ impl Concurrency {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueConfig {
     pub max_depth: usize,
     pub max_wait: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OverloadConfig {
     pub status: StatusCode,
     pub body: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FallbackConfig {
     pub status: StatusCode,
     pub body: String,
     pub content_type: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
     /// Extra attempts after the first; 0 turns retries off.
     pub attempts: u32,

@@ -41,6 +41,7 @@ pub struct RawServer {
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub enabled: Option<bool>,
+    pub ready_requires_upstream: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

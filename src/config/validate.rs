@@ -157,6 +157,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         } else {
             Some(p.addr("admin.listen", &raw.admin.listen, "127.0.0.1:9901"))
         },
+        ready_requires_upstream: raw.admin.ready_requires_upstream.unwrap_or(false),
     };
 
     let log = LogConfig {

@@ -63,12 +63,18 @@ impl Drop for UpstreamConn {
 #[derive(Default)]
 pub struct ConnectorState {
     last_failure: Mutex<Option<(Instant, ConnectError)>>,
+    /// Whether any connection to this upstream has ever been opened (readiness can wait for it).
+    pub(crate) ever_connected: std::sync::atomic::AtomicBool,
     /// Woken on every failed connect, so a request waiting for a connection to a dead upstream is
     /// answered at once instead of at its deadline.
     pub(crate) failed: Notify,
 }
 
 impl ConnectorState {
+    pub fn ever_connected(&self) -> bool {
+        self.ever_connected.load(Ordering::Acquire)
+    }
+
     pub fn last_failure(&self) -> Option<(Instant, ConnectError)> {
         self.last_failure.lock().expect("not poisoned").clone()
     }
@@ -209,6 +215,7 @@ impl bb8::ManageConnection for Connector {
         match self.open().await {
             Ok(c) => {
                 self.record("ok");
+                self.state.ever_connected.store(true, Ordering::Release);
                 Ok(c)
             }
             Err(e) => Err(self.fail(e)),

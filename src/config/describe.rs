@@ -1,0 +1,143 @@
+//! The effective configuration as JSON, for `GET /config` on the admin port: every value after
+//! defaults and environment overrides, in the units the file uses, with secrets redacted.
+
+use serde_json::{json, Value};
+
+use super::units::{format_duration, format_size};
+use super::*;
+
+pub const REDACTED: &str = "<redacted>";
+
+/// Credentials inside a URL (`http://user:secret@host`) never leave the process.
+pub fn redact_url(url: &http::Uri) -> String {
+    let text = url.to_string();
+    match url.authority().map(|a| a.as_str()) {
+        Some(auth) if auth.contains('@') => {
+            let host = auth.rsplit('@').next().unwrap_or_default();
+            text.replacen(auth, &format!("{REDACTED}@{host}"), 1)
+        }
+        _ => text,
+    }
+}
+
+pub fn describe(c: &Config) -> Value {
+    let d = |x: std::time::Duration| Value::String(format_duration(x));
+    let upstreams: serde_json::Map<String, Value> = c
+        .upstreams
+        .values()
+        .map(|u| {
+            (
+                u.name.clone(),
+                json!({
+                    "url": redact_url(&u.url),
+                    "preserve_host": u.preserve_host,
+                    "pool": {
+                        "max_connections": u.pool.max_connections,
+                        "min_idle": u.pool.min_idle,
+                        "idle_timeout": d(u.pool.idle_timeout),
+                        "max_lifetime": d(u.pool.max_lifetime),
+                        "connect_timeout": d(u.pool.connect_timeout),
+                    },
+                    "circuit": {
+                        "enabled": u.circuit.enabled,
+                        "consecutive_failures": u.circuit.consecutive_failures,
+                        "window": d(u.circuit.window),
+                        "cooldown": d(u.circuit.cooldown),
+                        "probes": u.circuit.probes,
+                    },
+                }),
+            )
+        })
+        .collect();
+    let routes: Vec<Value> = c
+        .routes
+        .iter()
+        .map(|r| {
+            let concurrency = match &r.concurrency {
+                Concurrency::Fixed(n) => json!(n),
+                Concurrency::Adaptive { min, max, initial } => {
+                    json!({ "mode": "auto", "min": min, "max": max, "initial": initial })
+                }
+            };
+            json!({
+                "name": r.name,
+                "match": {
+                    "path_prefix": r.path_prefix,
+                    "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                    "host": r.host,
+                },
+                "upstream": r.upstream,
+                "budget": d(r.budget),
+                "max_request_body": format_size(r.max_request_body),
+                "timeout_status": r.timeout_status.as_u16(),
+                "concurrency": concurrency,
+                "queue": { "max_depth": r.queue.max_depth, "max_wait": d(r.queue.max_wait) },
+                "overload": { "status": r.overload.status.as_u16(), "body": r.overload.body },
+                "fallback": r.fallback.as_ref().map(|f| json!({
+                    "status": f.status.as_u16(),
+                    "body": f.body,
+                    "content_type": f.content_type,
+                })),
+                "retry": {
+                    "attempts": r.retry.attempts,
+                    "on_status": r.retry.on_status.iter().map(|s| s.as_u16()).collect::<Vec<_>>(),
+                    "budget_ratio": r.retry.budget_ratio,
+                    "min_per_second": r.retry.min_per_second,
+                },
+                "retry_after_max": d(r.retry_after_max),
+            })
+        })
+        .collect();
+    json!({
+        "server": {
+            "listen": c.server.listen.to_string(),
+            "listen_backlog": c.server.listen_backlog,
+            "workers": c.server.workers,
+            "header_read_timeout": d(c.server.header_read_timeout),
+            "keepalive_timeout": d(c.server.keepalive_timeout),
+            "max_connections": c.server.max_connections,
+            "max_request_body": format_size(c.server.max_request_body),
+            "max_header_size": format_size(c.server.max_header_size as u64),
+            "max_headers": c.server.max_headers,
+            "drain_timeout": d(c.server.drain_timeout),
+            "http2": c.server.http2,
+        },
+        "admin": {
+            "listen": c.admin.listen.map(|a| a.to_string()),
+            "ready_requires_upstream": c.admin.ready_requires_upstream,
+        },
+        "log": {
+            "format": match c.log.format {
+                LogFormat::Json => "json",
+                LogFormat::Text => "text",
+                LogFormat::Auto => "auto",
+            },
+            "level": c.log.level,
+        },
+        "upstreams": upstreams,
+        "routes": routes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        let u: http::Uri = "http://svc:hunter2@10.0.0.1:8000/base".parse().unwrap();
+        let r = redact_url(&u);
+        assert!(!r.contains("hunter2") && !r.contains("svc:"), "{r}");
+        assert!(r.contains("10.0.0.1:8000"), "{r}");
+    }
+
+    #[test]
+    fn describes_every_section_in_file_units() {
+        let c = from_yaml(EMBEDDED_DEFAULT, Vec::new()).unwrap();
+        let v = describe(&c);
+        assert_eq!(v["server"]["max_request_body"], "1MiB");
+        assert_eq!(v["upstreams"]["app"]["pool"]["idle_timeout"], "45s");
+        assert_eq!(v["routes"][0]["budget"], "8s");
+        assert_eq!(v["routes"][0]["concurrency"], 16);
+    }
+}

@@ -1,0 +1,483 @@
+//! Operations: metrics contract, admin endpoints, drain and reload — in process and against the
+//! real binary.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+/// Parses Prometheus text into (metric name → label sets).
+fn parse_metrics(text: &str) -> HashMap<String, Vec<HashMap<String, String>>> {
+    let mut out: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, _value) = line.rsplit_once(' ').expect("series and value");
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        out.entry(name.to_string()).or_default().push(labels);
+    }
+    out
+}
+
+fn has(
+    m: &HashMap<String, Vec<HashMap<String, String>>>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> bool {
+    m.get(name).is_some_and(|sets| {
+        sets.iter().any(|set| {
+            labels
+                .iter()
+                .all(|(k, v)| set.get(*k).map(|s| s.as_str()) == Some(*v))
+        })
+    })
+}
+
+#[tokio::test]
+async fn metrics_contract_is_present_after_traffic() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        r#"
+upstreams:
+  app:
+    url: "{backend}"
+    pool: { max_connections: 4, min_idle: 1 }
+routes:
+  - name: api
+    match: { path_prefix: /api }
+    upstream: app
+    budget: 5s
+    concurrency: 1
+    queue: { max_depth: 0 }
+    retry: { attempts: 1, on_status: [502] }
+"#,
+        &backend.url(),
+    )
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/api/ok")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&c, &gw.url("/nowhere")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    get(&c, &gw.url("/api/retry?status=502")).await;
+    let held = tokio::spawn({
+        let (c, u) = (c.clone(), gw.url("/api/hold?hold=1"));
+        async move { get(&c, &u).await }
+    });
+    backend
+        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    get(&c, &gw.url("/api/shed"))
+        .await
+        .assert_refusal("queue_full");
+    backend.release(1);
+    held.await.unwrap();
+
+    let m = parse_metrics(&gw.metrics().await);
+    let expect: &[(&str, &[(&str, &str)])] = &[
+        (
+            "breakwater_requests_total",
+            &[("route", "api"), ("method", "GET"), ("status", "200")],
+        ),
+        (
+            "breakwater_requests_total",
+            &[("route", "none"), ("status", "404")],
+        ),
+        (
+            "breakwater_request_duration_seconds_bucket",
+            &[("route", "api"), ("le", "0.0005")],
+        ),
+        (
+            "breakwater_request_duration_seconds_sum",
+            &[("route", "api")],
+        ),
+        (
+            "breakwater_request_duration_seconds_count",
+            &[("route", "none")],
+        ),
+        (
+            "breakwater_upstream_duration_seconds_bucket",
+            &[("route", "api"), ("upstream", "app"), ("le", "60")],
+        ),
+        ("breakwater_inflight", &[("route", "api")]),
+        ("breakwater_concurrency_limit", &[("route", "api")]),
+        ("breakwater_queue_depth", &[("route", "api")]),
+        (
+            "breakwater_shed_total",
+            &[("route", "api"), ("reason", "queue_full")],
+        ),
+        (
+            "breakwater_retries_total",
+            &[("route", "api"), ("reason", "status")],
+        ),
+        (
+            "breakwater_upstream_connections",
+            &[("upstream", "app"), ("state", "idle")],
+        ),
+        (
+            "breakwater_upstream_connections",
+            &[("upstream", "app"), ("state", "active")],
+        ),
+        (
+            "breakwater_upstream_connects_total",
+            &[("upstream", "app"), ("result", "ok")],
+        ),
+        ("breakwater_circuit_open", &[("upstream", "app")]),
+        (
+            "breakwater_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        ),
+    ];
+    for (name, labels) in expect {
+        assert!(has(&m, name, labels), "missing {name} {labels:?}");
+    }
+    // Label values stay bounded: no raw paths anywhere.
+    for sets in m.values() {
+        for set in sets {
+            assert!(
+                set.values().all(|v| !v.contains("/api")),
+                "raw path in labels: {set:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn config_endpoint_shows_effective_config_with_secrets_redacted() {
+    let backend = Backend::start().await;
+    let url = backend.url().replace("http://", "http://svc:hunter2@");
+    let gw = Gateway::start(
+        "upstreams:\n  app:\n    url: \"{backend}\"\nroutes:\n  - { name: api, upstream: app, budget: 3s }\n",
+        &url,
+    )
+    .await;
+    let c = client();
+    let a = get(&c, &format!("http://{}/config", gw.admin.unwrap())).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&a.body);
+    assert!(!text.contains("hunter2"), "{text}");
+    let v = a.json();
+    assert_eq!(v["routes"][0]["budget"], "3s");
+    assert_eq!(v["upstreams"]["app"]["pool"]["max_connections"], 64);
+}
+
+#[tokio::test]
+async fn readiness_can_wait_for_a_first_upstream_connection() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let yaml = "server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n  ready_requires_upstream: true\nupstreams:\n  app:\n    url: \"{backend}\"\n    pool: { connect_timeout: 100ms }\nroutes:\n  - { name: api, upstream: app }\n";
+    let gw = Gateway::start(yaml, &dead).await;
+    let c = client();
+    let a = get(&c, &format!("http://{}/readyz", gw.admin.unwrap())).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&a.body).contains("app"));
+
+    let backend = Backend::start().await;
+    let gw = Gateway::start(yaml, &backend.url()).await;
+    let a = get(&c, &format!("http://{}/readyz", gw.admin.unwrap())).await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn draining_refuses_queued_requests_that_cannot_finish_and_lets_in_flight_ones_end() {
+    let backend = Backend::start().await;
+    let mut gw = Gateway::start(
+        r#"
+upstreams:
+  app:
+    url: "{backend}"
+routes:
+  - name: api
+    upstream: app
+    budget: 10s
+    concurrency: 1
+    queue: { max_depth: 10, max_wait: 10s }
+"#,
+        &backend.url(),
+    )
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        get(&c, &gw.url("/warm?delay=300")).await;
+    }
+    let in_flight = tokio::spawn({
+        let (c, u) = (c.clone(), gw.url("/hold?hold=1&delay=300"));
+        async move { get(&c, &u).await }
+    });
+    backend
+        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    let queued = tokio::spawn({
+        let (c, u) = (c.clone(), gw.url("/queued"));
+        async move { get(&c, &u).await }
+    });
+    let route = gw.route("api");
+    let never = tokio::sync::Notify::new();
+    wait_until("queued", || route.admission.snapshot().queued == 1, &never).await;
+
+    let admin = gw.admin.unwrap();
+    let running = gw.running.take().unwrap();
+    let drain = tokio::spawn(running.drain(Duration::from_millis(500)));
+    // The queued request needs ~600 ms (its wait plus its own exchange): more than is left.
+    let q = queued.await.unwrap();
+    q.assert_refusal("draining");
+    let r = get(&client(), &format!("http://{admin}/readyz")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    backend.release(1);
+    let a = in_flight.await.unwrap();
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "in-flight request finished normally"
+    );
+    assert_eq!(a.header("connection"), Some("close"));
+    drain.await.unwrap();
+}
+
+// ---- the real binary ----
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+struct Binary {
+    proc: Proc,
+    port: u16,
+    admin: u16,
+    file: tempfile::NamedTempFile,
+}
+
+fn binary_config(port: u16, admin: u16, backend: &str, budget: &str) -> String {
+    format!(
+        r#"
+server: {{ listen: "127.0.0.1:{port}", drain_timeout: 5s }}
+admin: {{ listen: "127.0.0.1:{admin}" }}
+log: {{ format: json, level: warn }}
+upstreams:
+  app:
+    url: "{backend}"
+    pool: {{ min_idle: 1 }}
+routes:
+  - name: api
+    upstream: app
+    budget: {budget}
+"#
+    )
+}
+
+async fn start_binary(backend: &str, budget: &str) -> Binary {
+    let (port, admin) = (free_port(), free_port());
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), binary_config(port, admin, backend, budget)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("--config")
+        .arg(file.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc(child);
+    let c = client();
+    let url = format!("http://127.0.0.1:{admin}/healthz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = c.get(url.parse().unwrap()).await {
+            if r.status() == StatusCode::OK {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Binary {
+        proc,
+        port,
+        admin,
+        file,
+    }
+}
+
+async fn reloads(c: &TestClient, admin: u16, result: &str) -> usize {
+    let resp = c
+        .get(format!("http://127.0.0.1:{admin}/metrics").parse().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    text.lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "breakwater_config_reloads_total{{result=\"{result}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let backend = Backend::start().await;
+    let mut bin = start_binary(&backend.url(), "10s").await;
+    let c = client();
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, u) = (
+                c.clone(),
+                format!("http://127.0.0.1:{}/hold{i}?hold=1", bin.port),
+            );
+            tokio::spawn(async move { get(&c, &u).await })
+        })
+        .collect();
+    backend
+        .wait_until("three held", |s| s.held.load(Ordering::SeqCst) == 3)
+        .await;
+    signal(&bin.proc.0, "TERM");
+    // Ready turns 503 at once; the traffic listener stops accepting.
+    let ready = format!("http://127.0.0.1:{}/readyz", bin.admin);
+    let c2 = client();
+    let mut saw_draining = false;
+    for _ in 0..100 {
+        if get(&c2, &ready).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            saw_draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(saw_draining, "readyz did not turn 503 while draining");
+    backend.release(3);
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap().status,
+            StatusCode::OK,
+            "no in-flight request lost"
+        );
+    }
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = bin.proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "did not exit within drain_timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_budget_to_new_requests_only_and_rejects_invalid_files() {
+    let backend = Backend::start().await;
+    let bin = start_binary(&backend.url(), "10s").await;
+    let c = client();
+    let base = format!("http://127.0.0.1:{}", bin.port);
+    let old = tokio::spawn({
+        let (c, u) = (c.clone(), format!("{base}/old?hold=1"));
+        async move { get(&c, &u).await }
+    });
+    backend
+        .wait_until("old request held", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+
+    std::fs::write(
+        bin.file.path(),
+        binary_config(bin.port, bin.admin, &backend.url(), "300ms"),
+    )
+    .unwrap();
+    signal(&bin.proc.0, "HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&c, bin.admin, "ok").await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new = get(&c, &format!("{base}/new?delay=3000")).await;
+    new.assert_refusal("budget_exhausted");
+    assert!(new.elapsed < Duration::from_secs(2), "{:?}", new.elapsed);
+    // The old request started under the 10 s budget and has now outlived 300 ms: it still
+    // finishes normally.
+    backend.release(1);
+    assert_eq!(old.await.unwrap().status, StatusCode::OK);
+
+    // An invalid file is rejected with every problem, and the running config stays.
+    std::fs::write(
+        bin.file.path(),
+        binary_config(bin.port, bin.admin, "ftp://nowhere", "-1s"),
+    )
+    .unwrap();
+    let resp = c
+        .request(
+            http::Request::post(format!("http://127.0.0.1:{}/reload", bin.admin))
+                .body(body(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let v: serde_json::Value = serde_json::from_slice(
+        &http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .unwrap();
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("upstreams.app.url") && problems.contains("routes[0].budget"),
+        "{problems}"
+    );
+    assert_eq!(reloads(&c, bin.admin, "error").await, 1);
+    let still = get(&c, &format!("{base}/still?delay=100")).await;
+    assert_eq!(still.status, StatusCode::OK, "old config still serving");
+    let slow = get(&c, &format!("{base}/slow?delay=3000")).await;
+    slow.assert_refusal("budget_exhausted");
+}
