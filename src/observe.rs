@@ -1,13 +1,94 @@
 //! What each request leaves behind: one access-log line and the request metrics, recorded when
 //! the last byte of the answer has gone out (or the answer was abandoned).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
+use metrics::{Counter, Gauge, Histogram};
 use tokio::time::Instant;
 
 use crate::error::Reason;
+
+/// A route's metric handles, registered once when the route is built so the request path does
+/// not build label sets and look them up on every request.
+pub struct RouteMetrics {
+    pub route: String,
+    pub upstream: Option<String>,
+    pub duration: Histogram,
+    pub upstream_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub inflight: Gauge,
+    pub limit: Gauge,
+    pub queue_depth: Gauge,
+    shed: Vec<(Reason, Counter)>,
+    requests: RwLock<HashMap<(&'static str, u16), Counter>>,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str, upstream: Option<&str>) -> Self {
+        let r = route.to_string();
+        let up = upstream.unwrap_or("none").to_string();
+        RouteMetrics {
+            route: r.clone(),
+            upstream: upstream.map(str::to_string),
+            duration: metrics::histogram!("breakwater_request_duration_seconds", "route" => r.clone()),
+            upstream_duration: metrics::histogram!("breakwater_upstream_duration_seconds",
+                "route" => r.clone(), "upstream" => up),
+            queue_wait: metrics::histogram!("breakwater_queue_wait_seconds", "route" => r.clone()),
+            inflight: metrics::gauge!("breakwater_inflight", "route" => r.clone()),
+            limit: metrics::gauge!("breakwater_concurrency_limit", "route" => r.clone()),
+            queue_depth: metrics::gauge!("breakwater_queue_depth", "route" => r.clone()),
+            shed: Reason::ALL
+                .iter()
+                .filter(|reason| reason.is_refusal())
+                .map(|reason| {
+                    (
+                        *reason,
+                        metrics::counter!("breakwater_shed_total",
+                        "route" => r.clone(), "reason" => reason.as_str()),
+                    )
+                })
+                .collect(),
+            requests: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The metrics of requests no route matched (`route="none"`).
+    pub fn unmatched() -> Arc<RouteMetrics> {
+        static NONE: OnceLock<Arc<RouteMetrics>> = OnceLock::new();
+        NONE.get_or_init(|| Arc::new(RouteMetrics::new("none", None)))
+            .clone()
+    }
+
+    pub fn shed(&self, reason: Reason) {
+        if let Some((_, c)) = self.shed.iter().find(|(r, _)| *r == reason) {
+            c.increment(1);
+        }
+    }
+
+    fn count_request(&self, method: &'static str, status: u16) {
+        let key = (method, status);
+        if let Some(c) = self
+            .requests
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            c.increment(1);
+            return;
+        }
+        let c = metrics::counter!("breakwater_requests_total",
+            "route" => self.route.clone(), "method" => method, "status" => status.to_string());
+        c.increment(1);
+        self.requests
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, c);
+    }
+}
 
 /// Correlation headers Genesys Cloud sends with data action requests.
 const CORRELATION: [(&str, &str); 2] = [
@@ -17,7 +98,7 @@ const CORRELATION: [(&str, &str); 2] = [
 
 pub struct RequestRecord {
     pub arrived: Instant,
-    pub route: String,
+    pub metrics: Arc<RouteMetrics>,
     pub method: Method,
     pub path: String,
     pub request_id: String,
@@ -28,7 +109,6 @@ pub struct RequestRecord {
     pub reason: Option<Reason>,
     pub queue_wait: Option<Duration>,
     pub upstream_time: Option<Duration>,
-    pub upstream: Option<String>,
 }
 
 impl RequestRecord {
@@ -51,7 +131,7 @@ impl RequestRecord {
             .collect();
         RequestRecord {
             arrived,
-            route: "none".into(),
+            metrics: RouteMetrics::unmatched(),
             method: method.clone(),
             path: path.to_string(),
             request_id: request_id.to_string(),
@@ -62,25 +142,20 @@ impl RequestRecord {
             reason: None,
             queue_wait: None,
             upstream_time: None,
-            upstream: None,
         }
     }
 
     /// Records metrics and writes the access-log line.
     pub fn finish(self, bytes_out: u64, complete: bool) {
         let total = self.arrived.elapsed();
-        let route = self.route.clone();
-        metrics::counter!("breakwater_requests_total",
-            "route" => route.clone(),
-            "method" => method_label(&self.method),
-            "status" => self.status.as_str().to_string())
-        .increment(1);
-        metrics::histogram!("breakwater_request_duration_seconds", "route" => route.clone())
-            .record(total.as_secs_f64());
-        if let (Some(up), Some(t)) = (&self.upstream, self.upstream_time) {
-            metrics::histogram!("breakwater_upstream_duration_seconds",
-                "route" => route.clone(), "upstream" => up.clone())
-            .record(t.as_secs_f64());
+        let m = &self.metrics;
+        m.count_request(method_label(&self.method), self.status.as_u16());
+        m.duration.record(total.as_secs_f64());
+        if let (Some(_), Some(t)) = (&m.upstream, self.upstream_time) {
+            m.upstream_duration.record(t.as_secs_f64());
+        }
+        if !tracing::enabled!(target: "breakwater::access", tracing::Level::INFO) {
+            return;
         }
         let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
         let corr_id = self
@@ -95,7 +170,7 @@ impl RequestRecord {
             .map(|(_, v)| v.as_str());
         tracing::info!(
             target: "breakwater::access",
-            route = %self.route,
+            route = %m.route,
             method = %self.method,
             path = %self.path,
             status = self.status.as_u16(),

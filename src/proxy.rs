@@ -37,6 +37,7 @@ pub struct RouteState {
     pub circuit: Arc<Circuit>,
     pub admission: Arc<Admission>,
     pub retry: Arc<crate::retry::RetryPolicy>,
+    pub metrics: Arc<crate::observe::RouteMetrics>,
 }
 
 /// One configuration's worth of routing state. Reloads swap the whole thing atomically; a
@@ -100,10 +101,19 @@ impl Table {
             .iter()
             .map(|r| {
                 let prev = old_route(r);
+                let metrics = prev
+                    .map(|o| o.metrics.clone())
+                    .filter(|m| m.upstream.as_deref() == Some(r.upstream.as_str()));
+                let metrics = metrics.unwrap_or_else(|| {
+                    Arc::new(crate::observe::RouteMetrics::new(
+                        &r.name,
+                        Some(&r.upstream),
+                    ))
+                });
                 let admission = prev
                     .filter(|o| same_admission(&o.config, r))
                     .map(|o| o.admission.clone())
-                    .unwrap_or_else(|| Arc::new(Admission::new(r)));
+                    .unwrap_or_else(|| Arc::new(Admission::new(r, metrics.clone())));
                 let retry = prev
                     .filter(|o| o.config.retry == r.retry)
                     .map(|o| o.retry.clone())
@@ -114,6 +124,7 @@ impl Table {
                     circuit: circuits[&r.upstream].clone(),
                     admission,
                     retry,
+                    metrics,
                 })
             })
             .collect();
@@ -196,8 +207,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Respons
         Ok(r) => r,
         Err(e) => return gateway_answer(&shared, e, None, record, &conn),
     };
-    record.route = route.config.name.clone();
-    record.upstream = Some(route.upstream.config.name.clone());
+    record.metrics = route.metrics.clone();
 
     let mut resp = match proxy_to(&route, req, arrived, &request_id, &conn, record).await {
         Ok(resp) => resp,
@@ -242,9 +252,7 @@ fn gateway_answer(
         },
     );
     if reason.is_refusal() {
-        metrics::counter!("breakwater_shed_total",
-            "route" => record.route.clone(), "reason" => reason.as_str())
-        .increment(1);
+        record.metrics.shed(reason);
     }
     // A request whose body was refused unread leaves the connection out of sync; so does one
     // that ends while draining.
@@ -279,19 +287,45 @@ async fn proxy_to(
             // hyper answers each client in the client's own version.
             parts.version = http::Version::default();
             record.status = parts.status;
-            let exchange = Exchange {
+            let deadline = arrived + route.config.budget;
+            let mut exchange = Exchange {
                 lease: Some(lease),
                 permit: Some(permit),
                 sent_at,
                 record: Some(record),
                 conn: conn.clone(),
             };
-            let body = RelayBody::new(body, arrived + route.config.budget, Box::new(exchange));
-            Ok(Response::from_parts(parts, body.boxed_unsync()))
+            if !body.size_hint().exact().is_some_and(|n| n <= BUFFER_LIMIT) {
+                let body = RelayBody::new(body, deadline, Box::new(exchange));
+                return Ok(Response::from_parts(parts, body.boxed_unsync()));
+            }
+            // A small answer of known length is read whole first: the client then gets it in one
+            // write, and the upstream connection and slot are free before the client has read it.
+            match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(Ok(collected)) => {
+                    exchange.upstream_done(true);
+                    let full = http_body_util::Full::new(collected.to_bytes());
+                    let body = RelayBody::new(full, deadline, Box::new(exchange));
+                    Ok(Response::from_parts(parts, body.boxed_unsync()))
+                }
+                Ok(Err(e)) => {
+                    exchange.upstream_done(false);
+                    let record = exchange.record.take().expect("set above");
+                    Err((ProxyError::Upstream(e.to_string()), record))
+                }
+                Err(_elapsed) => {
+                    exchange.upstream_done(false);
+                    let record = exchange.record.take().expect("set above");
+                    Err((ProxyError::BudgetExhausted, record))
+                }
+            }
         }
         Err(e) => Err((e, record)),
     }
 }
+
+/// Upstream answers of known length up to this size are read whole before the answer starts.
+const BUFFER_LIMIT: u64 = 64 * 1024;
 
 /// Request bodies up to this size are read whole before the request is sent, so the request can
 /// be sent again (keep-alive race, retry policy). Data action payloads are far smaller.
@@ -375,10 +409,12 @@ async fn send_upstream(
                 method: parts.method.clone(),
                 uri: parts.uri.clone(),
                 headers: parts.headers.clone(),
-                body: bytes,
+                body: bytes.clone(),
             };
-            let req = replay.build();
-            (Some(replay), req)
+            (
+                Some(replay),
+                Request::from_parts(parts, crate::body::full(bytes)),
+            )
         }
         Err(stream) => (None, Request::from_parts(parts, stream.boxed_unsync())),
     };
@@ -494,18 +530,25 @@ struct Exchange {
     conn: ConnInfo,
 }
 
-impl OnBodyEnd for Exchange {
-    fn body_ended(mut self: Box<Self>, outcome: BodyOutcome) {
+impl Exchange {
+    /// The upstream side is over: the connection goes back (or is closed) and the slot is freed.
+    fn upstream_done(&mut self, complete: bool) {
         if let Some(lease) = self.lease.take() {
-            lease.release(outcome.complete);
+            lease.release(complete);
         }
         if let Some(permit) = self.permit.take() {
-            if outcome.complete {
+            if complete {
                 permit.succeeded(self.sent_at.elapsed());
             } else {
                 permit.failed(self.sent_at.elapsed());
             }
         }
+    }
+}
+
+impl OnBodyEnd for Exchange {
+    fn body_ended(mut self: Box<Self>, outcome: BodyOutcome) {
+        self.upstream_done(outcome.complete);
         if let Some(record) = self.record.take() {
             record.finish(outcome.bytes, outcome.complete);
         }

@@ -29,9 +29,10 @@ pub use estimator::Estimator;
 
 use crate::config::{Concurrency, RouteConfig};
 use crate::error::{ProxyError, Reason};
+use crate::observe::RouteMetrics;
 
 pub struct Admission {
-    route: Arc<str>,
+    metrics: Arc<RouteMetrics>,
     max_depth: usize,
     max_wait: Duration,
     retry_after_max: Duration,
@@ -141,7 +142,7 @@ pub struct Snapshot {
 }
 
 impl Admission {
-    pub fn new(route: &RouteConfig) -> Self {
+    pub fn new(route: &RouteConfig, metrics: Arc<RouteMetrics>) -> Self {
         let (fixed_limit, adaptive) = match route.concurrency {
             Concurrency::Fixed(n) => (n, None),
             Concurrency::Adaptive { min, max, initial } => {
@@ -149,7 +150,7 @@ impl Admission {
             }
         };
         let a = Admission {
-            route: Arc::from(route.name.as_str()),
+            metrics,
             max_depth: route.queue.max_depth,
             max_wait: route.queue.max_wait,
             retry_after_max: route.retry_after_max,
@@ -255,7 +256,8 @@ impl Admission {
             handed = queued.rx.as_mut().expect("set above") => Some(handed),
             _ = tokio::time::sleep_until(give_up_at) => None,
         };
-        metrics::histogram!("breakwater_queue_wait_seconds", "route" => self.route.to_string())
+        self.metrics
+            .queue_wait
             .record(enqueued.elapsed().as_secs_f64());
         match handed {
             Some(handed) => {
@@ -379,11 +381,9 @@ impl Admission {
     }
 
     fn publish(&self, s: &State) {
-        let route = self.route.to_string();
-        metrics::gauge!("breakwater_inflight", "route" => route.clone()).set(s.inflight() as f64);
-        metrics::gauge!("breakwater_concurrency_limit", "route" => route.clone())
-            .set(s.limit() as f64);
-        metrics::gauge!("breakwater_queue_depth", "route" => route).set(s.queue.len() as f64);
+        self.metrics.inflight.set(s.inflight() as f64);
+        self.metrics.limit.set(s.limit() as f64);
+        self.metrics.queue_depth.set(s.queue.len() as f64);
     }
 }
 

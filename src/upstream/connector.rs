@@ -230,12 +230,9 @@ impl bb8::ManageConnection for Connector {
         if conn.sender.is_closed() {
             return Err(closed());
         }
-        match tokio::time::timeout(self.connect_timeout, conn.sender.ready()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(ConnectError::Closed {
-                addr: conn.addr.to_string(),
-            }),
-        }
+        // An idle connection is ready at once (or fails at once if closed); one just given
+        // back becomes ready as soon as its task has seen the end of the last exchange.
+        conn.sender.ready().await.map_err(|_| closed())
     }
 
     fn has_broken(&self, conn: &mut UpstreamConn) -> bool {

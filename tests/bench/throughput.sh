@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Throughput and latency of the plain proxy path, side by side in one run:
+#   direct to a fast backend, through NGINX (upstream keepalive), through Breakwater.
+# Each proxy gets one worker thread. Loopback only; needs nginx-light and wrk
+# (apt-get install nginx-light wrk) and a release build (cargo build --release).
+#
+#   bash tests/bench/throughput.sh [duration=10s] [connections=32] [rounds=3]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DUR=${1:-10s}
+CONNS=${2:-32}
+ROUNDS=${3:-3}
+BIN=target/release/breakwater
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-get install nginx-light wrk" >&2; exit 1; }
+
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
+BACKEND=18101 NGINX=18102 BW=18103 BW_ADMIN=18104
+
+cat >"$WORK/backend.conf" <<NGX
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend.err;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$BACKEND;
+    location / { default_type application/json; return 200 '{"sentiment":"neutral","score":0.5}'; }
+  }
+}
+NGX
+
+cat >"$WORK/proxy.conf" <<NGX
+worker_processes 1;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy.err;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGX
+
+cat >"$WORK/breakwater.yaml" <<YAML
+server: { listen: "127.0.0.1:$BW", workers: 1 }
+admin: { listen: "127.0.0.1:$BW_ADMIN" }
+log: { format: json, level: warn }
+upstreams:
+  backend:
+    url: "http://127.0.0.1:$BACKEND"
+    pool: { max_connections: 64, min_idle: 8 }
+routes:
+  - name: all
+    match: { path_prefix: / }
+    upstream: backend
+    budget: 10s
+YAML
+
+nginx -c "$WORK/backend.conf" -p "$WORK" &
+nginx -c "$WORK/proxy.conf" -p "$WORK" &
+"$BIN" --config "$WORK/breakwater.yaml" >/dev/null 2>&1 &
+sleep 1
+
+run() { # name url
+  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$2" | awk -v name="$1" '
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
+    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s\n", name, rps, p50, p99}'
+}
+
+echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)"
+for r in $(seq "$ROUNDS"); do
+  echo "-- round $r"
+  run direct     "http://127.0.0.1:$BACKEND/v1/sentiment"
+  run nginx      "http://127.0.0.1:$NGINX/v1/sentiment"
+  run breakwater "http://127.0.0.1:$BW/v1/sentiment"
+done
