@@ -295,7 +295,7 @@ async fn proxy_to(
                 record: Some(record),
                 conn: conn.clone(),
             };
-            if !body.size_hint().exact().is_some_and(|n| n <= BUFFER_LIMIT) {
+            if body.size_hint().exact().is_none_or(|n| n > BUFFER_LIMIT) {
                 let body = RelayBody::new(body, deadline, Box::new(exchange));
                 return Ok(Response::from_parts(parts, body.boxed_unsync()));
             }
