@@ -18,10 +18,14 @@ pub enum Reason {
     NoRoute,
     PayloadTooLarge,
     BadRequest,
+    /// The caller did not present valid credentials (401).
+    Unauthorized,
+    /// The caller's source address is outside the route's `allow_cidrs` (403).
+    Forbidden,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::Deadline,
@@ -33,6 +37,8 @@ impl Reason {
         Reason::NoRoute,
         Reason::PayloadTooLarge,
         Reason::BadRequest,
+        Reason::Unauthorized,
+        Reason::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +54,8 @@ impl Reason {
             Reason::NoRoute => "no_route",
             Reason::PayloadTooLarge => "payload_too_large",
             Reason::BadRequest => "bad_request",
+            Reason::Unauthorized => "unauthorized",
+            Reason::Forbidden => "forbidden",
         }
     }
 
@@ -93,6 +101,15 @@ pub enum ProxyError {
     UpstreamUnavailable(String),
     #[error("upstream failed: {0}")]
     Upstream(String),
+    /// Missing, wrong or malformed credentials all read the same, so the answer does not tell a
+    /// caller which part was wrong.
+    #[error("valid credentials are required for this route")]
+    Unauthorized {
+        /// Answer with a Basic `WWW-Authenticate` challenge (Basic is configured).
+        challenge: bool,
+    },
+    #[error("requests from this address are not allowed on this route")]
+    Forbidden,
 }
 
 impl ProxyError {
@@ -105,6 +122,8 @@ impl ProxyError {
             ProxyError::BudgetExhausted => Reason::BudgetExhausted,
             ProxyError::UpstreamUnavailable(_) => Reason::UpstreamUnavailable,
             ProxyError::Upstream(_) => Reason::UpstreamError,
+            ProxyError::Unauthorized { .. } => Reason::Unauthorized,
+            ProxyError::Forbidden => Reason::Forbidden,
         }
     }
 }

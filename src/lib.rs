@@ -2,13 +2,14 @@
 //! Breakwater: an edge gateway that makes overload explicit and fast.
 //!
 //! A request's journey, one module per stage: [`listener`] accepts and times the connection,
-//! [`routing`] picks the route, [`circuit`] and [`admission`] decide whether it may go on,
-//! [`forward`] rewrites headers, [`upstream`] sends it over a pooled connection, [`body`] relays
-//! the answer under the route's budget, and [`respond`] builds every answer the gateway makes
-//! itself. [`proxy`] strings the stages together.
+//! [`routing`] picks the route, [`auth`] decides who may call it, [`circuit`] and [`admission`]
+//! decide whether it may go on, [`forward`] rewrites headers, [`upstream`] sends it over a pooled
+//! connection, [`body`] relays the answer under the route's budget, and [`respond`] builds every
+//! answer the gateway makes itself. [`proxy`] strings the stages together.
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod body;
 pub mod circuit;
 pub mod config;

@@ -156,6 +156,10 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         Some(a) => println!("admin    listen {a}"),
         None => println!("admin    disabled"),
     }
+    match &c.auth {
+        Some(a) => println!("auth     {}", a.summary()),
+        None => println!("auth     none (routes without their own auth: block are open)"),
+    }
     for u in c.upstreams.values() {
         println!(
             "upstream {}  {}  pool max {} min_idle {} idle_timeout {} max_lifetime {} connect_timeout {}",
@@ -192,6 +196,13 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
             units::format_size(r.max_request_body),
             r.timeout_status.as_u16(),
         );
+        // Secrets are never printed: only where they come from and how many keys were loaded.
+        match (&r.auth, r.auth_origin) {
+            (Some(_), config::AuthOrigin::Global) => println!("         auth global"),
+            (Some(a), _) => println!("         auth {}", a.summary()),
+            (None, config::AuthOrigin::Disabled) => println!("         auth disabled"),
+            (None, _) => println!("         auth none"),
+        }
     }
     Ok(())
 }

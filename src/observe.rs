@@ -24,6 +24,8 @@ pub struct RouteMetrics {
     pub limit: Gauge,
     pub queue_depth: Gauge,
     shed: Vec<(Reason, Counter)>,
+    /// `breakwater_auth_failures_total`: unauthorized, forbidden.
+    auth_failures: [Counter; 2],
     requests: RwLock<HashMap<(&'static str, u16), Counter>>,
 }
 
@@ -52,6 +54,10 @@ impl RouteMetrics {
                     )
                 })
                 .collect(),
+            auth_failures: [Reason::Unauthorized, Reason::Forbidden].map(|reason| {
+                metrics::counter!("breakwater_auth_failures_total",
+                    "route" => r.clone(), "reason" => reason.as_str())
+            }),
             requests: RwLock::new(HashMap::new()),
         }
     }
@@ -66,6 +72,15 @@ impl RouteMetrics {
     pub fn shed(&self, reason: Reason) {
         if let Some((_, c)) = self.shed.iter().find(|(r, _)| *r == reason) {
             c.increment(1);
+        }
+    }
+
+    /// Counts a caller refused by the route's authentication (other reasons are ignored).
+    pub fn auth_failed(&self, reason: Reason) {
+        match reason {
+            Reason::Unauthorized => self.auth_failures[0].increment(1),
+            Reason::Forbidden => self.auth_failures[1].increment(1),
+            _ => {}
         }
     }
 

@@ -1,6 +1,6 @@
-//! The request's journey through the gateway: route → admission → upstream → relayed answer.
-//! [`Proxy`] is the tower service hyper is given (through `TowerToHyperService`); it never fails:
-//! every error becomes an answer in [`crate::respond`].
+//! The request's journey through the gateway: route → auth → admission → upstream → relayed
+//! answer. [`Proxy`] is the tower service hyper is given (through `TowerToHyperService`); it
+//! never fails: every error becomes an answer in [`crate::respond`].
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -191,7 +191,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Respons
         .get::<ConnInfo>()
         .cloned()
         .unwrap_or_else(ConnInfo::unknown);
-    conn.activity.request_started();
+    let refused = conn.activity.request_started();
     let table = shared.table.load_full();
     let request_id = forward::request_id(req.headers());
     let mut record = RequestRecord::new(
@@ -203,11 +203,23 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Respons
         req.headers(),
     );
 
+    if let Some(why) = refused {
+        return gateway_answer(&shared, ProxyError::BadRequest(why), None, record, &conn);
+    }
+    let mut req = req;
     let route = match route_for(&table, &req) {
         Ok(r) => r,
         Err(e) => return gateway_answer(&shared, e, None, record, &conn),
     };
     record.metrics = route.metrics.clone();
+
+    // Before the body is read or admission is asked: a refused caller costs no slot.
+    if let Some(auth) = &route.config.auth {
+        if let Err(e) = crate::auth::authenticate(auth, req.headers_mut(), conn.peer) {
+            route.metrics.auth_failed(e.reason());
+            return gateway_answer(&shared, e, Some(&route.config), record, &conn);
+        }
+    }
 
     let mut resp = match proxy_to(&route, req, arrived, &request_id, &conn, record).await {
         Ok(resp) => resp,

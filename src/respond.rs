@@ -50,23 +50,46 @@ pub fn error_response(err: &ProxyError, cx: &AnswerContext<'_>) -> Response<Resp
         .filter(|_| reason.is_refusal())
         .and_then(|r| r.overload.body.clone());
     let body = custom.unwrap_or_else(|| {
-        let mut v = serde_json::json!({
-            "error": reason.as_str(),
-            "route": route_name,
-            "request_id": cx.request_id,
-            "message": err.to_string(),
-        });
-        if let Some(s) = retry_after {
-            v["retry_after_s"] = serde_json::json!(s);
-        }
-        v.to_string()
+        standard_body(
+            reason,
+            route_name,
+            cx.request_id,
+            &err.to_string(),
+            retry_after,
+        )
     });
     let mut resp = Response::new(full(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     stamp(&mut resp, reason, cx.request_id, retry_after);
+    if let ProxyError::Unauthorized { challenge: true } = err {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(crate::auth::BASIC_CHALLENGE),
+        );
+    }
     resp
+}
+
+/// The JSON body every gateway answer carries unless a route configures its own.
+fn standard_body(
+    reason: Reason,
+    route: &str,
+    request_id: &str,
+    message: &str,
+    retry_after: Option<u64>,
+) -> String {
+    let mut v = serde_json::json!({
+        "error": reason.as_str(),
+        "route": route,
+        "request_id": request_id,
+        "message": message,
+    });
+    if let Some(s) = retry_after {
+        v["retry_after_s"] = serde_json::json!(s);
+    }
+    v.to_string()
 }
 
 fn status_for(err: &ProxyError, route: Option<&RouteConfig>) -> StatusCode {
@@ -75,6 +98,8 @@ fn status_for(err: &ProxyError, route: Option<&RouteConfig>) -> StatusCode {
         ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+        ProxyError::Forbidden => StatusCode::FORBIDDEN,
         ProxyError::BudgetExhausted => route
             .map(|r| r.timeout_status)
             .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
@@ -147,6 +172,30 @@ mod tests {
             assert_eq!(resp.headers()[REQUEST_ID_HEADER], "abc");
             assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
         }
+    }
+
+    #[test]
+    fn auth_failures_are_401_or_403_without_retry_after() {
+        let cx = AnswerContext {
+            route: None,
+            request_id: "r",
+        };
+        let resp = error_response(&ProxyError::Unauthorized { challenge: true }, &cx);
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.headers()[REASON_HEADER], "unauthorized");
+        assert_eq!(
+            resp.headers()[http::header::WWW_AUTHENTICATE],
+            "Basic realm=\"breakwater\""
+        );
+        assert!(resp.headers().get(RETRY_AFTER).is_none());
+        let resp = error_response(&ProxyError::Unauthorized { challenge: false }, &cx);
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert!(resp.headers().get(http::header::WWW_AUTHENTICATE).is_none());
+        let resp = error_response(&ProxyError::Forbidden, &cx);
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()[REASON_HEADER], "forbidden");
+        assert!(resp.headers().get(RETRY_AFTER).is_none());
+        assert!(!Reason::Unauthorized.is_refusal() && !Reason::Forbidden.is_refusal());
     }
 
     #[test]

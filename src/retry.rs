@@ -1,6 +1,6 @@
 //! Route retry policy (off by default): a request is sent again only when it provably never
-//! reached the upstream, or — for idempotent requests without a body — when the upstream answered
-//! one of the opted-in statuses. Every retry must fit in what is left of the budget, and a retry
+//! reached the upstream, or — for idempotent methods whose body was small enough to be kept
+//! (64 KiB) — when the upstream answered one of the opted-in statuses. Every retry must fit in what is left of the budget, and a retry
 //! budget caps retries at a fraction of the route's traffic so a struggling backend is not
 //! hammered by a retry storm.
 

@@ -406,3 +406,40 @@ async fn http2_clients_are_served() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(&a.body[..], b"ok");
 }
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_refused_on_any_request_of_a_connection() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let out = raw(
+        gw.addr,
+        b"POST /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("x-breakwater-reason: bad_request"), "{out}");
+    assert!(out.contains("connection: close"), "{out}");
+    assert!(out.contains("\"error\":\"bad_request\""), "{out}");
+
+    // A valid chunked request with trailers, then the smuggling attempt on the same connection:
+    // the first is answered, the second refused, and the backend only ever sees the first.
+    let out = raw(
+        gw.addr,
+        b"POST /api/one HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n\
+          GET /api/two HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\ncontent-length: 10\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "{out}");
+    assert!(out.contains("HTTP/1.1 400"), "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 1);
+    assert_eq!(backend.count(|s| &s.body_bytes), 5);
+
+    // Ordinary keep-alive traffic with bodies is untouched.
+    let out = raw(
+        gw.addr,
+        b"POST /api/a HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabcGET /api/b HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+}

@@ -206,6 +206,14 @@ impl Admission {
         let (rx, id, give_up_at, by_max_wait) = {
             let mut s = self.lock();
             if s.inflight() < s.limit() && s.queue.is_empty() {
+                // While draining, even a free slot is no use to a request that cannot finish
+                // before the process exits.
+                if let (Some(drain), Some(service)) = (s.drain_deadline, s.estimator.service_high())
+                {
+                    if now + service > drain {
+                        return Err(self.refuse(&s, Reason::Draining));
+                    }
+                }
                 let slot = s.grant(now);
                 self.publish(&s);
                 return Ok(self.permit(slot));

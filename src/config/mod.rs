@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -27,6 +28,8 @@ pub struct Config {
     pub log: LogConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// The top-level `auth:` block: every route's default unless the route has its own.
+    pub auth: Option<Arc<AuthConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +131,112 @@ pub struct RouteConfig {
     pub fallback: Option<FallbackConfig>,
     pub retry: RetryConfig,
     pub retry_after_max: Duration,
+    /// The caller authentication this route enforces (none: anyone may call).
+    pub auth: Option<Arc<AuthConfig>>,
+    /// Where `auth` came from.
+    pub auth_origin: AuthOrigin,
+}
+
+/// Caller authentication (see [`crate::auth`]). Secrets are held only as digests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthConfig {
+    pub api_keys: Option<ApiKeysConfig>,
+    pub basic: Option<BasicConfig>,
+    /// When not empty, the caller's source address must lie inside one of these.
+    pub allow_cidrs: Vec<crate::auth::Cidr>,
+    /// Peers whose `X-Forwarded-For` is believed when finding the source address.
+    pub trusted_proxies: Vec<crate::auth::Cidr>,
+}
+
+impl AuthConfig {
+    /// One line for `breakwater check`, secrets redacted.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(k) = &self.api_keys {
+            parts.push(format!(
+                "api_keys header {} ({} key(s) from {})",
+                k.header,
+                k.keys.len(),
+                k.source
+            ));
+        }
+        if let Some(b) = &self.basic {
+            parts.push(format!(
+                "basic user {} (password from {})",
+                b.username, b.source
+            ));
+        }
+        let list = |v: &[crate::auth::Cidr]| {
+            v.iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !self.allow_cidrs.is_empty() {
+            parts.push(format!("allow_cidrs {}", list(&self.allow_cidrs)));
+        }
+        if !self.trusted_proxies.is_empty() {
+            parts.push(format!("trusted_proxies {}", list(&self.trusted_proxies)));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Where a secret is read from when the configuration is loaded (and reloaded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Env(name) => write!(f, "env {name}"),
+            SecretSource::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeysConfig {
+    pub header: http::HeaderName,
+    pub source: SecretSource,
+    /// Digests of every key currently valid (several during a rotation).
+    pub keys: Vec<crate::auth::SecretDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BasicConfig {
+    pub username: String,
+    /// Where the password came from.
+    pub source: SecretSource,
+    /// Digest of `username:password`.
+    pub credentials: crate::auth::SecretDigest,
+}
+
+/// Where a route's authentication setting came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthOrigin {
+    /// Neither the route nor the top level configures `auth`.
+    None,
+    /// The top-level `auth:` block.
+    Global,
+    /// The route's own `auth:` block.
+    Route,
+    /// The route says `auth: { disabled: true }`.
+    Disabled,
+}
+
+impl AuthOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthOrigin::None => "none",
+            AuthOrigin::Global => "global",
+            AuthOrigin::Route => "route",
+            AuthOrigin::Disabled => "disabled",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -240,16 +349,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Builds the config from YAML text and an explicit set of environment variables (tests pass
-/// their own so they never depend on the machine's environment).
+/// their own so they never depend on the machine's environment). The same variables supply the
+/// secrets named by `*_env` keys; `*_file` secrets are read here too.
 pub fn from_yaml(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
+    let env: std::collections::HashMap<String, String> = env.into_iter().collect();
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Yaml));
     let mut overrides: Vec<(String, String)> = env
-        .into_iter()
-        .filter_map(|(k, v)| env_key_to_path(&k).map(|p| (p, v)))
+        .iter()
+        .filter_map(|(k, v)| env_key_to_path(k).map(|p| (p, v.clone())))
         .collect();
     // Sorted so that `routes[0]` exists before `routes[1]` is set.
     overrides.sort();
@@ -265,7 +376,7 @@ pub fn from_yaml(
         let path = e.path().to_string();
         ConfigError::Syntax(format!("{path}: {}", e.into_inner()))
     })?;
-    validate(raw).map_err(ConfigError::Invalid)
+    validate(raw, &env).map_err(ConfigError::Invalid)
 }
 
 /// `BREAKWATER__ROUTES__0__BUDGET` → `routes[0].budget`; `None` for unrelated variables.

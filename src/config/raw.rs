@@ -18,6 +18,7 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    pub auth: Option<RawAuth>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +102,7 @@ pub struct RawRoute {
     #[serde(default)]
     pub retry: RawRetry,
     pub retry_after_max: Option<String>,
+    pub auth: Option<RawAuth>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,4 +199,37 @@ pub struct RawRetry {
     pub on_status: Option<OneOrMany>,
     pub budget_ratio: Option<f64>,
     pub min_per_second: Option<f64>,
+}
+
+/// `auth:` at the top level (every route's default) or on a route (replacing the default
+/// entirely; `disabled: true` turns it off for that route).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub disabled: Option<bool>,
+    pub api_keys: Option<RawApiKeys>,
+    pub basic: Option<RawBasic>,
+    pub allow_cidrs: Option<OneOrMany>,
+    pub trusted_proxies: Option<OneOrMany>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKeys {
+    pub header: Option<String>,
+    pub keys_env: Option<String>,
+    pub keys_file: Option<String>,
+    /// Accepted only to be refused with a clear message: secrets never live in the file. The
+    /// value is dropped unread.
+    pub keys: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBasic {
+    pub username: Option<String>,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+    /// Refused like `RawApiKeys::keys`.
+    pub password: Option<serde::de::IgnoredAny>,
 }

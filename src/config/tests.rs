@@ -182,3 +182,216 @@ fn embedded_default_is_valid() {
     let c = from_yaml(EMBEDDED_DEFAULT, env(&[])).unwrap();
     assert_eq!(c.upstreams["app"].authority(), "127.0.0.1:8000");
 }
+
+const KEY_A: &str = "key-a-0123456789abcdef";
+const KEY_B: &str = "key-b-0123456789abcdef";
+
+fn with_auth(global: &str, route: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  analytics:
+    url: "http://127.0.0.1:8000"
+routes:
+  - name: open
+    match: {{ path_prefix: /open }}
+    upstream: analytics
+    auth: {{ disabled: true }}
+  - name: inherits
+    match: {{ path_prefix: /a }}
+    upstream: analytics
+  - name: own
+    match: {{ path_prefix: /b }}
+    upstream: analytics
+{route}
+{global}
+"#
+    )
+}
+
+#[test]
+fn auth_global_default_route_override_and_disabled() {
+    let text = with_auth(
+        r#"auth:
+  api_keys: { header: X-Api-Key, keys_env: BW_KEYS }
+  allow_cidrs: [ "203.0.113.0/24", "2001:db8::/32" ]
+  trusted_proxies: 10.0.0.0/8"#,
+        r#"    auth:
+      basic: { username: genesys, password_env: BW_PASS }"#,
+    );
+    let keys = format!(" {KEY_A} , {KEY_B},");
+    let c = from_yaml(
+        &text,
+        env(&[("BW_KEYS", &keys), ("BW_PASS", "a-long-password")]),
+    )
+    .unwrap();
+    let global = c.auth.as_ref().unwrap();
+    let k = global.api_keys.as_ref().unwrap();
+    assert_eq!(k.header.as_str(), "x-api-key");
+    assert_eq!(k.keys.len(), 2);
+    assert_eq!(k.source, SecretSource::Env("BW_KEYS".into()));
+    assert_eq!(global.allow_cidrs.len(), 2);
+    assert_eq!(global.trusted_proxies[0].to_string(), "10.0.0.0/8");
+
+    assert_eq!(c.routes[0].auth, None);
+    assert_eq!(c.routes[0].auth_origin, AuthOrigin::Disabled);
+    assert_eq!(c.routes[1].auth.as_ref(), Some(global));
+    assert_eq!(c.routes[1].auth_origin, AuthOrigin::Global);
+    // A route's own block replaces the default whole.
+    let own = c.routes[2].auth.as_ref().unwrap();
+    assert_eq!(c.routes[2].auth_origin, AuthOrigin::Route);
+    assert!(own.api_keys.is_none() && own.allow_cidrs.is_empty());
+    assert_eq!(own.basic.as_ref().unwrap().username, "genesys");
+
+    // Secrets appear nowhere in what the gateway shows.
+    let shown = describe(&c).to_string();
+    for secret in [KEY_A, KEY_B, "a-long-password"] {
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(!format!("{c:?}").contains(secret));
+        assert!(!global.summary().contains(secret));
+    }
+    let v = describe(&c);
+    assert_eq!(v["auth"]["api_keys"]["keys_env"], "BW_KEYS");
+    assert_eq!(v["auth"]["api_keys"]["keys_loaded"], 2);
+    assert_eq!(v["routes"][0]["auth"]["from"], "disabled");
+    assert_eq!(v["routes"][1]["auth"]["from"], "global");
+    assert_eq!(v["routes"][2]["auth"]["from"], "route");
+    assert_eq!(v["routes"][2]["auth"]["basic"]["password_env"], "BW_PASS");
+    assert_eq!(v["routes"][2]["auth"]["basic"]["password"], "<redacted>");
+}
+
+#[test]
+fn no_auth_anywhere_leaves_routes_open() {
+    let c = from_yaml(MINIMAL, env(&[])).unwrap();
+    assert!(c.auth.is_none());
+    assert_eq!(c.routes[0].auth, None);
+    assert_eq!(c.routes[0].auth_origin, AuthOrigin::None);
+    assert!(describe(&c)["routes"][0]["auth"].is_null());
+}
+
+#[test]
+fn secrets_from_files_are_read_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, format!("# current and next\n{KEY_A}\n{KEY_B}\n")).unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "a-long-password\n").unwrap();
+    let text = with_auth(
+        &format!(
+            "auth:\n  api_keys: {{ keys_file: {} }}\n  basic: {{ username: u, password_file: {} }}",
+            keys.display(),
+            pass.display()
+        ),
+        "",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    let a = c.auth.as_ref().unwrap();
+    assert_eq!(a.api_keys.as_ref().unwrap().keys.len(), 2);
+    // The trailing newline of the file is not part of the password.
+    assert_eq!(
+        a.basic.as_ref().unwrap().credentials,
+        crate::auth::SecretDigest::of(b"u:a-long-password")
+    );
+    // Reloading reads the file again.
+    std::fs::write(&keys, KEY_A).unwrap();
+    let c = from_yaml(&text, env(&[])).unwrap();
+    assert_eq!(c.auth.unwrap().api_keys.as_ref().unwrap().keys.len(), 1);
+}
+
+#[test]
+fn auth_problems_name_the_key_and_never_the_secret() {
+    let text = r#"
+upstreams:
+  analytics:
+    url: "http://127.0.0.1:8000"
+auth:
+  api_keys: { keys_env: BREAKWATER_API_KEYS }
+  basic: { username: genesys, password: hunter2-literal }
+routes:
+  - name: a
+    upstream: analytics
+    auth:
+      api_keys: { header: x-key, keys: [ "literal-key-0123456789" ] }
+      allow_cidrs: [ "203.0.113.5/24", "nope" ]
+  - name: b
+    upstream: analytics
+    auth: { api_keys: { keys_env: SHORT, keys_file: /x } }
+  - name: c
+    upstream: analytics
+    auth: { api_keys: { keys_file: /nonexistent/breakwater-keys } }
+  - name: d
+    upstream: analytics
+    auth: { disabled: true, allow_cidrs: [ "10.0.0.0/8" ] }
+  - name: e
+    upstream: analytics
+    auth: {}
+  - name: f
+    upstream: analytics
+    auth: { api_keys: { keys_env: SHORT, header: host }, trusted_proxies: [ "10.0.0.0/8" ] }
+  - name: g
+    upstream: analytics
+    auth:
+      basic: { username: "a:b", password_env: SHORT }
+      api_keys: { header: authorization, keys_env: "not a name!" }
+"#;
+    let problems = from_yaml(text, env(&[("SHORT", "tiny")]))
+        .unwrap_err()
+        .problems();
+    let rendered: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    let want = [
+        ("auth.api_keys.keys_env", "BREAKWATER_API_KEYS is not set"),
+        ("auth.basic.password", "password_env"),
+        ("auth.basic.password", "password_file"),
+        ("routes[0].auth.api_keys.keys", "keys_env"),
+        ("routes[0].auth.allow_cidrs", "host bits"),
+        ("routes[0].auth.allow_cidrs", "`nope`"),
+        ("routes[1].auth.api_keys.keys_env", "only one of"),
+        ("routes[2].auth.api_keys.keys_file", "cannot read"),
+        ("routes[3].auth.disabled", "cannot also"),
+        ("routes[4].auth", "nothing to check"),
+        ("routes[5].auth.api_keys.keys_env", "shorter than 16"),
+        ("routes[5].auth.api_keys.header", "`host`"),
+        ("routes[5].auth.trusted_proxies", "allow_cidrs"),
+        ("routes[6].auth.basic.username", "`a:b`"),
+        ("routes[6].auth.basic.password_env", "shorter than 12"),
+        ("routes[6].auth.api_keys.header", "Basic"),
+        (
+            "routes[6].auth.api_keys.keys_env",
+            "not an environment variable name",
+        ),
+    ];
+    for (key, text) in want {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == key && p.message.contains(text)),
+            "no problem for {key} containing {text:?}; got:\n{}",
+            rendered.join("\n")
+        );
+    }
+    let all = rendered.join("\n");
+    for secret in [
+        "hunter2-literal",
+        "literal-key-0123456789",
+        "tiny",
+        "not a name!",
+    ] {
+        assert!(!all.contains(secret), "{secret} leaked:\n{all}");
+    }
+}
+
+#[test]
+fn auth_lists_can_come_from_the_environment() {
+    let text = with_auth("auth:\n  allow_cidrs: 192.0.2.0/24", "");
+    let c = from_yaml(
+        &text,
+        env(&[(
+            "BREAKWATER__AUTH__ALLOW_CIDRS",
+            "203.0.113.0/24, 198.51.100.0/24",
+        )]),
+    )
+    .unwrap();
+    let a = c.auth.unwrap();
+    assert_eq!(a.allow_cidrs.len(), 2);
+    assert_eq!(a.allow_cidrs[1].to_string(), "198.51.100.0/24");
+}

@@ -1,7 +1,8 @@
 //! Turns the raw file into a [`Config`], collecting every problem instead of stopping early.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -107,7 +108,10 @@ fn shorten(text: &str) -> String {
     }
 }
 
-pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
+/// The environment variables secrets are read from (`*_env` keys).
+pub type Env = HashMap<String, String>;
+
+pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let mut p = Problems(Vec::new());
 
     let s = &raw.server;
@@ -194,6 +198,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let auth = raw
+        .auth
+        .as_ref()
+        .and_then(|a| validate_auth(&mut p, "auth", a, env))
+        .map(Arc::new);
+
     if raw.routes.is_empty() {
         p.add("routes", "no routes: add at least one route");
     }
@@ -201,7 +211,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut names = HashSet::new();
     for (i, r) in raw.routes.iter().enumerate() {
         let key = format!("routes[{i}]");
-        let route = validate_route(&mut p, &key, r, &server, &upstreams, &raw.upstreams);
+        let mut route = validate_route(&mut p, &key, r, &server, &upstreams, &raw.upstreams);
+        if let Some(route) = &mut route {
+            (route.auth, route.auth_origin) = match &r.auth {
+                None if auth.is_some() => (auth.clone(), AuthOrigin::Global),
+                None => (None, AuthOrigin::None),
+                Some(a) => match validate_auth(&mut p, &format!("{key}.auth"), a, env) {
+                    Some(own) => (Some(Arc::new(own)), AuthOrigin::Route),
+                    None => (None, AuthOrigin::Disabled),
+                },
+            };
+        }
         if let Some(route) = route {
             if !names.insert(route.name.clone()) {
                 p.add(
@@ -220,6 +240,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             log,
             upstreams,
             routes,
+            auth,
         })
     } else {
         Err(p.0)
@@ -597,6 +618,8 @@ fn validate_route(
             &r.retry_after_max,
             Duration::from_secs(30),
         ),
+        auth: None,
+        auth_origin: AuthOrigin::None,
     })
 }
 
@@ -623,4 +646,312 @@ fn adaptive(p: &mut Problems, key: &str, a: &RawAdaptive, pool_cap: usize) -> Co
         );
     }
     Concurrency::Adaptive { min, max, initial }
+}
+
+/// Shortest API key and Basic password accepted: anything shorter is guessable.
+const MIN_KEY_LEN: usize = 16;
+const MIN_PASSWORD_LEN: usize = 12;
+
+/// Headers that cannot carry an API key: the gateway or hyper rewrites or consumes them.
+const RESERVED_KEY_HEADERS: [&str; 11] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "upgrade",
+    "x-forwarded-for",
+    "x-request-id",
+    crate::forward::BUDGET_HEADER,
+];
+
+/// An `auth:` block; `None` when it says `disabled: true`. Anything wrong is added to `p` (a
+/// block with problems still returns `Some`, so a mistake never turns authentication off).
+fn validate_auth(p: &mut Problems, key: &str, a: &RawAuth, env: &Env) -> Option<AuthConfig> {
+    if a.disabled == Some(true) {
+        let configured = a.api_keys.is_some()
+            || a.basic.is_some()
+            || a.allow_cidrs.is_some()
+            || a.trusted_proxies.is_some();
+        if configured {
+            p.add(
+                format!("{key}.disabled"),
+                "`true`: a disabled auth block cannot also set api_keys, basic, allow_cidrs or \
+                 trusted_proxies",
+            );
+        }
+        return None;
+    }
+    let basic = a
+        .basic
+        .as_ref()
+        .map(|b| validate_basic(p, &format!("{key}.basic"), b, env));
+    let api_keys = a
+        .api_keys
+        .as_ref()
+        .map(|k| validate_api_keys(p, &format!("{key}.api_keys"), k, a.basic.is_some(), env));
+    let allow_cidrs = cidr_list(p, &format!("{key}.allow_cidrs"), &a.allow_cidrs);
+    let trusted_proxies = cidr_list(p, &format!("{key}.trusted_proxies"), &a.trusted_proxies);
+    let no_allowlist = a.allow_cidrs.iter().all(|l| l.items().is_empty());
+    if api_keys.is_none() && basic.is_none() && no_allowlist {
+        p.add(
+            key,
+            "nothing to check: configure api_keys, basic or allow_cidrs (or turn auth off for a \
+             route with `disabled: true`)",
+        );
+    }
+    if a.trusted_proxies.is_some() && a.allow_cidrs.is_none() {
+        p.add(
+            format!("{key}.trusted_proxies"),
+            "only used to find the caller's address for allow_cidrs, which is not set",
+        );
+    }
+    Some(AuthConfig {
+        api_keys,
+        basic,
+        allow_cidrs,
+        trusted_proxies,
+    })
+}
+
+fn cidr_list(p: &mut Problems, key: &str, list: &Option<OneOrMany>) -> Vec<crate::auth::Cidr> {
+    let mut out = Vec::new();
+    for item in list.iter().flat_map(|l| l.items()) {
+        match crate::auth::Cidr::parse(&item) {
+            Ok(c) => out.push(c),
+            Err(e) => p.add(key, format!("`{item}`: {e}")),
+        }
+    }
+    out
+}
+
+fn validate_basic(p: &mut Problems, key: &str, b: &RawBasic, env: &Env) -> BasicConfig {
+    let username = match b.username.as_deref() {
+        Some(u) if !u.is_empty() => {
+            if u.contains(':') || u.chars().any(char::is_control) {
+                p.add(
+                    format!("{key}.username"),
+                    format!("`{u}`: must not contain `:` or control characters"),
+                );
+            }
+            u.to_string()
+        }
+        _ => {
+            p.add(
+                format!("{key}.username"),
+                "missing: Basic authentication needs a username",
+            );
+            String::new()
+        }
+    };
+    let fields = SecretFields {
+        name: "password",
+        env_name: &b.password_env,
+        file: &b.password_file,
+        literal: b.password.is_some(),
+    };
+    let (source, password) = match secret(p, key, &fields, env) {
+        // An editor's trailing newline is not part of the password.
+        Some((source, text)) => (source, text.trim_end_matches(['\r', '\n']).to_string()),
+        None => (SecretSource::Env(String::new()), String::new()),
+    };
+    if !password.is_empty() && password.chars().count() < MIN_PASSWORD_LEN {
+        p.add(
+            format!("{key}.{}", source_key("password", &source)),
+            format!("the password from {source} is shorter than {MIN_PASSWORD_LEN} characters"),
+        );
+    }
+    BasicConfig {
+        credentials: crate::auth::SecretDigest::of(format!("{username}:{password}").as_bytes()),
+        username,
+        source,
+    }
+}
+
+fn validate_api_keys(
+    p: &mut Problems,
+    key: &str,
+    k: &RawApiKeys,
+    basic: bool,
+    env: &Env,
+) -> ApiKeysConfig {
+    let header_text = k
+        .header
+        .as_deref()
+        .unwrap_or("x-api-key")
+        .to_ascii_lowercase();
+    let hkey = format!("{key}.header");
+    let header = match http::HeaderName::from_bytes(header_text.as_bytes()) {
+        Ok(h) if RESERVED_KEY_HEADERS.contains(&h.as_str()) => {
+            p.add(
+                hkey,
+                format!("`{h}`: the gateway rewrites this header; pick another (e.g. `x-api-key`)"),
+            );
+            h
+        }
+        Ok(h) if h == http::header::AUTHORIZATION && basic => {
+            p.add(
+                hkey,
+                "`authorization`: Basic authentication uses this header; pick another (e.g. \
+                 `x-api-key`)",
+            );
+            h
+        }
+        Ok(h) => h,
+        Err(_) => {
+            p.add(hkey, format!("`{header_text}`: not a valid header name"));
+            http::HeaderName::from_static("x-api-key")
+        }
+    };
+    let fields = SecretFields {
+        name: "keys",
+        env_name: &k.keys_env,
+        file: &k.keys_file,
+        literal: k.keys.is_some(),
+    };
+    let Some((source, text)) = secret(p, key, &fields, env) else {
+        return ApiKeysConfig {
+            header,
+            source: SecretSource::Env(String::new()),
+            keys: Vec::new(),
+        };
+    };
+    let skey = format!("{key}.{}", source_key("keys", &source));
+    let is_file = matches!(source, SecretSource::File(_));
+    let keys: Vec<&str> = text
+        .split([',', '\n'])
+        .map(str::trim)
+        // In a file, `#` starts a comment line.
+        .filter(|k| !k.is_empty())
+        .filter(|k| !(is_file && k.starts_with('#')))
+        .collect();
+    if keys.is_empty() {
+        p.add(
+            &skey,
+            format!("{source} holds no keys (write them comma-separated)"),
+        );
+    }
+    let n = keys.len();
+    for (i, k) in keys.iter().enumerate() {
+        // The key itself is never printed, only its position.
+        let which = format!("key {} of {n} from {source}", i + 1);
+        if !k.bytes().all(|b| b.is_ascii_graphic()) {
+            p.add(
+                &skey,
+                format!("{which} contains characters other than visible ASCII"),
+            );
+        } else if k.len() < MIN_KEY_LEN {
+            p.add(
+                &skey,
+                format!("{which} is shorter than {MIN_KEY_LEN} characters"),
+            );
+        }
+    }
+    ApiKeysConfig {
+        header,
+        keys: keys
+            .iter()
+            .map(|k| crate::auth::SecretDigest::of(k.as_bytes()))
+            .collect(),
+        source,
+    }
+}
+
+fn source_key(name: &str, source: &SecretSource) -> String {
+    match source {
+        SecretSource::Env(_) => format!("{name}_env"),
+        SecretSource::File(_) => format!("{name}_file"),
+    }
+}
+
+/// The keys that can hold one secret: `{name}_env`, `{name}_file`, and a refused `{name}`.
+struct SecretFields<'a> {
+    name: &'static str,
+    env_name: &'a Option<String>,
+    file: &'a Option<String>,
+    literal: bool,
+}
+
+/// Reads a secret of the block at `base` from its `_env` or `_file` key. A literal value in the
+/// file is refused. Problems never include the secret.
+fn secret(
+    p: &mut Problems,
+    base: &str,
+    f: &SecretFields<'_>,
+    env: &Env,
+) -> Option<(SecretSource, String)> {
+    let name = f.name;
+    if f.literal {
+        p.add(
+            format!("{base}.{name}"),
+            format!(
+                "secrets are not accepted in the config file: put the value in an environment \
+                 variable and name it in `{name}_env`, or in a file and give its path in \
+                 `{name}_file`"
+            ),
+        );
+    }
+    match (f.env_name, f.file) {
+        (Some(_), Some(_)) => {
+            p.add(
+                format!("{base}.{name}_env"),
+                format!("set only one of `{name}_env` and `{name}_file`"),
+            );
+            None
+        }
+        (None, None) => {
+            if !f.literal {
+                p.add(
+                    format!("{base}.{name}_env"),
+                    format!(
+                        "missing: name the environment variable (`{name}_env`) or the file \
+                         (`{name}_file`) that holds the secret"
+                    ),
+                );
+            }
+            None
+        }
+        (Some(var), None) => {
+            let key = format!("{base}.{name}_env");
+            let valid_name = !var.is_empty()
+                && !var.starts_with(|c: char| c.is_ascii_digit())
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                // Not echoed: a secret pasted here by mistake must not end up in a log.
+                p.add(
+                    key,
+                    "not an environment variable name (letters, digits and `_`); give the \
+                     variable's name, not the secret",
+                );
+                return None;
+            }
+            match env.get(var) {
+                None => {
+                    p.add(key, format!("{var} is not set"));
+                    None
+                }
+                Some(v) if v.trim().is_empty() => {
+                    p.add(key, format!("{var} is set but empty"));
+                    None
+                }
+                Some(v) => Some((SecretSource::Env(var.clone()), v.clone())),
+            }
+        }
+        (None, Some(path)) => {
+            let key = format!("{base}.{name}_file");
+            match std::fs::read_to_string(path) {
+                Err(e) => {
+                    p.add(key, format!("`{path}`: cannot read ({e})"));
+                    None
+                }
+                Ok(text) if text.trim().is_empty() => {
+                    p.add(key, format!("`{path}` is empty"));
+                    None
+                }
+                Ok(text) => Some((SecretSource::File(path.into()), text)),
+            }
+        }
+    }
 }

@@ -7,13 +7,15 @@
 //! the head timer runs from the first byte of a head (or from accept) until the request is
 //! dispatched; the idle timer runs while no request is in flight.
 
+mod guard;
+
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -61,6 +63,10 @@ pub struct ConnActivity {
     h2: AtomicBool,
     first_read: AtomicBool,
     changed: Notify,
+    /// Requests started on this connection (the index of the next one).
+    requests: AtomicU64,
+    /// A request the framing guard refused: its index and why.
+    refused: std::sync::Mutex<Option<(u64, &'static str)>>,
 }
 
 impl ConnActivity {
@@ -74,6 +80,8 @@ impl ConnActivity {
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
             changed: Notify::new(),
+            requests: AtomicU64::new(0),
+            refused: std::sync::Mutex::new(None),
         }
     }
 
@@ -81,9 +89,17 @@ impl ConnActivity {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    pub fn request_started(&self) {
+    /// Counts a request in; returns why the framing guard refused it, if it did.
+    pub fn request_started(&self) -> Option<&'static str> {
         self.inflight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(NONE, Ordering::Release);
+        let index = self.requests.fetch_add(1, Ordering::AcqRel);
+        let refused = *self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.filter(|(i, _)| *i == index).map(|(_, why)| why)
+    }
+
+    fn refuse_request(&self, index: u64, why: &'static str) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, why));
     }
 
     pub fn request_finished(&self) {
@@ -139,6 +155,10 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: TcpStream,
         activity: Arc<ConnActivity>,
+        guard: guard::Guard,
+        // What the guard passed on that did not fit the caller's buffer yet.
+        pending: Vec<u8>,
+        eof: bool,
     }
 }
 
@@ -148,13 +168,40 @@ impl AsyncRead for TrackedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let res = this.inner.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            this.activity.on_read(&buf.filled()[before..]);
+        let mut this = self.project();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if *this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let before = buf.filled().len();
+            ready!(this.inner.as_mut().poll_read(cx, buf))?;
+            let read = &buf.filled()[before..];
+            if read.is_empty() {
+                // End of stream: a head still held back goes to hyper, which reports it.
+                this.guard.flush(this.pending);
+                *this.eof = true;
+                continue;
+            }
+            this.activity.on_read(read);
+            if this.guard.is_through() {
+                return Poll::Ready(Ok(()));
+            }
+            // The guard decides what hyper sees of these bytes; they are taken back out of the
+            // buffer and put in again as it passes them on.
+            let mut passed = std::mem::take(this.pending);
+            if let Some(refused) = this.guard.feed(read, &mut passed) {
+                tracing::debug!(error = refused.why, "request head refused before parsing");
+                this.activity.refuse_request(refused.index, refused.why);
+            }
+            *this.pending = passed;
+            buf.set_filled(before);
         }
-        res
     }
 }
 
@@ -326,6 +373,9 @@ async fn serve_connection(
     let io = TokioIo::new(TrackedIo {
         inner: stream,
         activity: activity.clone(),
+        guard: guard::Guard::new(config.max_header_size, config.max_headers),
+        pending: Vec::new(),
+        eof: false,
     });
     let service = TowerToHyperService::new(WithConn {
         proxy,
