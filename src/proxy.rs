@@ -207,6 +207,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Respons
         return gateway_answer(&shared, ProxyError::BadRequest(why), None, record, &conn);
     }
     let mut req = req;
+    match normalize_target(&mut req) {
+        Ok(true) => record.path = req.uri().path().to_string(),
+        Ok(false) => {}
+        Err(e) => return gateway_answer(&shared, e, None, record, &conn),
+    }
     let route = match route_for(&table, &req) {
         Ok(r) => r,
         Err(e) => return gateway_answer(&shared, e, None, record, &conn),
@@ -232,10 +237,32 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Respons
     resp
 }
 
-fn route_for(table: &Table, req: &Request<Incoming>) -> Result<Arc<RouteState>, ProxyError> {
+/// Replaces the request's path with its normalised form, which is then both routed and
+/// forwarded. Returns whether it changed.
+fn normalize_target(req: &mut Request<Incoming>) -> Result<bool, ProxyError> {
     if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
         return Err(ProxyError::BadRequest("request target must be a path"));
     }
+    let normalized = match crate::routing::normalize_path(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(false),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(why) => return Err(ProxyError::BadRequest(why)),
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| ProxyError::BadRequest("request target cannot be normalised"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts)
+        .map_err(|_| ProxyError::BadRequest("request target cannot be normalised"))?;
+    Ok(true)
+}
+
+fn route_for(table: &Table, req: &Request<Incoming>) -> Result<Arc<RouteState>, ProxyError> {
     let host = req
         .uri()
         .authority()

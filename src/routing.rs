@@ -1,6 +1,9 @@
 //! Picks the route for a request: the longest matching path prefix wins, then the optional method
-//! and host constraints decide among routes with the same prefix.
+//! and host constraints decide among routes with the same prefix. Paths are normalised first, so
+//! `..`, `//` or percent-encoding cannot reach a route's prefix by another spelling, and the
+//! upstream receives exactly the path that was routed.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
@@ -37,6 +40,65 @@ impl Router {
             })
             .map(|(i, _)| *i)
     }
+}
+
+/// Normalises a request path (RFC 3986 §6.2.2): percent-encoded unreserved characters are
+/// decoded and other escapes upper-cased, repeated slashes merged, and `.` and `..` segments
+/// removed (`..` never climbs above the root). Refused outright: an encoded `/` or `\` (the
+/// backend may decode it into a segment boundary the prefix did not see), an encoded NUL, and
+/// malformed escapes.
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
+    let b = path.as_bytes();
+    let suspicious = b.contains(&b'%')
+        || path.contains("//")
+        || path.split('/').any(|seg| seg == "." || seg == "..");
+    if !suspicious {
+        return Ok(Cow::Borrowed(path));
+    }
+    // 1. Escapes.
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            decoded.push(b[i] as char);
+            i += 1;
+            continue;
+        }
+        let hex = |c: u8| (c as char).to_digit(16);
+        let (Some(hi), Some(lo)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex))
+        else {
+            return Err("malformed percent-encoding in the path");
+        };
+        let byte = (hi * 16 + lo) as u8;
+        match byte {
+            b'/' | b'\\' => return Err("encoded slash in the path"),
+            0 => return Err("encoded NUL in the path"),
+            c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => decoded.push(c as char),
+            c => decoded.push_str(&format!("%{c:02X}")),
+        }
+        i += 3;
+    }
+    // 2. Slashes and dot segments.
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
 }
 
 /// A prefix matches on a segment boundary: `/v1/sentiment` matches `/v1/sentiment` and
@@ -94,6 +156,27 @@ mod tests {
         assert_eq!(r.route(&Method::GET, None, "/other"), None);
         assert_eq!(r.route(&Method::GET, None, "/api"), Some(0));
         assert_eq!(r.route(&Method::GET, None, "/apix"), None);
+    }
+
+    #[test]
+    fn paths_are_normalised_before_routing() {
+        let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
+        assert_eq!(n("/v1/sentiment").unwrap(), "/v1/sentiment");
+        assert!(matches!(normalize_path("/v1/x").unwrap(), Cow::Borrowed(_)), "common case allocates nothing");
+        assert_eq!(n("/public/../admin").unwrap(), "/admin");
+        assert_eq!(n("/public/%2e%2e/admin").unwrap(), "/admin");
+        assert_eq!(n("/public/.%2E/admin").unwrap(), "/admin");
+        assert_eq!(n("//admin//x").unwrap(), "/admin/x");
+        assert_eq!(n("/a/./b/").unwrap(), "/a/b/");
+        assert_eq!(n("/a/b/..").unwrap(), "/a/");
+        assert_eq!(n("/../../etc").unwrap(), "/etc");
+        assert_eq!(n("/%61dmin").unwrap(), "/admin");
+        assert_eq!(n("/x%20y%c3%a9").unwrap(), "/x%20y%C3%A9");
+        assert!(n("/public%2f..%2fadmin").is_err());
+        assert!(n("/a%5cb").is_err());
+        assert!(n("/a%00").is_err());
+        assert!(n("/a%zz").is_err());
+        assert!(n("/a%4").is_err());
     }
 
     #[test]

@@ -443,3 +443,39 @@ async fn content_length_with_transfer_encoding_is_refused_on_any_request_of_a_co
     .await;
     assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
 }
+
+#[tokio::test]
+async fn paths_are_normalised_so_a_prefix_cannot_be_bypassed() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        r#"
+upstreams:
+  app:
+    url: "{backend}"
+routes:
+  - { name: public, upstream: app, match: { path_prefix: /public } }
+  - { name: admin, upstream: app, match: { path_prefix: /admin }, max_request_body: 1KiB }
+"#,
+        &backend.url(),
+    )
+    .await;
+    let c = client();
+    for (sent, routed) in [
+        ("/public/../admin/x", "/admin/x"),
+        ("/public/%2e%2e/admin/x", "/admin/x"),
+        ("//admin//x?q=%2F", "/admin/x?q=%2F"),
+        ("/public/./%61bc", "/public/abc"),
+    ] {
+        let a = get(&c, &gw.url(sent)).await;
+        assert_eq!(a.status, StatusCode::OK, "{sent}");
+        let seen = backend.stats.headers.lock().unwrap().last().unwrap().0.clone();
+        assert_eq!(seen, routed, "{sent} reached the backend as {seen}");
+    }
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains(r#"breakwater_requests_total{route="admin",method="GET",status="200"} 3"#), "{metrics}");
+    for refused in ["/public%2f..%2fadmin", "/public/%zz", "/a%00b"] {
+        let a = get(&c, &gw.url(refused)).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{refused}");
+        assert_eq!(a.reason(), Some("bad_request"));
+    }
+}
