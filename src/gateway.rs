@@ -93,6 +93,17 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running
         connections.clone(),
         rx.clone(),
     ))];
+    if let Some(tls) = &config.server.tls {
+        tracing::info!(
+            cert = %tls.cert.display(),
+            sha256 = %tls.fingerprint(),
+            "serving HTTPS; certificate files are checked for changes every {:?}",
+            crate::tls::WATCH_INTERVAL
+        );
+        tasks.push(tokio::spawn(
+            tls.clone().watch(crate::tls::WATCH_INTERVAL, rx.clone()),
+        ));
+    }
     if let Some(admin) = admin {
         // The admin listener keeps answering while draining (readyz turns 503); it stops with
         // the process.

@@ -5,7 +5,8 @@
 //! [`routing`] picks the route, [`auth`] decides who may call it, [`circuit`] and [`admission`]
 //! decide whether it may go on, [`forward`] rewrites headers, [`upstream`] sends it over a pooled
 //! connection, [`body`] relays the answer under the route's budget, and [`respond`] builds every
-//! answer the gateway makes itself. [`proxy`] strings the stages together.
+//! answer the gateway makes itself. [`proxy`] strings the stages together. [`tls`] holds the
+//! certificates of both sides.
 
 pub mod admin;
 pub mod admission;
@@ -24,4 +25,5 @@ pub mod reload;
 pub mod respond;
 pub mod retry;
 pub mod routing;
+pub mod tls;
 pub mod upstream;

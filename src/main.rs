@@ -152,6 +152,28 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         units::format_duration(c.server.header_read_timeout),
         units::format_duration(c.server.keepalive_timeout),
     );
+    match &c.server.tls {
+        Some(t) => println!(
+            "tls      cert {}  key {}  (leaf sha256 {})  TLS 1.2/1.3  ALPN {}; re-read on SIGHUP and when the files change",
+            t.cert.display(),
+            t.key.display(),
+            t.fingerprint(),
+            if c.server.http2 { "h2,http/1.1" } else { "http/1.1" },
+        ),
+        None => println!("tls      off (plain HTTP on the listener)"),
+    }
+    println!(
+        "         proxy_protocol {}  max_connections_per_source {}",
+        if c.server.proxy_protocol {
+            "on (v1/v2; every connection must start with a header)"
+        } else {
+            "off"
+        },
+        c.server
+            .max_connections_per_source
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "unlimited".into()),
+    );
     match c.admin.listen {
         Some(a) => println!("admin    listen {a}"),
         None => println!("admin    disabled"),
@@ -171,6 +193,29 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
             units::format_duration(u.pool.max_lifetime),
             units::format_duration(u.pool.connect_timeout),
         );
+        if let Some(t) = &u.tls {
+            let roots = match &t.ca_file {
+                _ if t.insecure_skip_verify => "NOTHING (insecure_skip_verify)".to_string(),
+                Some(ca) => format!("ca_file {}", ca.display()),
+                None => "public (webpki) roots".to_string(),
+            };
+            let client = match (&t.client_cert, &t.client_key) {
+                (Some(cert), Some(key)) => {
+                    format!("client cert {} key {}", cert.display(), key.display())
+                }
+                _ => "no client cert".to_string(),
+            };
+            println!(
+                "         tls verify {roots}  name {}  {client}",
+                t.server_name.as_deref().unwrap_or(&u.host)
+            );
+            if t.insecure_skip_verify {
+                println!(
+                    "         WARNING: upstream {} certificate verification is disabled (tls.insecure_skip_verify); anyone on the path can impersonate it",
+                    u.name
+                );
+            }
+        }
     }
     for r in &c.routes {
         let methods = if r.methods.is_empty() {

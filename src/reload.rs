@@ -1,6 +1,9 @@
 //! Reloading the configuration (SIGHUP, `POST /reload`): the file is read and validated again and
 //! the whole routing table is swapped atomically. Requests in flight keep the table they started
 //! with. An invalid file changes nothing.
+//!
+//! The listener's TLS certificate is read again on every reload too, whatever becomes of the
+//! configuration: a renewed certificate must not wait for a valid config file.
 
 use std::sync::Arc;
 
@@ -43,12 +46,17 @@ pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
         }
         Err(e) => tracing::error!(error = %e, "reload rejected"),
     }
+    // Logged and counted (breakwater_tls_reloads_total) by the reload itself; a certificate that
+    // does not load leaves the one in use.
+    if let Some(tls) = &shared.table.load().config.server.tls {
+        let _ = tls.reload("reload");
+    }
     result
 }
 
 /// Swaps in `new`. Settings that live in bound sockets or the runtime only take effect on
 /// restart; they are reported rather than silently ignored.
-pub fn apply(shared: &Shared, new: Config) -> Applied {
+pub fn apply(shared: &Shared, mut new: Config) -> Applied {
     let old = shared.table.load_full();
     let mut applied = Applied::default();
     if old.config.server != new.server {
@@ -59,6 +67,12 @@ pub fn apply(shared: &Shared, new: Config) -> Applied {
     }
     if old.config.log != new.log {
         applied.needs_restart.push("log");
+    }
+    // The listener reads its certificate from the handle it started with; keep that handle in
+    // the configuration so reloads reach it. (New file paths need a restart, reported above with
+    // the rest of `server`.)
+    if let (Some(live), Some(next)) = (&old.config.server.tls, &mut new.server.tls) {
+        *next = live.clone();
     }
     for section in &applied.needs_restart {
         tracing::warn!(

@@ -65,8 +65,10 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, &'static str> {
             continue;
         }
         let hex = |c: u8| (c as char).to_digit(16);
-        let (Some(hi), Some(lo)) = (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex))
-        else {
+        let (Some(hi), Some(lo)) = (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) else {
             return Err("malformed percent-encoding in the path");
         };
         let byte = (hi * 16 + lo) as u8;
@@ -162,7 +164,10 @@ mod tests {
     fn paths_are_normalised_before_routing() {
         let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
         assert_eq!(n("/v1/sentiment").unwrap(), "/v1/sentiment");
-        assert!(matches!(normalize_path("/v1/x").unwrap(), Cow::Borrowed(_)), "common case allocates nothing");
+        assert!(
+            matches!(normalize_path("/v1/x").unwrap(), Cow::Borrowed(_)),
+            "common case allocates nothing"
+        );
         assert_eq!(n("/public/../admin").unwrap(), "/admin");
         assert_eq!(n("/public/%2e%2e/admin").unwrap(), "/admin");
         assert_eq!(n("/public/.%2E/admin").unwrap(), "/admin");

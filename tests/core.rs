@@ -468,11 +468,22 @@ routes:
     ] {
         let a = get(&c, &gw.url(sent)).await;
         assert_eq!(a.status, StatusCode::OK, "{sent}");
-        let seen = backend.stats.headers.lock().unwrap().last().unwrap().0.clone();
+        let seen = backend
+            .stats
+            .headers
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .0
+            .clone();
         assert_eq!(seen, routed, "{sent} reached the backend as {seen}");
     }
     let metrics = gw.metrics().await;
-    assert!(metrics.contains(r#"breakwater_requests_total{route="admin",method="GET",status="200"} 3"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"breakwater_requests_total{route="admin",method="GET",status="200"} 3"#),
+        "{metrics}"
+    );
     for refused in ["/public%2f..%2fadmin", "/public/%zz", "/a%00b"] {
         let a = get(&c, &gw.url(refused)).await;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{refused}");

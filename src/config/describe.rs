@@ -61,6 +61,17 @@ fn describe_route_auth(r: &RouteConfig) -> Value {
     v
 }
 
+fn describe_upstream_tls(t: &UpstreamTlsConfig) -> Value {
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    json!({
+        "ca_file": path(&t.ca_file),
+        "server_name": t.server_name,
+        "client_cert": path(&t.client_cert),
+        "client_key": path(&t.client_key),
+        "insecure_skip_verify": t.insecure_skip_verify,
+    })
+}
+
 pub fn describe(c: &Config) -> Value {
     let d = |x: std::time::Duration| Value::String(format_duration(x));
     let upstreams: serde_json::Map<String, Value> = c
@@ -72,6 +83,7 @@ pub fn describe(c: &Config) -> Value {
                 json!({
                     "url": redact_url(&u.url),
                     "preserve_host": u.preserve_host,
+                    "tls": u.tls.as_ref().map(describe_upstream_tls),
                     "pool": {
                         "max_connections": u.pool.max_connections,
                         "min_idle": u.pool.min_idle,
@@ -143,6 +155,13 @@ pub fn describe(c: &Config) -> Value {
             "max_headers": c.server.max_headers,
             "drain_timeout": d(c.server.drain_timeout),
             "http2": c.server.http2,
+            // Paths only: the key's content never leaves the process.
+            "tls": c.server.tls.as_ref().map(|t| json!({
+                "cert": t.cert.display().to_string(),
+                "key": t.key.display().to_string(),
+            })),
+            "proxy_protocol": c.server.proxy_protocol,
+            "max_connections_per_source": c.server.max_connections_per_source,
         },
         "admin": {
             "listen": c.admin.listen.map(|a| a.to_string()),

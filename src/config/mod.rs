@@ -46,6 +46,13 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub drain_timeout: Duration,
     pub http2: bool,
+    /// HTTPS on the listener. The handle is shared with the running listener, which reads the
+    /// certificate in it at every handshake; equality compares the file paths only.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// Every connection starts with a PROXY protocol (v1 or v2) header naming the client.
+    pub proxy_protocol: bool,
+    /// Open connections allowed from one source address (after the PROXY protocol); none: any.
+    pub max_connections_per_source: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,8 +83,28 @@ pub struct UpstreamConfig {
     pub host: String,
     pub port: u16,
     pub preserve_host: bool,
+    /// Set exactly for `https://` urls.
+    pub tls: Option<UpstreamTlsConfig>,
     pub pool: PoolConfig,
     pub circuit: CircuitConfig,
+}
+
+/// How an `https://` upstream is reached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of the CAs to trust instead of the public (webpki) roots.
+    pub ca_file: Option<PathBuf>,
+    /// The name sent as SNI and checked against the certificate, instead of the url's host.
+    pub server_name: Option<String>,
+    /// The name actually checked: `server_name`, else the url's host.
+    pub name: rustls::pki_types::ServerName<'static>,
+    /// Client certificate chain and key presented to the upstream (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Accept any certificate. Logged as a warning at start and by `breakwater check`.
+    pub insecure_skip_verify: bool,
+    /// Built from the settings above when the configuration was loaded.
+    pub client: crate::tls::ClientTls,
 }
 
 impl UpstreamConfig {

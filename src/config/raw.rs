@@ -35,6 +35,17 @@ pub struct RawServer {
     pub max_headers: Option<i64>,
     pub drain_timeout: Option<String>,
     pub http2: Option<bool>,
+    pub tls: Option<RawServerTls>,
+    pub proxy_protocol: Option<bool>,
+    pub max_connections_per_source: Option<i64>,
+}
+
+/// `server.tls`: the listener's certificate chain and private key, as PEM file paths.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,10 +68,22 @@ pub struct RawLog {
 pub struct RawUpstream {
     pub url: Option<String>,
     pub preserve_host: Option<bool>,
+    pub tls: Option<RawUpstreamTls>,
     #[serde(default)]
     pub pool: RawPool,
     #[serde(default)]
     pub circuit: RawCircuit,
+}
+
+/// `upstreams.<name>.tls`, for `https://` urls.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -395,3 +395,222 @@ fn auth_lists_can_come_from_the_environment() {
     assert_eq!(a.allow_cidrs.len(), 2);
     assert_eq!(a.allow_cidrs[1].to_string(), "198.51.100.0/24");
 }
+
+/// A self-signed certificate for `localhost` and its key, written as `{stem}.crt`/`{stem}.key`.
+fn cert_files(dir: &std::path::Path, stem: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (c, k) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+fn with_server(server: &str, upstream: &str) -> String {
+    format!(
+        "server:\n{server}\nupstreams:\n  a:\n{upstream}\nroutes:\n  - name: r\n    upstream: a\n"
+    )
+}
+
+fn problems_of(text: &str) -> Vec<String> {
+    from_yaml(text, env(&[]))
+        .unwrap_err()
+        .problems()
+        .iter()
+        .map(|p| p.to_string())
+        .collect()
+}
+
+fn assert_problem(problems: &[String], key: &str, text: &str) {
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with(&format!("{key}: ")) && p.contains(text)),
+        "no problem for {key} containing {text:?}; got:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn server_tls_loads_and_is_described_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = cert_files(dir.path(), "good");
+    let text = with_server(
+        &format!(
+            "  tls: {{ cert: \"{cert}\", key: \"{key}\" }}\n  proxy_protocol: true\n  max_connections_per_source: 8"
+        ),
+        "    url: http://127.0.0.1:8000",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    let tls = c.server.tls.as_ref().unwrap();
+    assert_eq!(tls.cert.display().to_string(), cert);
+    assert_eq!(tls.fingerprint().len(), 64);
+    assert!(c.server.proxy_protocol);
+    assert_eq!(c.server.max_connections_per_source, Some(8));
+    let v = describe(&c);
+    assert_eq!(v["server"]["tls"]["cert"], cert);
+    assert_eq!(v["server"]["tls"]["key"], key);
+    assert_eq!(v["server"]["proxy_protocol"], true);
+    assert_eq!(v["server"]["max_connections_per_source"], 8);
+    let shown = v.to_string();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    let key_body = key_pem.lines().nth(1).unwrap();
+    assert!(!shown.contains(key_body), "key content shown: {shown}");
+
+    // Defaults: no TLS, no PROXY protocol, no per-source limit.
+    let c = from_yaml(MINIMAL, env(&[])).unwrap();
+    assert!(c.server.tls.is_none() && !c.server.proxy_protocol);
+    assert_eq!(c.server.max_connections_per_source, None);
+    assert_eq!(describe(&c)["server"]["tls"], serde_json::Value::Null);
+}
+
+#[test]
+fn server_tls_problems_name_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = cert_files(dir.path(), "one");
+    let (_, other_key) = cert_files(dir.path(), "two");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "# nothing here\n").unwrap();
+    let empty = empty.display().to_string();
+    let url = "    url: http://127.0.0.1:8000";
+
+    let p = problems_of(&with_server(
+        "  tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }",
+        url,
+    ));
+    assert_problem(&p, "server.tls.cert", "`/nonexistent/c.pem`: cannot read");
+    assert_problem(&p, "server.tls.key", "`/nonexistent/k.pem`: cannot read");
+
+    let p = problems_of(&with_server(
+        &format!("  tls: {{ cert: \"{empty}\", key: \"{empty}\" }}"),
+        url,
+    ));
+    assert_problem(&p, "server.tls.cert", "no certificate");
+    assert_problem(&p, "server.tls.key", "no private key");
+
+    // The key of another certificate.
+    let p = problems_of(&with_server(
+        &format!("  tls: {{ cert: \"{cert}\", key: \"{other_key}\" }}"),
+        url,
+    ));
+    assert_problem(&p, "server.tls.key", "does not match the certificate");
+    // Cert and key swapped.
+    let p = problems_of(&with_server(
+        &format!("  tls: {{ cert: \"{key}\", key: \"{cert}\" }}"),
+        url,
+    ));
+    assert_problem(&p, "server.tls.cert", "no certificate");
+
+    let p = problems_of(&with_server(
+        "  tls: {}\n  max_connections_per_source: 0",
+        url,
+    ));
+    assert_problem(&p, "server.tls.cert", "missing");
+    assert_problem(&p, "server.tls.key", "missing");
+    assert_problem(&p, "server.max_connections_per_source", "`0`");
+
+    // Key content pasted where the path goes is refused without being echoed.
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let body = pem.lines().nth(1).unwrap().to_string();
+    let text = with_server(&format!("  tls: {{ cert: \"{cert}\" }}"), url);
+    let c = from_yaml(&text, env(&[("BREAKWATER__SERVER__TLS__KEY", &pem)]));
+    let p: Vec<String> = c
+        .unwrap_err()
+        .problems()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_problem(&p, "server.tls.key", "not its content");
+    assert!(!p.join("\n").contains(&body), "key echoed: {p:?}");
+}
+
+#[test]
+fn https_upstreams_default_to_443_and_the_public_roots() {
+    let text = with_server(
+        "  listen: 127.0.0.1:0",
+        "    url: https://api.example.com/base",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    let u = &c.upstreams["a"];
+    assert_eq!((u.host.as_str(), u.port), ("api.example.com", 443));
+    let tls = u.tls.as_ref().expect("https means TLS");
+    assert!(tls.ca_file.is_none() && !tls.insecure_skip_verify);
+    assert_eq!(tls.name.to_str(), "api.example.com");
+    let v = describe(&c);
+    assert_eq!(v["upstreams"]["a"]["tls"]["insecure_skip_verify"], false);
+    assert_eq!(
+        v["upstreams"]["a"]["tls"]["ca_file"],
+        serde_json::Value::Null
+    );
+    // Plain http has no TLS block.
+    let c = from_yaml(MINIMAL, env(&[])).unwrap();
+    assert!(c.upstreams["analytics"].tls.is_none());
+    assert_eq!(
+        describe(&c)["upstreams"]["analytics"]["tls"],
+        serde_json::Value::Null
+    );
+
+    // An IP address is verified as one; server_name overrides it.
+    let text = with_server(
+        "  listen: 127.0.0.1:0",
+        "    url: https://10.0.0.5:8443\n    tls: { server_name: internal.example.com }",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    assert_eq!(c.upstreams["a"].port, 8443);
+    let tls = c.upstreams["a"].tls.as_ref().unwrap();
+    assert_eq!(tls.name.to_str(), "internal.example.com");
+}
+
+#[test]
+fn upstream_tls_problems_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = cert_files(dir.path(), "client");
+    let (_, other_key) = cert_files(dir.path(), "other");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "hello").unwrap();
+    let garbage = garbage.display().to_string();
+    let up = |tls: &str, url: &str| {
+        with_server(
+            "  listen: 127.0.0.1:0",
+            &format!("    url: {url}\n    tls: {{ {tls} }}"),
+        )
+    };
+    let https = "https://10.0.0.5";
+
+    let p = problems_of(&up("insecure_skip_verify: true", "http://10.0.0.5"));
+    assert_problem(&p, "upstreams.a.tls", "only for https://");
+
+    let p = problems_of(&up(&format!("client_cert: \"{cert}\""), https));
+    assert_problem(&p, "upstreams.a.tls.client_key", "missing");
+    let p = problems_of(&up(&format!("client_key: \"{key}\""), https));
+    assert_problem(&p, "upstreams.a.tls.client_cert", "missing");
+
+    let p = problems_of(&up(
+        &format!("client_cert: \"{cert}\", client_key: \"{other_key}\""),
+        https,
+    ));
+    assert_problem(&p, "upstreams.a.tls.client_key", "does not match");
+
+    let p = problems_of(&up(&format!("ca_file: \"{garbage}\""), https));
+    assert_problem(&p, "upstreams.a.tls.ca_file", "no certificate");
+    let p = problems_of(&up("ca_file: /nonexistent/ca.pem", https));
+    assert_problem(&p, "upstreams.a.tls.ca_file", "cannot read");
+
+    let p = problems_of(&up(
+        &format!("ca_file: \"{cert}\", insecure_skip_verify: true"),
+        https,
+    ));
+    assert_problem(&p, "upstreams.a.tls.insecure_skip_verify", "set only one");
+
+    let p = problems_of(&up("server_name: \"not a name!\"", https));
+    assert_problem(&p, "upstreams.a.tls.server_name", "not a DNS name");
+
+    let p = problems_of(&up("verify: false", https));
+    assert!(p.join("\n").contains("verify"), "{p:?}");
+}

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,7 +148,24 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             Duration::from_secs(25),
         ),
         http2: s.http2.unwrap_or(true),
+        tls: None,
+        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        max_connections_per_source: s.max_connections_per_source.map(|n| {
+            p.count(
+                "server.max_connections_per_source",
+                Some(n),
+                1,
+                1,
+                10_000_000,
+            ) as usize
+        }),
     };
+    let mut server = server;
+    server.tls = s
+        .tls
+        .as_ref()
+        .and_then(|t| validate_server_tls(&mut p, t, server.http2))
+        .map(Arc::new);
     if server.max_header_size < 8192 {
         p.add(
             "server.max_header_size",
@@ -329,30 +347,24 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
             return None;
         }
     };
-    match url.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            p.add(
-                format!("{key}.url"),
-                format!("`{url_text}`: https upstreams are not supported yet; use http:// to the ALB or tasks"),
-            );
-            return None;
-        }
+    let https = match url.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
         Some(other) => {
             p.add(
                 format!("{key}.url"),
-                format!("`{url_text}`: scheme `{other}` is not supported; use http://"),
+                format!("`{url_text}`: scheme `{other}` is not supported; use http:// or https://"),
             );
             return None;
         }
         None => {
             p.add(
                 format!("{key}.url"),
-                format!("`{url_text}`: missing scheme; write `http://host:port`"),
+                format!("`{url_text}`: missing scheme; write `http://host:port` or `https://host`"),
             );
             return None;
         }
-    }
+    };
     let Some(host) = url.host().filter(|h| !h.is_empty()) else {
         p.add(format!("{key}.url"), format!("`{url_text}`: missing host"));
         return None;
@@ -367,16 +379,158 @@ fn validate_upstream(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<Up
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = url.port_u16().unwrap_or(80);
+    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tls = match (&u.tls, https) {
+        (Some(_), false) => {
+            p.add(
+                format!("{key}.tls"),
+                format!("only for https:// urls, and the url is `{url_text}`"),
+            );
+            None
+        }
+        (raw, true) => validate_upstream_tls(p, &format!("{key}.tls"), raw.as_ref(), &host),
+        (None, false) => None,
+    };
+    if https && tls.is_none() {
+        // Its problems are reported; the upstream is not usable without them fixed.
+        return None;
+    }
     Some(UpstreamConfig {
         name: name.to_string(),
         host,
         port,
         url,
         preserve_host: u.preserve_host.unwrap_or(false),
+        tls,
         pool,
         circuit,
     })
+}
+
+/// A file path from the config; `None` (with a problem) when it is empty or is clearly PEM
+/// content pasted in place of a path, which is never echoed: it may be a private key.
+fn path_value(p: &mut Problems, key: &str, value: &str) -> Option<PathBuf> {
+    if value.contains("-----BEGIN") || value.contains('\n') {
+        p.add(
+            key,
+            "must be the path of a PEM file, not its content (the value is not shown)",
+        );
+        return None;
+    }
+    if value.trim().is_empty() {
+        p.add(key, "empty: give the path of a PEM file");
+        return None;
+    }
+    Some(PathBuf::from(value))
+}
+
+/// Maps a certificate file problem to the key that names the file.
+fn file_problem(p: &mut Problems, base: &str, e: crate::tls::FileProblem, names: [&str; 3]) {
+    let field = match e.file {
+        crate::tls::TlsFile::Cert => names[0],
+        crate::tls::TlsFile::Key => names[1],
+        crate::tls::TlsFile::Ca => names[2],
+    };
+    p.add(format!("{base}.{field}"), e.message);
+}
+
+fn validate_server_tls(
+    p: &mut Problems,
+    t: &RawServerTls,
+    http2: bool,
+) -> Option<crate::tls::ServerTls> {
+    let base = "server.tls";
+    let mut required = |field: &str, value: &Option<String>, what: &str| match value {
+        None => {
+            p.add(
+                format!("{base}.{field}"),
+                format!("missing: the path of the PEM {what}"),
+            );
+            None
+        }
+        Some(v) => path_value(p, &format!("{base}.{field}"), v),
+    };
+    let cert = required("cert", &t.cert, "certificate chain (leaf first)");
+    let key = required("key", &t.key, "private key");
+    let (cert, key) = (cert?, key?);
+    match crate::tls::ServerTls::load(&cert, &key, http2) {
+        Ok(tls) => Some(tls),
+        Err(problems) => {
+            for e in problems {
+                file_problem(p, base, e, ["cert", "key", "cert"]);
+            }
+            None
+        }
+    }
+}
+
+fn validate_upstream_tls(
+    p: &mut Problems,
+    key: &str,
+    t: Option<&RawUpstreamTls>,
+    host: &str,
+) -> Option<UpstreamTlsConfig> {
+    let empty = RawUpstreamTls::default();
+    let t = t.unwrap_or(&empty);
+    let before = p.0.len();
+    let mut path = |field: &str, value: &Option<String>| {
+        value
+            .as_ref()
+            .and_then(|v| path_value(p, &format!("{key}.{field}"), v))
+    };
+    let ca_file = path("ca_file", &t.ca_file);
+    let client_cert = path("client_cert", &t.client_cert);
+    let client_key = path("client_key", &t.client_key);
+    match (&t.client_cert, &t.client_key) {
+        (Some(_), None) => p.add(
+            format!("{key}.client_key"),
+            "missing: a client certificate needs its private key",
+        ),
+        (None, Some(_)) => p.add(
+            format!("{key}.client_cert"),
+            "missing: a client key needs its certificate",
+        ),
+        _ => {}
+    }
+    let insecure = t.insecure_skip_verify.unwrap_or(false);
+    if insecure && t.ca_file.is_some() {
+        p.add(
+            format!("{key}.insecure_skip_verify"),
+            "`true`: nothing is verified, so ca_file would be ignored; set only one of them",
+        );
+    }
+    let name = match &t.server_name {
+        Some(name) => crate::tls::server_name(name)
+            .map_err(|e| p.add(format!("{key}.server_name"), e))
+            .ok(),
+        None => crate::tls::server_name(host)
+            .map_err(|e| {
+                p.add(
+                    format!("{key}.server_name"),
+                    format!("missing, and the url's host {e}"),
+                )
+            })
+            .ok(),
+    };
+    let name = name.filter(|_| p.0.len() == before)?;
+    let client_pair = client_cert.as_deref().zip(client_key.as_deref());
+    match crate::tls::ClientTls::build(ca_file.as_deref(), client_pair, insecure) {
+        Ok(client) => Some(UpstreamTlsConfig {
+            ca_file,
+            server_name: t.server_name.clone(),
+            name,
+            client_cert,
+            client_key,
+            insecure_skip_verify: insecure,
+            client,
+        }),
+        Err(problems) => {
+            for e in problems {
+                file_problem(p, key, e, ["client_cert", "client_key", "ca_file"]);
+            }
+            None
+        }
+    }
 }
 
 fn validate_route(

@@ -6,12 +6,19 @@
 //! requests, which would cut keep-alive down to the head timeout. So both timers live here:
 //! the head timer runs from the first byte of a head (or from accept) until the request is
 //! dispatched; the idle timer runs while no request is in flight.
+//!
+//! Before HTTP, in the connection's own task (never the accept loop): the PROXY protocol header
+//! when `server.proxy_protocol` is on, the per-source connection limit, and the TLS handshake
+//! when `server.tls` is set, all within `server.header_read_timeout` of accept.
 
 mod guard;
+pub mod proxy_protocol;
+pub use guard::{Guard, Rejected, STAND_IN};
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,7 +44,9 @@ const NONE: u64 = u64::MAX;
 /// What the proxy knows about the connection a request came on.
 #[derive(Clone)]
 pub struct ConnInfo {
+    /// The client: the TCP peer, or the address a PROXY protocol header named.
     pub peer: SocketAddr,
+    /// `https` on a TLS listener, else `http`.
     pub proto: &'static str,
     pub activity: Arc<ConnActivity>,
 }
@@ -150,10 +159,12 @@ enum TimerAction {
 }
 
 pin_project_lite::pin_project! {
-    /// Reports reads to the connection's activity, so the head timer knows when a head begins.
-    struct TrackedIo {
+    /// Reports reads to the connection's activity, so the head timer knows when a head begins,
+    /// and passes them through the framing guard. `S` is the TCP stream, or the TLS stream over
+    /// it: either way the guard sees the plain HTTP bytes.
+    struct TrackedIo<S> {
         #[pin]
-        inner: TcpStream,
+        inner: S,
         activity: Arc<ConnActivity>,
         guard: guard::Guard,
         // What the guard passed on that did not fit the caller's buffer yet.
@@ -162,7 +173,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl AsyncRead for TrackedIo {
+impl<S: AsyncRead> AsyncRead for TrackedIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -205,7 +216,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<S: AsyncWrite> AsyncWrite for TrackedIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -264,6 +275,9 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let builder = Arc::new(http_builder(&config));
+    let sources = config
+        .max_connections_per_source
+        .map(|max| Arc::new(SourceLimit::new(max)));
     let mut backoff = Duration::from_millis(5);
     let mut stop = shutdown.clone();
     loop {
@@ -282,12 +296,13 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_connection(
+                tokio::spawn(accept_connection(
                     stream,
                     peer,
                     proxy.clone(),
                     builder.clone(),
                     config.clone(),
+                    sources.clone(),
                     shutdown.clone(),
                     permit,
                 ));
@@ -360,15 +375,144 @@ fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Open connections per source address, for `server.max_connections_per_source`.
+struct SourceLimit {
+    max: usize,
+    open: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl SourceLimit {
+    fn new(max: usize) -> Self {
+        SourceLimit {
+            max,
+            open: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` when it has `max` open already.
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        // `::ffff:a.b.c.d` on a dual-stack listener is the same source as `a.b.c.d`.
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            limit: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection counted against its source; given back when dropped.
+struct SourceSlot {
+    limit: Arc<SourceLimit>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.limit.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn refused(reason: &'static str) {
+    metrics::counter!("breakwater_connections_refused_total", "reason" => reason).increment(1);
+}
+
+/// Everything before HTTP: the PROXY protocol header, the per-source limit and the TLS
+/// handshake, bounded together by `header_read_timeout` from accept. Then serves HTTP.
+#[allow(clippy::too_many_arguments)]
+async fn accept_connection(
+    mut stream: TcpStream,
+    tcp_peer: SocketAddr,
+    proxy: Proxy,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    config: ServerConfig,
+    sources: Option<Arc<SourceLimit>>,
+    shutdown: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + config.header_read_timeout;
+    let mut peer = tcp_peer;
+    if config.proxy_protocol {
+        match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(header)) => {
+                if let Some(source) = header.source {
+                    peer = source;
+                }
+            }
+            Ok(Err(why)) => {
+                tracing::debug!(%tcp_peer, error = %why, "bad PROXY protocol header; closing");
+                refused("proxy_protocol");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%tcp_peer, "no PROXY protocol header in time; closing");
+                refused("proxy_protocol");
+                return;
+            }
+        }
+    }
+    let _slot = match &sources {
+        None => None,
+        Some(limit) => match limit.acquire(peer.ip()) {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::debug!(%peer, max = limit.max, "too many connections from this source; closing");
+                refused("per_source_limit");
+                return;
+            }
+        },
+    };
+    let Some(tls) = config.tls.clone() else {
+        return serve_connection(
+            stream, peer, "http", proxy, builder, config, shutdown, permit,
+        )
+        .await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            serve_connection(
+                stream, peer, "https", proxy, builder, config, shutdown, permit,
+            )
+            .await
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            metrics::counter!("breakwater_tls_handshake_failures_total", "reason" => "error")
+                .increment(1);
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake not finished in time; closing");
+            metrics::counter!("breakwater_tls_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
+    proto: &'static str,
     proxy: Proxy,
     builder: Arc<auto::Builder<TokioExecutor>>,
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(ConnActivity::new());
     let io = TokioIo::new(TrackedIo {
         inner: stream,
@@ -381,7 +525,7 @@ async fn serve_connection(
         proxy,
         info: ConnInfo {
             peer,
-            proto: "http",
+            proto,
             activity: activity.clone(),
         },
     });

@@ -1,6 +1,7 @@
 //! Opens upstream connections for the bb8 pool: resolves the host on every new connection,
 //! rotates across every address it resolves to (an ALB has several, and they change), and speaks
-//! HTTP/1.1 over a TCP_NODELAY socket.
+//! HTTP/1.1 over a TCP_NODELAY socket, inside TLS for `https://` upstreams. Resolving,
+//! connecting and the TLS handshake all share the upstream's connect timeout.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -23,6 +26,8 @@ pub enum ConnectError {
     Timeout { addr: String, after: Duration },
     #[error("connect to {addr} failed: {reason}")]
     Refused { addr: String, reason: String },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
     #[error("connection to {addr} is closed")]
     Closed { addr: String },
 }
@@ -80,11 +85,19 @@ impl ConnectorState {
     }
 }
 
+/// TLS to an `https://` upstream: the client configuration and the name checked (and sent as
+/// SNI).
+pub struct TlsTarget {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: ServerName<'static>,
+}
+
 pub struct Connector {
     pub(crate) name: Arc<str>,
     host: String,
     port: u16,
     connect_timeout: Duration,
+    tls: Option<TlsTarget>,
     next: AtomicUsize,
     pub(crate) state: Arc<ConnectorState>,
 }
@@ -96,9 +109,16 @@ impl Connector {
             host: host.to_string(),
             port,
             connect_timeout,
+            tls: None,
             next: AtomicUsize::new(0),
             state: Arc::new(ConnectorState::default()),
         }
+    }
+
+    /// Speaks TLS to the upstream.
+    pub fn with_tls(mut self, tls: TlsTarget) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     fn record(&self, result: &'static str) {
@@ -158,7 +178,22 @@ impl Connector {
             match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return self.handshake(stream, addr).await;
+                    let Some(tls) = &self.tls else {
+                        return self.handshake(stream, addr).await;
+                    };
+                    // A certificate problem is the same on every address: no point trying them.
+                    let handshake = tls.connector.connect(tls.name.clone(), stream);
+                    return match tokio::time::timeout_at(deadline, handshake).await {
+                        Ok(Ok(stream)) => self.handshake(stream, addr).await,
+                        Ok(Err(e)) => Err(ConnectError::Tls {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        }),
+                        Err(_) => Err(ConnectError::Timeout {
+                            addr: addr.to_string(),
+                            after: self.connect_timeout,
+                        }),
+                    };
                 }
                 Ok(Err(e)) => {
                     last_err = Some(ConnectError::Refused {
@@ -177,11 +212,10 @@ impl Connector {
         Err(last_err.expect("at least one address was tried"))
     }
 
-    async fn handshake(
-        &self,
-        stream: TcpStream,
-        addr: SocketAddr,
-    ) -> Result<UpstreamConn, ConnectError> {
+    async fn handshake<S>(&self, stream: S, addr: SocketAddr) -> Result<UpstreamConn, ConnectError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, conn) = http1::Builder::new()
             .handshake::<_, RequestBody>(TokioIo::new(stream))
             .await

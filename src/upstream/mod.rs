@@ -94,12 +94,25 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the pool and starts opening its `min_idle` connections in the background.
     pub fn new(config: UpstreamConfig) -> Self {
-        let connector = Connector::new(
+        let mut connector = Connector::new(
             &config.name,
             &config.host,
             config.port,
             config.pool.connect_timeout,
         );
+        if let Some(tls) = &config.tls {
+            if tls.insecure_skip_verify {
+                tracing::warn!(
+                    upstream = %config.name,
+                    "tls.insecure_skip_verify is set: the upstream's certificate is NOT verified; \
+                     anyone on the path can impersonate it"
+                );
+            }
+            connector = connector.with_tls(connector::TlsTarget {
+                connector: tokio_rustls::TlsConnector::from(tls.client.config()),
+                name: tls.name.clone(),
+            });
+        }
         let state = connector.state.clone();
         let p = &config.pool;
         let pool = Pool::builder()

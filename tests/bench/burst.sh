@@ -91,7 +91,7 @@ fi
 cat >"$WORK/breakwater.yaml" <<YAML
 server: { listen: "127.0.0.1:$PROXY" }
 admin: { listen: "127.0.0.1:$ADMIN" }
-log: { level: warn }
+log: { format: json, level: info }
 upstreams:
   analytics:
     url: "http://127.0.0.1:$BACKEND"
@@ -105,8 +105,25 @@ routes:
     queue: { max_depth: 100, max_wait: 2s }
 YAML
 start_backend
-"$BIN" --config "$WORK/breakwater.yaml" >/dev/null 2>&1 & PROXY_PID=$!
+"$BIN" --config "$WORK/breakwater.yaml" >"$WORK/access.log" 2>&1 & PROXY_PID=$!
 sleep 0.5
 warm "http://127.0.0.1:$PROXY/v1/sentiment"
+: >"$WORK/access.log"
 burst breakwater "http://127.0.0.1:$PROXY/v1/sentiment"
 stop "$PROXY_PID" "$BACKEND_PID"
+# The same burst seen from inside the gateway: head arrival to answer, from the access log.
+python3 - "$WORK/access.log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"breakwater::access"' in l]
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(p * len(xs) + 0.5)) - 1))] if xs else float("nan")
+for label, sel in (("refusals (503)", lambda r: r["status"] == 503), ("answers (2xx)", lambda r: 200 <= r["status"] < 300)):
+    t = [r["total_ms"] for r in rows if sel(r)]
+    print(f"inside breakwater, {label}: n={len(t)} p50 {pct(t, .5):.3f} ms  p99 {pct(t, .99):.3f} ms  max {max(t, default=float('nan')):.3f} ms")
+reasons = {}
+for r in rows:
+    if r["status"] == 503:
+        reasons[r.get("reason")] = reasons.get(r.get("reason"), 0) + 1
+print("refusal reasons:", reasons)
+PY
