@@ -4,9 +4,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -35,30 +36,58 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("the client stopped sending its request body")]
+pub struct BodyReadTimeout;
+
+/// Why a request body stream was cut short by the gateway, if it was.
+#[derive(Debug, Default)]
+pub struct BodyCheck(AtomicU8);
+
+const TOO_LARGE: u8 = 1;
+const TIMED_OUT: u8 = 2;
+
+impl BodyCheck {
+    /// The answer owed to the caller when the body stream failed because of us.
+    pub fn failure(&self, limit: u64, idle: Duration) -> Option<crate::error::ProxyError> {
+        match self.0.load(Ordering::Acquire) {
+            TOO_LARGE => Some(crate::error::ProxyError::BodyTooLarge { limit }),
+            TIMED_OUT => Some(crate::error::ProxyError::BodyTimeout { after: idle }),
+            _ => None,
+        }
+    }
+}
+
 pin_project! {
     /// Counts bytes as they stream and fails the stream the moment the limit is passed, so a
-    /// large body is never buffered to be measured. `exceeded` tells the proxy why the upstream
-    /// call failed, so it can answer 413 instead of 502.
+    /// large body is never buffered to be measured; and fails it when the client sends nothing
+    /// for `idle`, so a trickling body cannot hold a slot. `check` tells the proxy why the
+    /// upstream call failed, so it can answer 413 or 408 instead of 502.
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
+        #[pin]
+        idle: Sleep,
+        idle_for: Duration,
         seen: u64,
         limit: u64,
-        exceeded: Arc<AtomicBool>,
+        check: Arc<BodyCheck>,
     }
 }
 
 impl<B> LimitedBody<B> {
-    pub fn new(inner: B, limit: u64) -> (Self, Arc<AtomicBool>) {
-        let exceeded = Arc::new(AtomicBool::new(false));
+    pub fn new(inner: B, limit: u64, idle_for: Duration) -> (Self, Arc<BodyCheck>) {
+        let check = Arc::new(BodyCheck::default());
         (
             LimitedBody {
                 inner,
+                idle: tokio::time::sleep(idle_for),
+                idle_for,
                 seen: 0,
                 limit,
-                exceeded: exceeded.clone(),
+                check: check.clone(),
             },
-            exceeded,
+            check,
         )
     }
 }
@@ -75,18 +104,28 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match ready!(this.inner.poll_frame(cx)) {
+        let mut this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if polled.is_pending() {
+            if this.idle.as_mut().poll(cx).is_ready() {
+                this.check.0.store(TIMED_OUT, Ordering::Release);
+                return Poll::Ready(Some(Err(Box::new(BodyReadTimeout))));
+            }
+            return Poll::Pending;
+        }
+        match ready!(polled) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
-                        this.exceeded.store(true, Ordering::Release);
+                        this.check.0.store(TOO_LARGE, Ordering::Release);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
                             limit: *this.limit,
                         }))));
                     }
                 }
+                let next = Instant::now() + *this.idle_for;
+                this.idle.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
@@ -234,12 +273,30 @@ mod tests {
 
     #[tokio::test]
     async fn limited_body_fails_once_the_limit_is_passed() {
-        let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from(vec![0u8; 100])), 99);
+        let idle = Duration::from_secs(5);
+        let (body, check) = LimitedBody::new(Full::new(Bytes::from(vec![0u8; 100])), 99, idle);
         assert!(body.collect().await.is_err());
-        assert!(exceeded.load(Ordering::Acquire));
-        let (body, exceeded) = LimitedBody::new(Full::new(Bytes::from(vec![0u8; 100])), 100);
+        assert!(matches!(
+            check.failure(99, idle),
+            Some(crate::error::ProxyError::BodyTooLarge { limit: 99 })
+        ));
+        let (body, check) = LimitedBody::new(Full::new(Bytes::from(vec![0u8; 100])), 100, idle);
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 100);
-        assert!(!exceeded.load(Ordering::Acquire));
+        assert!(check.failure(100, idle).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out() {
+        let idle = Duration::from_millis(200);
+        let stalled = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let (body, check) = LimitedBody::new(stalled, 1 << 20, idle);
+        assert!(body.collect().await.is_err());
+        assert!(matches!(
+            check.failure(1 << 20, idle),
+            Some(crate::error::ProxyError::BodyTimeout { .. })
+        ));
     }
 
     #[tokio::test]

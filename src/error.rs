@@ -17,6 +17,7 @@ pub enum Reason {
     Draining,
     NoRoute,
     PayloadTooLarge,
+    BodyTimeout,
     BadRequest,
     /// The caller did not present valid credentials (401).
     Unauthorized,
@@ -25,7 +26,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::Deadline,
@@ -36,6 +37,7 @@ impl Reason {
         Reason::Draining,
         Reason::NoRoute,
         Reason::PayloadTooLarge,
+        Reason::BodyTimeout,
         Reason::BadRequest,
         Reason::Unauthorized,
         Reason::Forbidden,
@@ -53,6 +55,7 @@ impl Reason {
             Reason::Draining => "draining",
             Reason::NoRoute => "no_route",
             Reason::PayloadTooLarge => "payload_too_large",
+            Reason::BodyTimeout => "body_timeout",
             Reason::BadRequest => "bad_request",
             Reason::Unauthorized => "unauthorized",
             Reason::Forbidden => "forbidden",
@@ -87,6 +90,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("the request body stalled for {after:?}")]
+    BodyTimeout { after: std::time::Duration },
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
     #[error("refused before reaching the upstream ({reason})")]
@@ -117,6 +122,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => Reason::NoRoute,
             ProxyError::BodyTooLarge { .. } => Reason::PayloadTooLarge,
+            ProxyError::BodyTimeout { .. } => Reason::BodyTimeout,
             ProxyError::BadRequest(_) => Reason::BadRequest,
             ProxyError::Refused { reason, .. } => *reason,
             ProxyError::BudgetExhausted => Reason::BudgetExhausted,

@@ -38,6 +38,8 @@ pub struct RouteState {
     pub admission: Arc<Admission>,
     pub retry: Arc<crate::retry::RetryPolicy>,
     pub metrics: Arc<crate::observe::RouteMetrics>,
+    /// `server.body_read_timeout`: how long a request body may stall.
+    pub body_read_timeout: std::time::Duration,
 }
 
 /// One configuration's worth of routing state. Reloads swap the whole thing atomically; a
@@ -125,6 +127,7 @@ impl Table {
                     admission,
                     retry,
                     metrics,
+                    body_read_timeout: config.server.body_read_timeout,
                 })
             })
             .collect();
@@ -390,17 +393,19 @@ async fn send_upstream(
         }
     }
     let (mut parts, body) = req.into_parts();
-    let (body, exceeded) = LimitedBody::new(body, limit);
+    let idle = route.body_read_timeout;
+    let (body, check) = LimitedBody::new(body, limit, idle);
 
     // Small bodies are read before admission, so a slow client does not hold an upstream slot.
     let small = body.is_end_stream() || declared.is_some_and(|n| n <= REPLAY_LIMIT);
     let buffered = if small {
         match tokio::time::timeout_at(deadline, body.collect()).await {
             Err(_) => return Err(ProxyError::BudgetExhausted),
-            Ok(Err(_)) if exceeded.load(Ordering::Acquire) => {
-                return Err(ProxyError::BodyTooLarge { limit })
+            Ok(Err(_)) => {
+                return Err(check
+                    .failure(limit, idle)
+                    .unwrap_or(ProxyError::BadRequest("request body ended early")))
             }
-            Ok(Err(_)) => return Err(ProxyError::BadRequest("request body ended early")),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
         }
     } else {
@@ -498,9 +503,9 @@ async fn send_upstream(
             }
             Ok(Err(e)) => e,
         };
-        if exceeded.load(Ordering::Acquire) {
+        if let Some(failure) = check.failure(limit, idle) {
             permit.abandon();
-            return Err(ProxyError::BodyTooLarge { limit });
+            return Err(failure);
         }
         route.circuit.record_failure();
         match send_error.unsent {

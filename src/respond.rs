@@ -96,6 +96,7 @@ fn status_for(err: &ProxyError, route: Option<&RouteConfig>) -> StatusCode {
     match err {
         ProxyError::NoRoute => StatusCode::NOT_FOUND,
         ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,

@@ -490,3 +490,46 @@ routes:
         assert_eq!(a.reason(), Some("bad_request"));
     }
 }
+
+#[tokio::test]
+async fn oversize_upstream_response_heads_are_502() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let a = get(&client(), &gw.url("/api/x?bighead=100000")).await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY, "{:?}", a.body);
+    assert_eq!(a.reason(), Some("upstream_error"));
+    let a = get(&client(), &gw.url("/api/x?bighead=1000")).await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn stalled_request_bodies_are_cut_off_with_408() {
+    let backend = Backend::start().await;
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\n  body_read_timeout: 200ms\nadmin:\n  enabled: false\n{}",
+        ONE_ROUTE.replace("max_request_body: 1KiB", "max_request_body: 4MiB")
+    );
+    let gw = Gateway::start(&yaml, &backend.url()).await;
+    // A small body (read whole before admission) and a large one (streamed to the upstream).
+    for declared in [100, 2 << 20] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /api/slow HTTP/1.1\r\nhost: a\r\ncontent-length: {declared}\r\n\r\n0123456789"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 408"), "{declared}: {out}");
+        assert!(out.contains("x-breakwater-reason: body_timeout"), "{out}");
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

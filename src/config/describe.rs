@@ -148,6 +148,7 @@ pub fn describe(c: &Config) -> Value {
             "listen_backlog": c.server.listen_backlog,
             "workers": c.server.workers,
             "header_read_timeout": d(c.server.header_read_timeout),
+            "body_read_timeout": d(c.server.body_read_timeout),
             "keepalive_timeout": d(c.server.keepalive_timeout),
             "max_connections": c.server.max_connections,
             "max_request_body": format_size(c.server.max_request_body),

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub listen_backlog: u32,
     pub workers: Option<usize>,
     pub header_read_timeout: Duration,
+    /// A request body that sends nothing for this long is cut off (408).
+    pub body_read_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub max_connections: usize,
     pub max_request_body: u64,

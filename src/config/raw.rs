@@ -28,6 +28,7 @@ pub struct RawServer {
     pub listen_backlog: Option<i64>,
     pub workers: Option<i64>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
     pub keepalive_timeout: Option<String>,
     pub max_connections: Option<i64>,
     pub max_request_body: Option<String>,

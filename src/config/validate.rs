@@ -127,6 +127,11 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             &s.header_read_timeout,
             Duration::from_secs(10),
         ),
+        body_read_timeout: p.duration(
+            "server.body_read_timeout",
+            &s.body_read_timeout,
+            Duration::from_secs(10),
+        ),
         keepalive_timeout: p.duration(
             "server.keepalive_timeout",
             &s.keepalive_timeout,

@@ -32,6 +32,9 @@ pub enum ConnectError {
     Closed { addr: String },
 }
 
+/// Largest upstream response head accepted.
+const UPSTREAM_MAX_HEAD: usize = 64 * 1024;
+
 /// One pooled HTTP/1.1 connection to an upstream.
 pub struct UpstreamConn {
     pub(crate) sender: http1::SendRequest<RequestBody>,
@@ -217,6 +220,8 @@ impl Connector {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, conn) = http1::Builder::new()
+            // An upstream answer whose head does not fit is refused (502), not buffered.
+            .max_header_size(UPSTREAM_MAX_HEAD)
             .handshake::<_, RequestBody>(TokioIo::new(stream))
             .await
             .map_err(|e| ConnectError::Refused {

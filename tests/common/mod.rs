@@ -23,7 +23,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// How the backend behaves. Per-request overrides come from the query string:
-/// `delay=MS`, `status=N`, `size=BYTES`, `hold=1` (wait for `release`), `chunks=N` (stream the
+/// `delay=MS`, `status=N`, `size=BYTES`, `bighead=BYTES` (a response header that large),
+/// `hold=1` (wait for `release`), `chunks=N` (stream the
 /// body in N chunks, holding after the first until released), `reset=1` (drop the connection
 /// without answering).
 #[derive(Clone, Default)]
@@ -288,6 +289,10 @@ async fn handle(
     if opts.close_after.is_some_and(|n| served >= n) {
         resp.headers_mut()
             .insert(http::header::CONNECTION, "close".parse().unwrap());
+    }
+    if let Some(n) = num("bighead") {
+        let big = "h".repeat(n as usize);
+        resp.headers_mut().insert("x-big", big.parse().unwrap());
     }
     // Headers the gateway must strip on the way back.
     resp.headers_mut()
