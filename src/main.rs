@@ -305,7 +305,10 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     })
 }
 
-fn init_logging(c: &Config) {
+/// Log lines are written by a background thread: a slow or blocked stdout (a full log pipe) must
+/// never stall request handling. Under extreme load the buffer drops lines rather than block; the
+/// returned guard flushes what is left when the process exits.
+fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log.level));
     let json = match c.log.format {
@@ -313,7 +316,14 @@ fn init_logging(c: &Config) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(64 * 1024)
+        .lossy(true)
+        .finish(std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(!json && std::io::stdout().is_terminal());
     if json {
         builder
             .json()
@@ -323,11 +333,12 @@ fn init_logging(c: &Config) {
     } else {
         builder.init();
     }
+    guard
 }
 
 fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let (path, config) = load(given)?;
-    init_logging(&config);
+    let _log_writer = init_logging(&config);
     // One worker needs no work-stealing scheduler: a current-thread runtime does the same work
     // without cross-thread handoffs.
     let mut rt = match config.server.workers {

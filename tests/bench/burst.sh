@@ -105,7 +105,7 @@ routes:
     queue: { max_depth: 100, max_wait: 2s }
 YAML
 start_backend
-"$BIN" --config "$WORK/breakwater.yaml" >"$WORK/access.log" 2>&1 & PROXY_PID=$!
+"$BIN" --config "$WORK/breakwater.yaml" >>"$WORK/access.log" 2>&1 & PROXY_PID=$!
 sleep 0.5
 warm "http://127.0.0.1:$PROXY/v1/sentiment"
 : >"$WORK/access.log"
