@@ -533,3 +533,24 @@ async fn stalled_request_bodies_are_cut_off_with_408() {
         );
     }
 }
+
+#[tokio::test]
+async fn repeated_lengths_and_folded_headers_are_refused_and_the_connection_closed() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    for raw_request in [
+        &b"POST /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc"[..],
+        b"POST /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 3, 3\r\n\r\nabc",
+        b"GET /api/x HTTP/1.1\r\nhost: a\r\nx-folded: one\r\n two\r\n\r\n",
+    ] {
+        let out = raw(gw.addr, raw_request).await;
+        assert!(
+            out.starts_with("HTTP/1.1 400"),
+            "{:?}: {out}",
+            String::from_utf8_lossy(raw_request)
+        );
+        // raw() reads to the end: the gateway closed the connection after its answer.
+        assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+    }
+    assert_eq!(backend.count(|s| &s.requests), 0);
+}

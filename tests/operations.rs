@@ -481,3 +481,50 @@ async fn sighup_applies_a_new_budget_to_new_requests_only_and_rejects_invalid_fi
     let slow = get(&c, &format!("{base}/slow?delay=3000")).await;
     slow.assert_refusal("budget_exhausted");
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
+    let backend = Backend::start().await;
+    let mut bin = start_binary(&backend.url(), "10s").await;
+    let c = client();
+    let held = {
+        let (c, u) = (
+            c.clone(),
+            format!("http://127.0.0.1:{}/held?hold=1", bin.port),
+        );
+        tokio::spawn(async move { c.get(u.parse().unwrap()).await })
+    };
+    backend
+        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    signal(&bin.proc.0, "TERM");
+    // Draining: readyz 503 means the first signal was taken.
+    let ready = format!("http://127.0.0.1:{}/readyz", bin.admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while get(&c, &ready).await.status != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drain did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        bin.proc.0.try_wait().unwrap().is_none(),
+        "the first signal drains: the held request keeps the process alive"
+    );
+    let start = std::time::Instant::now();
+    signal(&bin.proc.0, "TERM");
+    loop {
+        if bin.proc.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "still running with a request in flight after the second signal (drain_timeout is 5 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    backend.release(1);
+    let _ = held.await;
+}

@@ -214,6 +214,11 @@ impl Guard {
         let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
+                // Even identical repeats: a hop that keeps the first and one that keeps the
+                // last must never be able to disagree.
+                if content_length.is_some() || h.value.contains(&b',') {
+                    return Err("more than one Content-Length");
+                }
                 content_length = Some(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encoding = Some(h.value);
@@ -303,6 +308,15 @@ mod tests {
         );
         let (v, _) =
             verdict(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n");
+        assert!(v.is_some());
+    }
+
+    #[test]
+    fn rejects_repeated_content_length_even_when_equal() {
+        let (v, _) =
+            verdict(b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\nabc");
+        assert!(v.is_some());
+        let (v, _) = verdict(b"POST / HTTP/1.1\r\ncontent-length: 3, 3\r\n\r\nabc");
         assert!(v.is_some());
     }
 
