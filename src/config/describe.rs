@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn describes_every_section_in_file_units() {
-        let c = from_yaml(EMBEDDED_DEFAULT, Vec::new()).unwrap();
+        let c = from_yaml(SHIPPED_DEFAULT, Vec::new()).unwrap();
         let v = describe(&c);
         assert_eq!(v["server"]["max_request_body"], "1MiB");
         assert_eq!(v["upstreams"]["app"]["pool"]["idle_timeout"], "4s");

@@ -431,9 +431,10 @@ pub fn env_key_to_path(key: &str) -> Option<String> {
     Some(path)
 }
 
-/// The config a fresh checkout runs with when no file is given: one catch-all route to uvicorn's
-/// default address.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/breakwater.yaml");
+/// The shipped `config/breakwater.yaml` (one catch-all route to uvicorn's default address), which
+/// the gateway reads from disk; compiled into the unit tests so they check it stays valid.
+#[cfg(test)]
+pub const SHIPPED_DEFAULT: &str = include_str!("../../config/breakwater.yaml");
 
 #[cfg(test)]
 mod tests;

@@ -178,8 +178,8 @@ fn overload_and_fallback_bodies_must_be_json() {
 }
 
 #[test]
-fn embedded_default_is_valid() {
-    let c = from_yaml(EMBEDDED_DEFAULT, env(&[])).unwrap();
+fn shipped_default_is_valid() {
+    let c = from_yaml(SHIPPED_DEFAULT, env(&[])).unwrap();
     assert_eq!(c.upstreams["app"].authority(), "127.0.0.1:8000");
 }
 
