@@ -55,10 +55,7 @@ async fn queue_full_is_refused_immediately() {
     )
     .await;
     let c = client();
-    let a = spawn_get(&c, gw.url("/hold?hold=1"));
-    backend
-        .wait_until("first request held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    let a = hold(&c, &backend, gw.url("/hold?hold=1")).await;
     let b = spawn_get(&c, gw.url("/queued"));
     wait_admission(&gw, "second request queued", |s| s.queued == 1).await;
 
@@ -87,10 +84,7 @@ async fn queued_requests_time_out_at_max_wait() {
     )
     .await;
     let c = client();
-    let a = spawn_get(&c, gw.url("/hold?hold=1"));
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    let a = hold(&c, &backend, gw.url("/hold?hold=1")).await;
     let b = get(&c, &gw.url("/waits")).await;
     b.assert_refusal("queue_timeout");
     assert!(b.elapsed >= Duration::from_millis(190), "{:?}", b.elapsed);
@@ -112,16 +106,8 @@ async fn hopeless_requests_are_refused_on_arrival_with_reason_deadline() {
     .await;
     let c = client();
     // Teach the estimator that an exchange takes ~400 ms.
-    for _ in 0..3 {
-        assert_eq!(
-            get(&c, &gw.url("/warm?delay=400")).await.status,
-            StatusCode::OK
-        );
-    }
-    let a = spawn_get(&c, gw.url("/hold?hold=1"));
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    warm(&c, &gw.url("/warm?delay=400"), 3).await;
+    let a = hold(&c, &backend, gw.url("/hold?hold=1")).await;
     // Waiting for the slot (~400 ms) plus its own exchange (~400 ms) cannot fit in 600 ms.
     let b = get(&c, &gw.url("/hopeless")).await;
     b.assert_refusal("deadline");
@@ -145,13 +131,8 @@ async fn a_queued_request_is_refused_once_it_can_no_longer_make_it() {
     )
     .await;
     let c = client();
-    for _ in 0..3 {
-        get(&c, &gw.url("/warm?delay=300")).await;
-    }
-    let a = spawn_get(&c, gw.url("/hold?hold=1"));
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    warm(&c, &gw.url("/warm?delay=300"), 3).await;
+    let a = hold(&c, &backend, gw.url("/hold?hold=1")).await;
     // Fits on arrival (wait ~300 ms + exchange ~300 ms < 1.5 s), so it queues; the slot never
     // frees, and it is refused when too little budget is left for an exchange, before the budget.
     let b = get(&c, &gw.url("/queued")).await;
@@ -224,10 +205,7 @@ async fn overload_answer_and_fallback_are_configurable() {
     )
     .await;
     let c = client();
-    let a = spawn_get(&c, gw.url("/hold?hold=1"));
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    let a = hold(&c, &backend, gw.url("/hold?hold=1")).await;
     let r = get(&c, &gw.url("/x")).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.reason(), Some("queue_full"));
@@ -244,10 +222,7 @@ async fn overload_answer_and_fallback_are_configurable() {
         &backend.url(),
     )
     .await;
-    let a = spawn_get(&c, gw.url("/hold?hold=1"));
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    let a = hold(&c, &backend, gw.url("/hold?hold=1")).await;
     let r = get(&c, &gw.url("/x")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.reason(), Some("queue_full"), "a fallback is still marked");

@@ -76,13 +76,7 @@ routes:
         StatusCode::NOT_FOUND
     );
     get(&c, &gw.url("/api/retry?status=502")).await;
-    let held = tokio::spawn({
-        let (c, u) = (c.clone(), gw.url("/api/hold?hold=1"));
-        async move { get(&c, &u).await }
-    });
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    let held = hold(&c, &backend, gw.url("/api/hold?hold=1")).await;
     get(&c, &gw.url("/api/shed"))
         .await
         .assert_refusal("queue_full");
@@ -214,16 +208,8 @@ routes:
     )
     .await;
     let c = client();
-    for _ in 0..3 {
-        get(&c, &gw.url("/warm?delay=300")).await;
-    }
-    let in_flight = tokio::spawn({
-        let (c, u) = (c.clone(), gw.url("/hold?hold=1&delay=300"));
-        async move { get(&c, &u).await }
-    });
-    backend
-        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
-        .await;
+    warm(&c, &gw.url("/warm?delay=300"), 3).await;
+    let in_flight = hold(&c, &backend, gw.url("/hold?hold=1&delay=300")).await;
     let queued = tokio::spawn({
         let (c, u) = (c.clone(), gw.url("/queued"));
         async move { get(&c, &u).await }

@@ -436,6 +436,31 @@ pub async fn get(client: &TestClient, url: &str) -> Answer {
     send(client, Request::get(url).body(body(Bytes::new())).unwrap()).await
 }
 
+/// Sends a GET the backend will hold (the URL carries `hold=1`) and returns once the backend is
+/// holding it: an upstream slot is then taken, exactly.
+pub async fn hold(
+    c: &TestClient,
+    backend: &Backend,
+    url: String,
+) -> tokio::task::JoinHandle<Answer> {
+    let before = backend.count(|s| &s.held);
+    let c = c.clone();
+    let task = tokio::spawn(async move { get(&c, &url).await });
+    backend
+        .wait_until("request held by the backend", |s| {
+            s.held.load(Ordering::SeqCst) > before
+        })
+        .await;
+    task
+}
+
+/// `n` requests one after another, so the route's estimator learns the backend's service time.
+pub async fn warm(c: &TestClient, url: &str, n: usize) {
+    for _ in 0..n {
+        assert_eq!(get(c, url).await.status, StatusCode::OK, "warm-up request");
+    }
+}
+
 pub async fn post(client: &TestClient, url: &str, data: &'static [u8]) -> Answer {
     send(
         client,
