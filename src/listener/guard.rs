@@ -112,15 +112,19 @@ impl Guard {
                 Frame::Head => {
                     let used = self.collect_until(bytes, b"\r\n\r\n", self.max_head, out)?;
                     bytes = &bytes[used..];
-                    let head = std::mem::take(&mut self.line);
                     let index = self.heads;
-                    match self.after_head(&head) {
+                    let verdict = self.after_head(&self.line);
+                    // Cleared, not taken: the buffer keeps its capacity for the next head.
+                    let head = std::mem::take(&mut self.line);
+                    match verdict {
                         Ok(frame) => {
                             out.extend_from_slice(&head);
                             if !is_blank(&head) {
                                 self.heads += 1;
                             }
                             self.frame = frame;
+                            self.line = head;
+                            self.line.clear();
                         }
                         Err(why) => {
                             out.extend_from_slice(STAND_IN);
@@ -132,15 +136,15 @@ impl Guard {
                 Frame::ChunkSize | Frame::Trailer => {
                     let used = self.collect_until(bytes, b"\r\n", MAX_LINE, out)?;
                     bytes = &bytes[used..];
-                    let line = std::mem::take(&mut self.line);
-                    out.extend_from_slice(&line);
-                    self.frame = match (&self.frame, chunk_size(&line)) {
-                        (Frame::Trailer, _) if line == b"\r\n" => Frame::Head,
+                    out.extend_from_slice(&self.line);
+                    self.frame = match (&self.frame, chunk_size(&self.line)) {
+                        (Frame::Trailer, _) if self.line == b"\r\n" => Frame::Head,
                         (Frame::Trailer, _) => Frame::Trailer,
                         (_, Some(0)) => Frame::Trailer,
                         (_, Some(n)) => Frame::ChunkData(n),
                         (_, None) => Frame::Through,
                     };
+                    self.line.clear();
                 }
             }
         }
