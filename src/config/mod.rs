@@ -160,6 +160,10 @@ pub struct RouteConfig {
     pub fallback: Option<FallbackConfig>,
     pub retry: RetryConfig,
     pub retry_after_max: Duration,
+    /// Every request on this route may be sent twice whatever its method (a lookup, or a
+    /// backend that deduplicates): a POST is then resent after the keep-alive race and retried
+    /// on `retry.on_status` like a GET.
+    pub idempotent: bool,
     /// The caller authentication this route enforces (none: anyone may call).
     pub auth: Option<Arc<AuthConfig>>,
     /// Where `auth` came from.

@@ -777,6 +777,7 @@ fn validate_route(
             &r.retry_after_max,
             Duration::from_secs(30),
         ),
+        idempotent: r.idempotent.unwrap_or(false),
         auth: None,
         auth_origin: AuthOrigin::None,
     })

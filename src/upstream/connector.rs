@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::idle::{IdleClock, IdleTimer};
 use crate::body::RequestBody;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,21 +33,24 @@ pub enum ConnectError {
     Closed { addr: String },
 }
 
+/// How long a connection that never served may sit in the pool before the learned idle timer
+/// applies to it.
+const FRESH_GRACE: Duration = Duration::from_millis(10);
+
 /// Largest upstream response head accepted.
 const UPSTREAM_MAX_HEAD: usize = 64 * 1024;
 
 /// One pooled HTTP/1.1 connection to an upstream.
 pub struct UpstreamConn {
     pub(crate) sender: http1::SendRequest<RequestBody>,
-    /// True from the moment a request is handed to this connection until its response body has
-    /// been relayed to the end. A connection given back while still busy was abandoned
-    /// mid-exchange (budget ran out, caller left, error), so the pool must close it.
-    pub(crate) busy: bool,
+    /// Busy from the moment a request is handed to this connection until its response body has
+    /// been relayed to the end; a connection given back while still busy was abandoned
+    /// mid-exchange (budget ran out, caller left, error), so the pool must close it. Idle since
+    /// it was opened or given back.
+    pub(crate) clock: Arc<IdleClock>,
     /// Exchanges completed on this connection; a reused connection is one that may have been
     /// closed by the peer while it sat idle.
     pub(crate) served: u32,
-    /// When the connection last went idle (opened, or given back).
-    pub(crate) idle_since: Instant,
     pub(crate) addr: SocketAddr,
     task: tokio::task::AbortHandle,
 }
@@ -56,7 +60,7 @@ impl UpstreamConn {
     /// sat idle for more than a moment. A connection opened for this very request cannot have
     /// been idled out, so a failure on it is a real failure.
     pub(crate) fn may_be_stale(&self) -> bool {
-        self.served > 0 || self.idle_since.elapsed() >= std::time::Duration::from_millis(1)
+        self.served > 0 || self.clock.idle_for() >= std::time::Duration::from_millis(1)
     }
 }
 
@@ -76,6 +80,8 @@ pub struct ConnectorState {
     /// Woken on every failed connect, so a request waiting for a connection to a dead upstream is
     /// answered at once instead of at its deadline.
     pub(crate) failed: Notify,
+    /// When the upstream closes idle connections, as far as it has shown.
+    pub(crate) idle_timer: IdleTimer,
 }
 
 impl ConnectorState {
@@ -229,17 +235,23 @@ impl Connector {
                 reason: e.to_string(),
             })?;
         let name = self.name.clone();
+        let clock = Arc::new(IdleClock::new());
+        let (watched, state) = (clock.clone(), self.state.clone());
+        // The task ends when the connection does; it is aborted when the pool drops the
+        // connection, so an end seen here is the peer's doing.
         let task = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %name, %addr, error = %e, "upstream connection ended");
+            }
+            if let Some(idle) = watched.closed_while_idle() {
+                state.idle_timer.observe(idle);
             }
         })
         .abort_handle();
         Ok(UpstreamConn {
             sender,
-            busy: false,
+            clock,
             served: 0,
-            idle_since: Instant::now(),
             addr,
             task,
         })
@@ -269,13 +281,29 @@ impl bb8::ManageConnection for Connector {
         if conn.sender.is_closed() {
             return Err(closed());
         }
+        // About to reach the peer's idle timer: retired rather than raced.
+        if let Some(limit) = self.state.idle_timer.retire_after() {
+            // A connection opened for a waiting request reaches it after a moment in the pool;
+            // retiring it then would only open another.
+            let limit = if conn.served == 0 {
+                limit.max(FRESH_GRACE)
+            } else {
+                limit
+            };
+            if conn.clock.idle_for() >= limit {
+                metrics::counter!("breakwater_upstream_connections_retired_total",
+                    "upstream" => self.name.to_string())
+                .increment(1);
+                return Err(closed());
+            }
+        }
         // An idle connection is ready at once (or fails at once if closed); one just given
         // back becomes ready as soon as its task has seen the end of the last exchange.
         conn.sender.ready().await.map_err(|_| closed())
     }
 
     fn has_broken(&self, conn: &mut UpstreamConn) -> bool {
-        conn.busy || conn.sender.is_closed()
+        conn.clock.is_busy() || conn.sender.is_closed()
     }
 }
 
