@@ -81,6 +81,72 @@ fn attempt_budget(remaining: Duration, addrs_left: usize) -> Duration {
     share.max(MIN_ATTEMPT).min(remaining)
 }
 
+/// While an upstream is down every connect attempt fails, dozens a second under load: at most one
+/// warning per this interval per upstream, carrying the count of the failures it stands for.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Decides which connect outcomes are logged. Pure (the time is passed in), so it is tested
+/// without sleeping; metrics count every failure regardless.
+#[derive(Debug)]
+struct FailureLog {
+    interval: Duration,
+    last_warning: Option<Instant>,
+    /// Failures since the last warning that no warning reported.
+    suppressed: u64,
+    /// Failures since the last successful connect.
+    streak: u64,
+    /// Whether a warning reported part of the current streak, which then deserves a line saying
+    /// it ended.
+    streak_warned: bool,
+}
+
+/// A warning to log for a failed connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FailureWarning {
+    /// Failures since the previous warning that were not logged.
+    suppressed: u64,
+    /// Failures in a row, this one included.
+    streak: u64,
+}
+
+impl FailureLog {
+    fn new(interval: Duration) -> Self {
+        FailureLog {
+            interval,
+            last_warning: None,
+            suppressed: 0,
+            streak: 0,
+            streak_warned: false,
+        }
+    }
+
+    /// A connect failed at `now`: the warning to log, if one is due.
+    fn failed(&mut self, now: Instant) -> Option<FailureWarning> {
+        self.streak += 1;
+        let due = self
+            .last_warning
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.interval);
+        if !due {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last_warning = Some(now);
+        self.streak_warned = true;
+        Some(FailureWarning {
+            suppressed: std::mem::take(&mut self.suppressed),
+            streak: self.streak,
+        })
+    }
+
+    /// A connect succeeded: the length of the streak of failures it ends, when a warning reported
+    /// it. The interval is not reset, so an upstream that flaps still gets at most one warning
+    /// per interval, and the failures of a streak no warning reported are counted in the next.
+    fn succeeded(&mut self) -> Option<u64> {
+        let streak = std::mem::take(&mut self.streak);
+        std::mem::take(&mut self.streak_warned).then_some(streak)
+    }
+}
+
 /// Shared between the pool manager and the proxy: counts and the latest connect failure.
 #[derive(Default)]
 pub struct ConnectorState {
@@ -117,6 +183,7 @@ pub struct Connector {
     tls: Option<TlsTarget>,
     next: AtomicUsize,
     pub(crate) state: Arc<ConnectorState>,
+    log: Mutex<FailureLog>,
 }
 
 impl Connector {
@@ -129,6 +196,7 @@ impl Connector {
             tls: None,
             next: AtomicUsize::new(0),
             state: Arc::new(ConnectorState::default()),
+            log: Mutex::new(FailureLog::new(FAILURE_LOG_INTERVAL)),
         }
     }
 
@@ -151,9 +219,18 @@ impl Connector {
             "error"
         };
         self.record(result);
-        tracing::warn!(upstream = %self.name, error = %err, "upstream connect failed");
-        *self.state.last_failure.lock().expect("not poisoned") =
-            Some((Instant::now(), err.clone()));
+        let now = Instant::now();
+        let warning = self.log.lock().expect("not poisoned").failed(now);
+        if let Some(w) = warning {
+            tracing::warn!(
+                upstream = %self.name,
+                error = %err,
+                suppressed = w.suppressed,
+                failures = w.streak,
+                "upstream connect failed"
+            );
+        }
+        *self.state.last_failure.lock().expect("not poisoned") = Some((now, err.clone()));
         self.state.failed.notify_waiters();
         err
     }
@@ -285,6 +362,10 @@ impl bb8::ManageConnection for Connector {
         match self.open().await {
             Ok(c) => {
                 self.record("ok");
+                let ended = self.log.lock().expect("not poisoned").succeeded();
+                if let Some(failures) = ended {
+                    tracing::info!(upstream = %self.name, failures, "upstream reachable again");
+                }
                 self.state.ever_connected.store(true, Ordering::Release);
                 Ok(c)
             }
@@ -376,6 +457,73 @@ mod tests {
         // Many addresses and little time: the floor holds, and the addresses beyond what the
         // time allows are not tried.
         assert_eq!(shares(ms(250), &[true; 8]), [ms(100), ms(100), ms(50)]);
+    }
+
+    #[test]
+    fn connect_failures_are_summarised_while_an_upstream_stays_down() {
+        let mut log = FailureLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + ms(s);
+        assert_eq!(
+            log.failed(at(0)),
+            Some(FailureWarning {
+                suppressed: 0,
+                streak: 1
+            }),
+            "the first failure is logged at once"
+        );
+        // 48 attempts in the next 5 s: none logged.
+        for i in 1..=48 {
+            assert_eq!(log.failed(at(i * 100)), None);
+        }
+        assert_eq!(log.failed(at(9_999)), None);
+        // The interval has passed: one line, counting what it did not log.
+        assert_eq!(
+            log.failed(at(10_000)),
+            Some(FailureWarning {
+                suppressed: 49,
+                streak: 51
+            })
+        );
+        assert_eq!(log.failed(at(10_001)), None);
+        assert_eq!(
+            log.succeeded(),
+            Some(52),
+            "the recovery is logged, with the streak"
+        );
+        assert_eq!(log.succeeded(), None, "once");
+    }
+
+    #[test]
+    fn a_new_outage_is_logged_at_once_and_a_flapping_upstream_at_most_once_per_interval() {
+        let mut log = FailureLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + ms(s);
+        assert_eq!(log.succeeded(), None, "nothing to say without failures");
+        assert!(log.failed(at(0)).is_some());
+        assert_eq!(log.succeeded(), Some(1));
+        // Failing again soon after: still within the interval, so counted, not logged, and its
+        // recovery is not logged either (no warning reported it).
+        assert_eq!(log.failed(at(2_000)), None);
+        assert_eq!(log.succeeded(), None);
+        assert_eq!(log.failed(at(3_000)), None);
+        // The next warning carries them.
+        assert_eq!(
+            log.failed(at(10_000)),
+            Some(FailureWarning {
+                suppressed: 2,
+                streak: 2
+            })
+        );
+        assert_eq!(log.succeeded(), Some(2));
+        // Long after: a new outage is logged at once, with nothing suppressed.
+        assert_eq!(
+            log.failed(at(60_000)),
+            Some(FailureWarning {
+                suppressed: 0,
+                streak: 1
+            })
+        );
     }
 
     /// A loopback address that never answers: a listener whose accept queue is full and never
