@@ -1,5 +1,7 @@
 //! The admin listener, separate from traffic: `GET /healthz`, `/readyz`, `/metrics`, `/config`
-//! and `POST /reload`.
+//! and `POST /reload`. The last two may need a bearer token (see [`access`]).
+
+pub mod access;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -66,6 +68,15 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let handle = metrics_handle();
+    let access = match listener.local_addr() {
+        Ok(listen) => access::AdminAccess::from_env(listen),
+        // Unknowable only on a broken socket; then nothing is reachable anyway.
+        Err(_) => access::AdminAccess::from_env(([0, 0, 0, 0], 0).into()),
+    };
+    if let Some(warning) = access.warning() {
+        tracing::warn!("{warning}");
+    }
+    let access = Arc::new(access);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(a) => a,
@@ -77,11 +88,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         let handle = handle.clone();
+        let access = access.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(answer(req, &shared, &handle)) }
+                let allowed = access.check(req.uri().path(), req.headers());
+                async move {
+                    Ok::<_, Infallible>(match allowed {
+                        Ok(()) => answer(req, &shared, &handle),
+                        Err(denied) => refuse(denied),
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -132,6 +150,17 @@ fn answer(
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn refuse(denied: access::Denied) -> Response<Full<Bytes>> {
+    let mut r = json(denied.status(), denied.body());
+    if denied == access::Denied::Unauthorized {
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(access::CHALLENGE),
+        );
+    }
+    r
 }
 
 fn readiness(shared: &Shared) -> Response<Full<Bytes>> {

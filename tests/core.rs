@@ -712,3 +712,68 @@ async fn repeated_lengths_and_folded_headers_are_refused_and_the_connection_clos
     }
     assert_eq!(backend.count(|s| &s.requests), 0);
 }
+
+#[tokio::test]
+async fn upgrades_are_served_as_plain_requests_and_the_guard_checks_what_follows() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+
+    // A WebSocket handshake, then a smuggling attempt on the same connection: the handshake is
+    // answered as an ordinary request (no 101), the second is refused, and the backend only sees
+    // the first, without the upgrade.
+    let out = raw(
+        gw.addr,
+        b"GET /api/ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n\
+          POST /api/two HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "{out}");
+    assert!(out.contains("HTTP/1.1 400"), "{out}");
+    assert!(!out.contains("HTTP/1.1 101"), "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 1);
+    {
+        let seen = backend.stats.headers.lock().unwrap();
+        let (uri, headers) = &seen[0];
+        assert_eq!(uri, "/api/ws");
+        assert!(headers.get("upgrade").is_none(), "{headers:?}");
+        assert!(headers.get("connection").is_none(), "{headers:?}");
+    }
+
+    // h2c's upgrade (what `curl --http2` sends over plain HTTP) with a body, then an ordinary
+    // request: both are served on the one connection.
+    let out = raw(
+        gw.addr,
+        b"POST /api/h2c HTTP/1.1\r\nhost: a\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\n\
+          http2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\ncontent-length: 5\r\n\r\nhello\
+          GET /api/after HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 3);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_400_and_the_connection_closed() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let out = raw(
+        gw.addr,
+        b"GET /api/first HTTP/1.1\r\nhost: a\r\n\r\n\
+          CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n\
+          POST /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // raw() reads to the end: nothing after the refusal is answered.
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "{out}");
+    let refusal = &out[out.find("HTTP/1.1 400").expect("CONNECT refused")..];
+    assert!(refusal.contains("connection: close"), "{out}");
+    assert!(
+        refusal.contains("x-breakwater-reason: bad_request"),
+        "{out}"
+    );
+    assert!(refusal.contains("CONNECT is not supported"), "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 1);
+}
