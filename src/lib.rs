@@ -14,7 +14,6 @@ pub mod auth;
 pub mod body;
 pub mod circuit;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod gateway;

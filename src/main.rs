@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand};
 
 use breakwater::config::{self, units, Config, LogFormat};
 
+// The demo's simulated backend and burst tool serve this command only; they are not part of the
+// library a gateway is built from.
+mod demo;
+
 // A proxy allocates and frees small buffers on every request from several threads; mimalloc
 // does that with far less contention and fragmentation than glibc's malloc.
 #[global_allocator]
@@ -253,7 +257,6 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    use breakwater::demo;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         match args.part {
