@@ -92,7 +92,7 @@ fn answer(
         }
         (&Method::GET, "/config") => {
             let table = shared.table.load();
-            json(StatusCode::OK, crate::config::describe(&table.config))
+            json(StatusCode::OK, crate::gateway::describe(&table))
         }
         (&Method::POST, "/reload") => match crate::reload::reload(shared) {
             Ok(applied) => json(

@@ -19,6 +19,7 @@ pub mod forward;
 pub mod gateway;
 pub mod listener;
 pub mod observe;
+pub mod prepare;
 pub mod proxy;
 pub mod reload;
 pub mod respond;

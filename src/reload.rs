@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::ConfigError;
+use crate::prepare::{self, Loaded};
 use crate::proxy::Shared;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +32,8 @@ pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
         .config_path
         .as_ref()
         .ok_or(ReloadError::NoFile)
-        .and_then(|path| config::load(path).map_err(ReloadError::from))
-        .map(|c| apply(shared, c));
+        .and_then(|path| prepare::load(path).map_err(ReloadError::from))
+        .map(|loaded| apply(shared, loaded));
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!("breakwater_config_reloads_total", "result" => outcome).increment(1);
     match &result {
@@ -48,7 +49,7 @@ pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
     }
     // Logged and counted (breakwater_tls_reloads_total) by the reload itself; a certificate that
     // does not load leaves the one in use.
-    if let Some(tls) = &shared.table.load().config.server.tls {
+    if let Some(tls) = &shared.server_tls {
         let _ = tls.reload("reload");
     }
     result
@@ -56,7 +57,11 @@ pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
 
 /// Swaps in `new`. Settings that live in bound sockets or the runtime only take effect on
 /// restart; they are reported rather than silently ignored.
-pub fn apply(shared: &Shared, mut new: Config) -> Applied {
+pub fn apply(shared: &Shared, new: Loaded) -> Applied {
+    let Loaded {
+        config: new,
+        prepared,
+    } = new;
     let old = shared.table.load_full();
     let mut applied = Applied::default();
     if old.config.server != new.server {
@@ -68,19 +73,15 @@ pub fn apply(shared: &Shared, mut new: Config) -> Applied {
     if old.config.log != new.log {
         applied.needs_restart.push("log");
     }
-    // The listener reads its certificate from the handle it started with; keep that handle in
-    // the configuration so reloads reach it. (New file paths need a restart, reported above with
-    // the rest of `server`.)
-    if let (Some(live), Some(next)) = (&old.config.server.tls, &mut new.server.tls) {
-        *next = live.clone();
-    }
     for section in &applied.needs_restart {
         tracing::warn!(
             section,
             "changes to this section take effect after a restart"
         );
     }
-    let table = old.rebuild(new);
+    // The certificate read for `prepared` only checked the files: the listener keeps the one it
+    // started with (new paths need a restart, reported with the rest of `server`).
+    let table = old.rebuild(new, &prepared);
     shared.table.store(Arc::new(table));
     applied
 }

@@ -127,8 +127,8 @@ fn fixture(name: &str) -> String {
 // Gateway and clients
 
 async fn start_yaml(yaml: &str, path: Option<&Path>) -> Gateway {
-    let config = breakwater::config::from_yaml(yaml, Vec::new()).expect("test config is valid");
-    let running = breakwater::gateway::start_from(config, path.map(Path::to_path_buf))
+    let loaded = breakwater::prepare::from_yaml(yaml, Vec::new()).expect("test config is valid");
+    let running = breakwater::gateway::start_from(loaded, path.map(Path::to_path_buf))
         .await
         .expect("gateway starts");
     Gateway {

@@ -1,67 +1,42 @@
 //! `auth:` (top level, every route's default) and `routes[].auth`: who may call a route.
-//! Secrets are read from the environment variable or file the block names, never from the file
-//! itself, and never appear in a problem.
+//! The file names where each secret is kept (an environment variable or a file), never the secret
+//! itself; reading and checking the secrets is [`crate::auth::Authenticator::load`]'s job.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 
 use super::problems::Problems;
 use super::raw::{OneOrMany, RawApiKeys, RawAuth, RawBasic};
+use super::Cidr;
 
-/// The environment variables secrets are read from (`*_env` keys).
-pub type Env = HashMap<String, String>;
-
-/// Caller authentication (see [`crate::auth`]). Secrets are held only as digests.
+/// Caller authentication (see [`crate::auth`]): what to check and where the secrets are kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
     pub api_keys: Option<ApiKeysConfig>,
     pub basic: Option<BasicConfig>,
     /// When not empty, the caller's source address must lie inside one of these.
-    pub allow_cidrs: Vec<crate::auth::Cidr>,
+    pub allow_cidrs: Vec<Cidr>,
     /// Peers whose `X-Forwarded-For` is believed when finding the source address.
-    pub trusted_proxies: Vec<crate::auth::Cidr>,
-}
-
-impl AuthConfig {
-    /// One line for `breakwater check`, secrets redacted.
-    pub fn summary(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(k) = &self.api_keys {
-            parts.push(format!(
-                "api_keys header {} ({} key(s) from {})",
-                k.header,
-                k.keys.len(),
-                k.source
-            ));
-        }
-        if let Some(b) = &self.basic {
-            parts.push(format!(
-                "basic user {} (password from {})",
-                b.username, b.source
-            ));
-        }
-        let list = |v: &[crate::auth::Cidr]| {
-            v.iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        if !self.allow_cidrs.is_empty() {
-            parts.push(format!("allow_cidrs {}", list(&self.allow_cidrs)));
-        }
-        if !self.trusted_proxies.is_empty() {
-            parts.push(format!("trusted_proxies {}", list(&self.trusted_proxies)));
-        }
-        parts.join("; ")
-    }
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// Where a secret is read from when the configuration is loaded (and reloaded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
+    /// The variable's name. Empty only in a configuration that failed validation, where the
+    /// `_env`/`_file` keys themselves had a problem: there is nothing to read.
     Env(String),
     File(PathBuf),
+}
+
+impl SecretSource {
+    /// The key that names this source under a block's `name` (`keys_env`, `password_file`...).
+    pub fn key(&self, name: &str) -> String {
+        match self {
+            SecretSource::Env(_) => format!("{name}_env"),
+            SecretSource::File(_) => format!("{name}_file"),
+        }
+    }
 }
 
 impl fmt::Display for SecretSource {
@@ -76,18 +51,15 @@ impl fmt::Display for SecretSource {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiKeysConfig {
     pub header: http::HeaderName,
+    /// Where the keys are kept (comma- or line-separated).
     pub source: SecretSource,
-    /// Digests of every key currently valid (several during a rotation).
-    pub keys: Vec<crate::auth::SecretDigest>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BasicConfig {
     pub username: String,
-    /// Where the password came from.
+    /// Where the password is kept.
     pub source: SecretSource,
-    /// Digest of `username:password`.
-    pub credentials: crate::auth::SecretDigest,
 }
 
 /// Where a route's authentication setting came from.
@@ -114,10 +86,6 @@ impl AuthOrigin {
     }
 }
 
-/// Shortest API key and Basic password accepted: anything shorter is guessable.
-const MIN_KEY_LEN: usize = 16;
-const MIN_PASSWORD_LEN: usize = 12;
-
 /// Headers that cannot carry an API key: the gateway or hyper rewrites or consumes them.
 const RESERVED_KEY_HEADERS: [&str; 11] = [
     "host",
@@ -135,7 +103,7 @@ const RESERVED_KEY_HEADERS: [&str; 11] = [
 
 /// An `auth:` block; `None` when it says `disabled: true`. Anything wrong is added to `p` (a
 /// block with problems still returns `Some`, so a mistake never turns authentication off).
-pub(super) fn validate(p: &mut Problems, key: &str, a: &RawAuth, env: &Env) -> Option<AuthConfig> {
+pub(super) fn validate(p: &mut Problems, key: &str, a: &RawAuth) -> Option<AuthConfig> {
     if a.disabled == Some(true) {
         let configured = a.api_keys.is_some()
             || a.basic.is_some()
@@ -153,11 +121,11 @@ pub(super) fn validate(p: &mut Problems, key: &str, a: &RawAuth, env: &Env) -> O
     let basic = a
         .basic
         .as_ref()
-        .map(|b| validate_basic(p, &format!("{key}.basic"), b, env));
+        .map(|b| validate_basic(p, &format!("{key}.basic"), b));
     let api_keys = a
         .api_keys
         .as_ref()
-        .map(|k| validate_api_keys(p, &format!("{key}.api_keys"), k, a.basic.is_some(), env));
+        .map(|k| validate_api_keys(p, &format!("{key}.api_keys"), k, a.basic.is_some()));
     let allow_cidrs = cidr_list(p, &format!("{key}.allow_cidrs"), &a.allow_cidrs);
     let trusted_proxies = cidr_list(p, &format!("{key}.trusted_proxies"), &a.trusted_proxies);
     let no_allowlist = a.allow_cidrs.iter().all(|l| l.items().is_empty());
@@ -182,10 +150,10 @@ pub(super) fn validate(p: &mut Problems, key: &str, a: &RawAuth, env: &Env) -> O
     })
 }
 
-fn cidr_list(p: &mut Problems, key: &str, list: &Option<OneOrMany>) -> Vec<crate::auth::Cidr> {
+fn cidr_list(p: &mut Problems, key: &str, list: &Option<OneOrMany>) -> Vec<Cidr> {
     let mut out = Vec::new();
     for item in list.iter().flat_map(|l| l.items()) {
-        match crate::auth::Cidr::parse(&item) {
+        match Cidr::parse(&item) {
             Ok(c) => out.push(c),
             Err(e) => p.add(key, format!("`{item}`: {e}")),
         }
@@ -193,7 +161,7 @@ fn cidr_list(p: &mut Problems, key: &str, list: &Option<OneOrMany>) -> Vec<crate
     out
 }
 
-fn validate_basic(p: &mut Problems, key: &str, b: &RawBasic, env: &Env) -> BasicConfig {
+fn validate_basic(p: &mut Problems, key: &str, b: &RawBasic) -> BasicConfig {
     let username = match b.username.as_deref() {
         Some(u) if !u.is_empty() => {
             if u.contains(':') || u.chars().any(char::is_control) {
@@ -218,31 +186,13 @@ fn validate_basic(p: &mut Problems, key: &str, b: &RawBasic, env: &Env) -> Basic
         file: &b.password_file,
         literal: b.password.is_some(),
     };
-    let (source, password) = match secret(p, key, &fields, env) {
-        // An editor's trailing newline is not part of the password.
-        Some((source, text)) => (source, text.trim_end_matches(['\r', '\n']).to_string()),
-        None => (SecretSource::Env(String::new()), String::new()),
-    };
-    if !password.is_empty() && password.chars().count() < MIN_PASSWORD_LEN {
-        p.add(
-            format!("{key}.{}", source_key("password", &source)),
-            format!("the password from {source} is shorter than {MIN_PASSWORD_LEN} characters"),
-        );
-    }
     BasicConfig {
-        credentials: crate::auth::SecretDigest::of(format!("{username}:{password}").as_bytes()),
         username,
-        source,
+        source: secret_source(p, key, &fields),
     }
 }
 
-fn validate_api_keys(
-    p: &mut Problems,
-    key: &str,
-    k: &RawApiKeys,
-    basic: bool,
-    env: &Env,
-) -> ApiKeysConfig {
+fn validate_api_keys(p: &mut Problems, key: &str, k: &RawApiKeys, basic: bool) -> ApiKeysConfig {
     let header_text = k
         .header
         .as_deref()
@@ -277,58 +227,9 @@ fn validate_api_keys(
         file: &k.keys_file,
         literal: k.keys.is_some(),
     };
-    let Some((source, text)) = secret(p, key, &fields, env) else {
-        return ApiKeysConfig {
-            header,
-            source: SecretSource::Env(String::new()),
-            keys: Vec::new(),
-        };
-    };
-    let skey = format!("{key}.{}", source_key("keys", &source));
-    let is_file = matches!(source, SecretSource::File(_));
-    let keys: Vec<&str> = text
-        .split([',', '\n'])
-        .map(str::trim)
-        // In a file, `#` starts a comment line.
-        .filter(|k| !k.is_empty())
-        .filter(|k| !(is_file && k.starts_with('#')))
-        .collect();
-    if keys.is_empty() {
-        p.add(
-            &skey,
-            format!("{source} holds no keys (write them comma-separated)"),
-        );
-    }
-    let n = keys.len();
-    for (i, k) in keys.iter().enumerate() {
-        // The key itself is never printed, only its position.
-        let which = format!("key {} of {n} from {source}", i + 1);
-        if !k.bytes().all(|b| b.is_ascii_graphic()) {
-            p.add(
-                &skey,
-                format!("{which} contains characters other than visible ASCII"),
-            );
-        } else if k.len() < MIN_KEY_LEN {
-            p.add(
-                &skey,
-                format!("{which} is shorter than {MIN_KEY_LEN} characters"),
-            );
-        }
-    }
     ApiKeysConfig {
         header,
-        keys: keys
-            .iter()
-            .map(|k| crate::auth::SecretDigest::of(k.as_bytes()))
-            .collect(),
-        source,
-    }
-}
-
-fn source_key(name: &str, source: &SecretSource) -> String {
-    match source {
-        SecretSource::Env(_) => format!("{name}_env"),
-        SecretSource::File(_) => format!("{name}_file"),
+        source: secret_source(p, key, &fields),
     }
 }
 
@@ -340,15 +241,12 @@ struct SecretFields<'a> {
     literal: bool,
 }
 
-/// Reads a secret of the block at `base` from its `_env` or `_file` key. A literal value in the
-/// file is refused. Problems never include the secret.
-fn secret(
-    p: &mut Problems,
-    base: &str,
-    f: &SecretFields<'_>,
-    env: &Env,
-) -> Option<(SecretSource, String)> {
+/// Where the secret of the block at `base` is kept: its `_env` or `_file` key. A literal value
+/// in the file is refused. Problems never include the secret. Without a usable key, an empty
+/// variable name: the problem is reported and there is nothing to read.
+fn secret_source(p: &mut Problems, base: &str, f: &SecretFields<'_>) -> SecretSource {
     let name = f.name;
+    let none = SecretSource::Env(String::new());
     if f.literal {
         p.add(
             format!("{base}.{name}"),
@@ -365,7 +263,7 @@ fn secret(
                 format!("{base}.{name}_env"),
                 format!("set only one of `{name}_env` and `{name}_file`"),
             );
-            None
+            none
         }
         (None, None) => {
             if !f.literal {
@@ -377,47 +275,23 @@ fn secret(
                     ),
                 );
             }
-            None
+            none
         }
         (Some(var), None) => {
-            let key = format!("{base}.{name}_env");
             let valid_name = !var.is_empty()
                 && !var.starts_with(|c: char| c.is_ascii_digit())
                 && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_name {
                 // Not echoed: a secret pasted here by mistake must not end up in a log.
                 p.add(
-                    key,
+                    format!("{base}.{name}_env"),
                     "not an environment variable name (letters, digits and `_`); give the \
                      variable's name, not the secret",
                 );
-                return None;
+                return none;
             }
-            match env.get(var) {
-                None => {
-                    p.add(key, format!("{var} is not set"));
-                    None
-                }
-                Some(v) if v.trim().is_empty() => {
-                    p.add(key, format!("{var} is set but empty"));
-                    None
-                }
-                Some(v) => Some((SecretSource::Env(var.clone()), v.clone())),
-            }
+            SecretSource::Env(var.clone())
         }
-        (None, Some(path)) => {
-            let key = format!("{base}.{name}_file");
-            match std::fs::read_to_string(path) {
-                Err(e) => {
-                    p.add(key, format!("`{path}`: cannot read ({e})"));
-                    None
-                }
-                Ok(text) if text.trim().is_empty() => {
-                    p.add(key, format!("`{path}` is empty"));
-                    None
-                }
-                Ok(text) => Some((SecretSource::File(path.into()), text)),
-            }
-        }
+        (None, Some(path)) => SecretSource::File(path.into()),
     }
 }

@@ -1,8 +1,14 @@
 //! Configuration: one YAML file, environment overrides (`BREAKWATER__SECTION__KEY`), strict
 //! validation that reports every problem with the key and the bad value.
+//!
+//! A [`Config`] is plain data: values, file paths, names of environment variables. Validation
+//! reads nothing but the text and the environment overrides; the files and secrets a
+//! configuration names are read by [`crate::prepare`] when the gateway starts, is checked or
+//! reloads. Each section's types and checks live in the module named after it.
 
 mod admin;
 mod auth;
+mod cidr;
 mod describe;
 mod log;
 mod problems;
@@ -19,15 +25,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use admin::AdminConfig;
-pub use auth::{ApiKeysConfig, AuthConfig, AuthOrigin, BasicConfig, Env, SecretSource};
+pub use auth::{ApiKeysConfig, AuthConfig, AuthOrigin, BasicConfig, SecretSource};
+pub use cidr::Cidr;
 pub use describe::{describe, redact_url};
 pub use log::{LogConfig, LogFormat};
 pub use route::{
     Concurrency, FallbackConfig, OverloadConfig, QueueConfig, RetryConfig, RouteConfig,
 };
-pub use server::ServerConfig;
+pub use server::{ServerConfig, ServerTlsConfig};
 pub use upstream::{CircuitConfig, PoolConfig, UpstreamConfig, UpstreamTlsConfig};
-pub use validate::validate;
 
 /// Environment variables starting with this override keys of the file.
 pub const ENV_PREFIX: &str = "BREAKWATER__";
@@ -90,29 +96,60 @@ impl ConfigError {
     }
 }
 
-/// Reads the file at `path`, applies `BREAKWATER__*` variables from the process environment and
-/// validates the result.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+/// What validation made of a file: the configuration and every problem found in it. When there
+/// are problems, `config` holds defaults in place of the bad values and leaves out upstreams
+/// that cannot be used; it is then good only for looking for more problems (in the files it
+/// names, say), so that all of them are reported at once.
+#[derive(Debug)]
+pub struct Draft {
+    pub config: Config,
+    pub problems: Vec<Problem>,
+}
+
+impl Draft {
+    pub fn finish(self) -> Result<Config, ConfigError> {
+        if self.problems.is_empty() {
+            Ok(self.config)
+        } else {
+            Err(ConfigError::Invalid(self.problems))
+        }
+    }
+}
+
+/// The text of the config file at `path`.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    from_yaml(&text, std::env::vars())
+    })
+}
+
+/// Reads the file at `path`, applies `BREAKWATER__*` variables from the process environment and
+/// validates the result. The files and secrets it names are not read: see [`crate::prepare`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    from_yaml(&read(path)?, std::env::vars())
 }
 
 /// Builds the config from YAML text and an explicit set of environment variables (tests pass
-/// their own so they never depend on the machine's environment). The same variables supply the
-/// secrets named by `*_env` keys; `*_file` secrets are read here too.
+/// their own so they never depend on the machine's environment).
 pub fn from_yaml(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+    draft(text, env)?.finish()
+}
+
+/// Like [`from_yaml`], keeping the configuration when it has problems. Fails outright only when
+/// the text is not YAML of the right shape.
+pub fn draft(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Draft, ConfigError> {
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Yaml));
     let mut overrides: Vec<(String, String)> = env
-        .iter()
-        .filter_map(|(k, v)| env_key_to_path(k).map(|p| (p, v.clone())))
+        .into_iter()
+        .filter_map(|(k, v)| env_key_to_path(&k).map(|p| (p, v)))
         .collect();
     // Sorted so that `routes[0]` exists before `routes[1]` is set.
     overrides.sort();
@@ -128,7 +165,7 @@ pub fn from_yaml(
         let path = e.path().to_string();
         ConfigError::Syntax(format!("{path}: {}", e.into_inner()))
     })?;
-    validate(raw, &env).map_err(ConfigError::Invalid)
+    Ok(validate::validate(raw))
 }
 
 /// `BREAKWATER__ROUTES__0__BUDGET` → `routes[0].budget`; `None` for unrelated variables.

@@ -142,18 +142,3 @@ pub(super) fn path_value(p: &mut Problems, key: &str, value: &str) -> Option<Pat
     }
     Some(PathBuf::from(value))
 }
-
-/// Maps a certificate file problem to the key that names the file.
-pub(super) fn file_problem(
-    p: &mut Problems,
-    base: &str,
-    e: crate::tls::FileProblem,
-    names: [&str; 3],
-) {
-    let field = match e.file {
-        crate::tls::TlsFile::Cert => names[0],
-        crate::tls::TlsFile::Key => names[1],
-        crate::tls::TlsFile::Ca => names[2],
-    };
-    p.add(format!("{base}.{field}"), e.message);
-}

@@ -1,10 +1,10 @@
 //! `server:`: the traffic listener, its limits and timers, HTTPS and the PROXY protocol.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use super::problems::{file_problem, path_value, Problems};
+use super::problems::{path_value, Problems};
 use super::raw::{RawServer, RawServerTls};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -23,13 +23,20 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub drain_timeout: Duration,
     pub http2: bool,
-    /// HTTPS on the listener. The handle is shared with the running listener, which reads the
-    /// certificate in it at every handshake; equality compares the file paths only.
-    pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// HTTPS on the listener.
+    pub tls: Option<ServerTlsConfig>,
     /// Every connection starts with a PROXY protocol (v1 or v2) header naming the client.
     pub proxy_protocol: bool,
     /// Open connections allowed from one source address (after the PROXY protocol); none: any.
     pub max_connections_per_source: Option<usize>,
+}
+
+/// `server.tls`: the files the listener's certificate chain and private key are read from. The
+/// running gateway reads them (at start, on reload and when they change; see [`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub(super) fn validate(p: &mut Problems, s: &RawServer) -> ServerConfig {
@@ -83,11 +90,7 @@ pub(super) fn validate(p: &mut Problems, s: &RawServer) -> ServerConfig {
         }),
     };
     let mut server = server;
-    server.tls = s
-        .tls
-        .as_ref()
-        .and_then(|t| validate_tls(p, t, server.http2))
-        .map(Arc::new);
+    server.tls = s.tls.as_ref().and_then(|t| validate_tls(p, t));
     if server.max_header_size < 8192 {
         p.add(
             "server.max_header_size",
@@ -97,7 +100,7 @@ pub(super) fn validate(p: &mut Problems, s: &RawServer) -> ServerConfig {
     server
 }
 
-fn validate_tls(p: &mut Problems, t: &RawServerTls, http2: bool) -> Option<crate::tls::ServerTls> {
+fn validate_tls(p: &mut Problems, t: &RawServerTls) -> Option<ServerTlsConfig> {
     let base = "server.tls";
     let mut required = |field: &str, value: &Option<String>, what: &str| match value {
         None => {
@@ -111,14 +114,8 @@ fn validate_tls(p: &mut Problems, t: &RawServerTls, http2: bool) -> Option<crate
     };
     let cert = required("cert", &t.cert, "certificate chain (leaf first)");
     let key = required("key", &t.key, "private key");
-    let (cert, key) = (cert?, key?);
-    match crate::tls::ServerTls::load(&cert, &key, http2) {
-        Ok(tls) => Some(tls),
-        Err(problems) => {
-            for e in problems {
-                file_problem(p, base, e, ["cert", "key", "cert"]);
-            }
-            None
-        }
-    }
+    Some(ServerTlsConfig {
+        cert: cert?,
+        key: key?,
+    })
 }

@@ -3,6 +3,12 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 
 use super::*;
+use crate::prepare::Loaded;
+
+/// Validation and then the files and secrets the config names, as start, check and reload do.
+fn load(text: &str, env: Vec<(String, String)>) -> Result<Loaded, ConfigError> {
+    crate::prepare::from_yaml(text, env)
+}
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -224,7 +230,10 @@ fn auth_global_default_route_override_and_disabled() {
       basic: { username: genesys, password_env: BW_PASS }"#,
     );
     let keys = format!(" {KEY_A} , {KEY_B},");
-    let c = from_yaml(
+    let Loaded {
+        config: c,
+        prepared,
+    } = load(
         &text,
         env(&[("BW_KEYS", &keys), ("BW_PASS", "a-long-password")]),
     )
@@ -232,7 +241,9 @@ fn auth_global_default_route_override_and_disabled() {
     let global = c.auth.as_ref().unwrap();
     let k = global.api_keys.as_ref().unwrap();
     assert_eq!(k.header.as_str(), "x-api-key");
-    assert_eq!(k.keys.len(), 2);
+    let loaded = prepared.auth.as_ref().unwrap();
+    assert_eq!(loaded.keys_loaded(), 2);
+    assert!(std::ptr::eq(loaded.config(), &**global));
     assert_eq!(k.source, SecretSource::Env("BW_KEYS".into()));
     assert_eq!(global.allow_cidrs.len(), 2);
     assert_eq!(global.trusted_proxies[0].to_string(), "10.0.0.0/8");
@@ -252,11 +263,16 @@ fn auth_global_default_route_override_and_disabled() {
     for secret in [KEY_A, KEY_B, "a-long-password"] {
         assert!(!shown.contains(secret), "{shown}");
         assert!(!format!("{c:?}").contains(secret));
-        assert!(!global.summary().contains(secret));
+        assert!(!format!("{prepared:?}").contains(secret));
+        assert!(!loaded.summary().contains(secret));
     }
+    assert!(loaded.summary().contains("2 key(s) from env BW_KEYS"));
+    // Routes that inherit the top-level block share its loaded keys.
+    assert!(!prepared.route_auth.contains_key("open"));
+    assert!(Arc::ptr_eq(&prepared.route_auth["inherits"], loaded));
+    assert_eq!(prepared.route_auth["own"].keys_loaded(), 0);
     let v = describe(&c);
     assert_eq!(v["auth"]["api_keys"]["keys_env"], "BW_KEYS");
-    assert_eq!(v["auth"]["api_keys"]["keys_loaded"], 2);
     assert_eq!(v["routes"][0]["auth"]["from"], "disabled");
     assert_eq!(v["routes"][1]["auth"]["from"], "global");
     assert_eq!(v["routes"][2]["auth"]["from"], "route");
@@ -288,18 +304,34 @@ fn secrets_from_files_are_read_at_load() {
         ),
         "",
     );
+    // Validation alone reads nothing.
     let c = from_yaml(&text, env(&[])).unwrap();
     let a = c.auth.as_ref().unwrap();
-    assert_eq!(a.api_keys.as_ref().unwrap().keys.len(), 2);
-    // The trailing newline of the file is not part of the password.
     assert_eq!(
-        a.basic.as_ref().unwrap().credentials,
-        crate::auth::SecretDigest::of(b"u:a-long-password")
+        a.api_keys.as_ref().unwrap().source,
+        SecretSource::File(keys.clone())
     );
+    let a = load(&text, env(&[])).unwrap().prepared.auth.unwrap();
+    assert_eq!(a.keys_loaded(), 2);
+    // The trailing newline of the file is not part of the password.
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::AUTHORIZATION,
+        "Basic dTphLWxvbmctcGFzc3dvcmQ=".parse().unwrap(),
+    );
+    crate::auth::authenticate(&a, &mut h, "127.0.0.1:1".parse().unwrap()).unwrap();
     // Reloading reads the file again.
     std::fs::write(&keys, KEY_A).unwrap();
-    let c = from_yaml(&text, env(&[])).unwrap();
-    assert_eq!(c.auth.unwrap().api_keys.as_ref().unwrap().keys.len(), 1);
+    let a = load(&text, env(&[])).unwrap().prepared.auth.unwrap();
+    assert_eq!(a.keys_loaded(), 1);
+    // And a file that went missing is a problem of the key that names it.
+    std::fs::remove_file(&keys).unwrap();
+    let p = load(&text, env(&[])).unwrap_err().problems();
+    assert!(
+        p.iter()
+            .any(|p| p.key == "auth.api_keys.keys_file" && p.message.contains("cannot read")),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -338,7 +370,7 @@ routes:
       basic: { username: "a:b", password_env: SHORT }
       api_keys: { header: authorization, keys_env: "not a name!" }
 "#;
-    let problems = from_yaml(text, env(&[("SHORT", "tiny")]))
+    let problems = load(text, env(&[("SHORT", "tiny")]))
         .unwrap_err()
         .problems();
     let rendered: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -423,7 +455,7 @@ fn with_server(server: &str, upstream: &str) -> String {
 }
 
 fn problems_of(text: &str) -> Vec<String> {
-    from_yaml(text, env(&[]))
+    load(text, env(&[]))
         .unwrap_err()
         .problems()
         .iter()
@@ -451,10 +483,13 @@ fn server_tls_loads_and_is_described_by_path() {
         ),
         "    url: http://127.0.0.1:8000",
     );
-    let c = from_yaml(&text, env(&[])).unwrap();
+    let Loaded {
+        config: c,
+        prepared,
+    } = load(&text, env(&[])).unwrap();
     let tls = c.server.tls.as_ref().unwrap();
     assert_eq!(tls.cert.display().to_string(), cert);
-    assert_eq!(tls.fingerprint().len(), 64);
+    assert_eq!(prepared.server_tls.unwrap().fingerprint().len(), 64);
     assert!(c.server.proxy_protocol);
     assert_eq!(c.server.max_connections_per_source, Some(8));
     let v = describe(&c);
@@ -523,7 +558,7 @@ fn server_tls_problems_name_the_key_and_the_file() {
     let pem = std::fs::read_to_string(&key).unwrap();
     let body = pem.lines().nth(1).unwrap().to_string();
     let text = with_server(&format!("  tls: {{ cert: \"{cert}\" }}"), url);
-    let c = from_yaml(&text, env(&[("BREAKWATER__SERVER__TLS__KEY", &pem)]));
+    let c = load(&text, env(&[("BREAKWATER__SERVER__TLS__KEY", &pem)]));
     let p: Vec<String> = c
         .unwrap_err()
         .problems()

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::problems::{file_problem, path_value, Problems};
+use rustls::pki_types::ServerName;
+
+use super::problems::{path_value, Problems};
 use super::raw::{RawUpstream, RawUpstreamTls};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -28,14 +30,12 @@ pub struct UpstreamTlsConfig {
     /// The name sent as SNI and checked against the certificate, instead of the url's host.
     pub server_name: Option<String>,
     /// The name actually checked: `server_name`, else the url's host.
-    pub name: rustls::pki_types::ServerName<'static>,
+    pub name: ServerName<'static>,
     /// Client certificate chain and key presented to the upstream (mTLS).
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     /// Accept any certificate. Logged as a warning at start and by `breakwater check`.
     pub insecure_skip_verify: bool,
-    /// Built from the settings above when the configuration was loaded.
-    pub client: crate::tls::ClientTls,
 }
 
 impl UpstreamConfig {
@@ -251,10 +251,10 @@ fn validate_tls(
         );
     }
     let name = match &t.server_name {
-        Some(name) => crate::tls::server_name(name)
+        Some(name) => server_name(name)
             .map_err(|e| p.add(format!("{key}.server_name"), e))
             .ok(),
-        None => crate::tls::server_name(host)
+        None => server_name(host)
             .map_err(|e| {
                 p.add(
                     format!("{key}.server_name"),
@@ -264,22 +264,19 @@ fn validate_tls(
             .ok(),
     };
     let name = name.filter(|_| p.0.len() == before)?;
-    let client_pair = client_cert.as_deref().zip(client_key.as_deref());
-    match crate::tls::ClientTls::build(ca_file.as_deref(), client_pair, insecure) {
-        Ok(client) => Some(UpstreamTlsConfig {
-            ca_file,
-            server_name: t.server_name.clone(),
-            name,
-            client_cert,
-            client_key,
-            insecure_skip_verify: insecure,
-            client,
-        }),
-        Err(problems) => {
-            for e in problems {
-                file_problem(p, key, e, ["client_cert", "client_key", "ca_file"]);
-            }
-            None
-        }
-    }
+    Some(UpstreamTlsConfig {
+        ca_file,
+        server_name: t.server_name.clone(),
+        name,
+        client_cert,
+        client_key,
+        insecure_skip_verify: insecure,
+    })
+}
+
+/// The name an upstream's certificate is checked against (and sent as SNI): `tls.server_name`,
+/// else the URL's host. An IP address is checked against the certificate's IP addresses.
+fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| format!("`{name}`: not a DNS name or IP address"))
 }

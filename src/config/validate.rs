@@ -9,7 +9,7 @@ use super::problems::Problems;
 use super::raw::RawConfig;
 use super::*;
 
-pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
+pub fn validate(raw: RawConfig) -> Draft {
     let mut p = Problems(Vec::new());
 
     let server = server::validate(&mut p, &raw.server);
@@ -26,7 +26,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
     let auth = raw
         .auth
         .as_ref()
-        .and_then(|a| auth::validate(&mut p, "auth", a, env))
+        .and_then(|a| auth::validate(&mut p, "auth", a))
         .map(Arc::new);
 
     if raw.routes.is_empty() {
@@ -41,7 +41,7 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
             (route.auth, route.auth_origin) = match &r.auth {
                 None if auth.is_some() => (auth.clone(), AuthOrigin::Global),
                 None => (None, AuthOrigin::None),
-                Some(a) => match auth::validate(&mut p, &format!("{key}.auth"), a, env) {
+                Some(a) => match auth::validate(&mut p, &format!("{key}.auth"), a) {
                     Some(own) => (Some(Arc::new(own)), AuthOrigin::Route),
                     None => (None, AuthOrigin::Disabled),
                 },
@@ -58,16 +58,15 @@ pub fn validate(raw: RawConfig, env: &Env) -> Result<Config, Vec<Problem>> {
         }
     }
 
-    if p.0.is_empty() {
-        Ok(Config {
+    Draft {
+        config: Config {
             server,
             admin,
             log,
             upstreams,
             routes,
             auth,
-        })
-    } else {
-        Err(p.0)
+        },
+        problems: p.0,
     }
 }

@@ -116,8 +116,8 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         opts.workers,
         opts.queue_depth
     ));
-    let config = breakwater::config::from_yaml(&opts.gateway_yaml(gw_backend.addr), Vec::new())?;
-    let running = breakwater::gateway::start(config).await?;
+    let loaded = breakwater::prepare::from_yaml(&opts.gateway_yaml(gw_backend.addr), Vec::new())?;
+    let running = breakwater::gateway::start(loaded).await?;
     let url: Uri = format!("http://{}/v1/sentiment", running.addr).parse()?;
     let mut sent = 0;
     while sent < opts.warmup {

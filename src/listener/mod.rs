@@ -271,6 +271,7 @@ pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
     config: ServerConfig,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     connections: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -302,6 +303,7 @@ pub async fn serve(
                     proxy.clone(),
                     builder.clone(),
                     config.clone(),
+                    tls.clone(),
                     sources.clone(),
                     shutdown.clone(),
                     permit,
@@ -437,6 +439,7 @@ async fn accept_connection(
     proxy: Proxy,
     builder: Arc<auto::Builder<TokioExecutor>>,
     config: ServerConfig,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     sources: Option<Arc<SourceLimit>>,
     shutdown: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
@@ -473,7 +476,7 @@ async fn accept_connection(
             }
         },
     };
-    let Some(tls) = config.tls.clone() else {
+    let Some(tls) = tls else {
         return serve_connection(
             stream, peer, "http", proxy, builder, config, shutdown, permit,
         )
