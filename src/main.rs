@@ -193,7 +193,7 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         println!(
             "upstream {}  {}  pool max {} min_idle {} idle_timeout {} max_lifetime {} connect_timeout {}",
             u.name,
-            u.url,
+            config::redact_url(&u.url),
             u.pool.max_connections,
             u.pool.min_idle,
             units::format_duration(u.pool.idle_timeout),

@@ -291,13 +291,18 @@ routes:
 }
 
 async fn start_binary(backend: &str, budget: &str) -> Binary {
+    start_binary_logging(backend, budget, Stdio::null()).await
+}
+
+/// Like [`start_binary`], with the log lines (stdout) going to `log`.
+async fn start_binary_logging(backend: &str, budget: &str, log: Stdio) -> Binary {
     let (port, admin) = (free_port(), free_port());
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), binary_config(port, admin, backend, budget)).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
         .arg("--config")
         .arg(file.path())
-        .stdout(Stdio::null())
+        .stdout(log)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -513,4 +518,83 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
     }
     backend.release(1);
     let _ = held.await;
+}
+
+/// `breakwater check` on `text`: (success, stdout, stderr).
+fn check(text: &str) -> (bool, String, String) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("check")
+        .arg("--config")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).to_string();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+#[tokio::test]
+async fn url_credentials_never_reach_check_reload_answers_or_logs() {
+    let secret_url = "http://svc:hunter2@127.0.0.1:9/base";
+    let (ok, out, err) = check(&binary_config(free_port(), free_port(), secret_url, "10s"));
+    assert!(ok, "{err}");
+    assert!(out.contains("<redacted>@127.0.0.1:9/base"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+    // Invalid: credentials in a url that does not parse, next to another problem.
+    let broken = binary_config(free_port(), free_port(), "http://svc:hunter2@[nope", "-1s");
+    let (ok, out, err) = check(&broken);
+    assert!(!ok);
+    assert!(
+        err.contains("upstreams.app.url") && err.contains("routes[0].budget"),
+        "{err}"
+    );
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+
+    let backend = Backend::start().await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let bin = start_binary_logging(&backend.url(), "10s", log.reopen().unwrap().into()).await;
+    std::fs::write(
+        bin.file.path(),
+        binary_config(bin.port, bin.admin, "http://svc:hunter2@[nope", "-1s"),
+    )
+    .unwrap();
+    let c = client();
+    let resp = c
+        .request(
+            http::Request::post(format!("http://127.0.0.1:{}/reload", bin.admin))
+                .body(body(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let answer = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("upstreams.app.url"), "{answer}");
+    assert!(!answer.contains("hunter2"), "{answer}");
+
+    // The log is flushed when the process exits.
+    let mut bin = bin;
+    signal(&bin.proc.0, "TERM");
+    let start = std::time::Instant::now();
+    while bin.proc.0.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(6), "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        logged.contains("upstreams.app.url"),
+        "reload problem not logged: {logged}"
+    );
+    assert!(!logged.contains("hunter2"), "{logged}");
 }

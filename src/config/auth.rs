@@ -164,7 +164,13 @@ fn cidr_list(p: &mut Problems, key: &str, list: &Option<OneOrMany>) -> Vec<Cidr>
 fn validate_basic(p: &mut Problems, key: &str, b: &RawBasic) -> BasicConfig {
     let username = match b.username.as_deref() {
         Some(u) if !u.is_empty() => {
-            if u.contains(':') || u.chars().any(char::is_control) {
+            if let Some((user, _)) = u.split_once(':') {
+                // What follows the colon is likely a password pasted with the user: not shown.
+                p.add(
+                    format!("{key}.username"),
+                    format!("`{user}:…`: must not contain `:` or control characters"),
+                );
+            } else if u.chars().any(char::is_control) {
                 p.add(
                     format!("{key}.username"),
                     format!("`{u}`: must not contain `:` or control characters"),

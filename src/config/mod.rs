@@ -27,7 +27,7 @@ use std::sync::Arc;
 pub use admin::AdminConfig;
 pub use auth::{ApiKeysConfig, AuthConfig, AuthOrigin, BasicConfig, SecretSource};
 pub use cidr::Cidr;
-pub use describe::{describe, redact_url};
+pub use describe::{describe, redact_url, redact_url_text};
 pub use log::{LogConfig, LogFormat};
 pub use route::{
     Concurrency, FallbackConfig, OverloadConfig, QueueConfig, RetryConfig, RouteConfig,

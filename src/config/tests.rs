@@ -367,7 +367,7 @@ routes:
   - name: g
     upstream: analytics
     auth:
-      basic: { username: "a:b", password_env: SHORT }
+      basic: { username: "a:pasted-password", password_env: SHORT }
       api_keys: { header: authorization, keys_env: "not a name!" }
 "#;
     let problems = load(text, env(&[("SHORT", "tiny")]))
@@ -388,7 +388,7 @@ routes:
         ("routes[5].auth.api_keys.keys_env", "shorter than 16"),
         ("routes[5].auth.api_keys.header", "`host`"),
         ("routes[5].auth.trusted_proxies", "allow_cidrs"),
-        ("routes[6].auth.basic.username", "`a:b`"),
+        ("routes[6].auth.basic.username", "`a:…`"),
         ("routes[6].auth.basic.password_env", "shorter than 12"),
         ("routes[6].auth.api_keys.header", "Basic"),
         (
@@ -411,6 +411,7 @@ routes:
         "literal-key-0123456789",
         "tiny",
         "not a name!",
+        "pasted-password",
     ] {
         assert!(!all.contains(secret), "{secret} leaked:\n{all}");
     }
@@ -652,4 +653,47 @@ fn upstream_tls_problems_name_the_key() {
 
     let p = problems_of(&up("verify: false", https));
     assert!(p.join("\n").contains("verify"), "{p:?}");
+}
+
+#[test]
+fn url_credentials_and_queries_never_appear_in_problems() {
+    let text = r#"
+upstreams:
+  query:
+    url: "http://svc:hunter2@10.0.0.1:8000/base?token=s3cr3t-query"
+  invalid:
+    url: "http://svc:hunter2@[not-an-address"
+  noscheme:
+    url: "svc:hunter2@10.0.0.1:8000"
+  plain:
+    url: "http://svc:hunter2@10.0.0.1:8000"
+    tls: { insecure_skip_verify: true }
+  valid:
+    url: "http://svc:hunter2@10.0.0.1:8000"
+routes:
+  - name: r
+    upstream: valid
+    budget: soon
+"#;
+    let problems = load(text, env(&[])).unwrap_err().problems();
+    let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    let all = all.join("\n");
+    for leak in ["hunter2", "svc:", "s3cr3t-query"] {
+        assert!(!all.contains(leak), "{leak} leaked:\n{all}");
+    }
+    for key in [
+        "upstreams.query.url",
+        "upstreams.invalid.url",
+        "upstreams.noscheme.url",
+        "upstreams.plain.tls",
+        "routes[0].budget",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.key == key),
+            "no problem for {key}:\n{all}"
+        );
+    }
+    assert!(all.contains("<redacted>@10.0.0.1:8000"), "{all}");
+    let err = load(text, env(&[])).unwrap_err().to_string();
+    assert!(!err.contains("hunter2"), "{err}");
 }

@@ -145,13 +145,12 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         );
         return None;
     };
+    // Problems show the url without its credentials or query.
+    let shown = super::redact_url_text(url_text);
     let url: http::Uri = match url_text.parse() {
         Ok(u) => u,
         Err(e) => {
-            p.add(
-                format!("{key}.url"),
-                format!("`{url_text}`: not a URL ({e})"),
-            );
+            p.add(format!("{key}.url"), format!("`{shown}`: not a URL ({e})"));
             return None;
         }
     };
@@ -161,26 +160,26 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         Some(other) => {
             p.add(
                 format!("{key}.url"),
-                format!("`{url_text}`: scheme `{other}` is not supported; use http:// or https://"),
+                format!("`{shown}`: scheme `{other}` is not supported; use http:// or https://"),
             );
             return None;
         }
         None => {
             p.add(
                 format!("{key}.url"),
-                format!("`{url_text}`: missing scheme; write `http://host:port` or `https://host`"),
+                format!("`{shown}`: missing scheme; write `http://host:port` or `https://host`"),
             );
             return None;
         }
     };
     let Some(host) = url.host().filter(|h| !h.is_empty()) else {
-        p.add(format!("{key}.url"), format!("`{url_text}`: missing host"));
+        p.add(format!("{key}.url"), format!("`{shown}`: missing host"));
         return None;
     };
     if url.query().is_some() {
         p.add(
             format!("{key}.url"),
-            format!("`{url_text}`: a query string is not allowed in an upstream url"),
+            format!("`{shown}`: a query string is not allowed in an upstream url"),
         );
     }
     let host = host
@@ -192,7 +191,7 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         (Some(_), false) => {
             p.add(
                 format!("{key}.tls"),
-                format!("only for https:// urls, and the url is `{url_text}`"),
+                format!("only for https:// urls, and the url is `{shown}`"),
             );
             None
         }
