@@ -62,7 +62,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(answer(req, &shared, &handle)) }
+                async move { Ok::<_, Infallible>(answer(req, &shared, &handle).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,9 +73,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn answer(
+async fn answer(
     req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     handle: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
@@ -94,7 +94,7 @@ fn answer(
             let table = shared.table.load();
             json(StatusCode::OK, crate::gateway::describe(&table))
         }
-        (&Method::POST, "/reload") => match crate::reload::reload(shared) {
+        (&Method::POST, "/reload") => match crate::reload::reload(shared.clone()).await {
             Ok(applied) => json(
                 StatusCode::OK,
                 serde_json::json!({ "result": "ok", "needs_restart": applied.needs_restart }),

@@ -370,7 +370,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
             };
             while hup.recv().await.is_some() {
                 // Outcome and problems are logged and counted by reload itself.
-                let _ = breakwater::reload::reload(&shared);
+                let _ = breakwater::reload::reload(shared.clone()).await;
             }
         });
         wait_for_signal().await;

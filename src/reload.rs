@@ -17,6 +17,8 @@ pub enum ReloadError {
     NoFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("the reload was cancelled: the gateway is shutting down")]
+    Cancelled,
 }
 
 /// What a successful reload could not apply.
@@ -25,8 +27,19 @@ pub struct Applied {
     pub needs_restart: Vec<&'static str>,
 }
 
-/// Re-reads the config file (with environment overrides) and applies it.
-pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
+/// Re-reads the config file (with environment overrides) and the files it names, and applies it.
+/// Reading and checking files blocks, so it runs on tokio's blocking pool: a slow disk never
+/// stalls the requests that share a runtime thread with the caller.
+pub async fn reload(shared: Arc<Shared>) -> Result<Applied, ReloadError> {
+    match tokio::task::spawn_blocking(move || reload_blocking(&shared)).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ReloadError::Cancelled),
+    }
+}
+
+/// [`reload`] on the calling thread, which may block on file reads.
+pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
     let _one_at_a_time = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let result = shared
         .config_path

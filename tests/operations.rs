@@ -598,3 +598,84 @@ async fn url_credentials_never_reach_check_reload_answers_or_logs() {
     );
     assert!(!logged.contains("hunter2"), "{logged}");
 }
+
+/// A reload reads its file on the blocking pool: with the file a FIFO that nothing has written
+/// yet, the reload waits, and a single-threaded runtime goes on answering meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_waiting_on_its_file_does_not_block_the_runtime() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let backend = Backend::start().await;
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nupstreams:\n  app:\n    url: \"{}\"\nroutes:\n  - {{ name: api, upstream: app }}\n",
+        backend.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("breakwater.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let loaded = breakwater::prepare::from_yaml(&yaml, Vec::new()).unwrap();
+    let running = breakwater::gateway::start_from(loaded, Some(fifo.clone()))
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+
+    // Were the reload to block this (only) runtime thread, nothing below could run: this thread
+    // then feeds the FIFO after a while so that the test fails instead of hanging.
+    let (fed, watchdog_fed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    std::thread::spawn({
+        let (fifo, yaml, fed, watchdog_fed) = (
+            fifo.clone(),
+            yaml.clone(),
+            fed.clone(),
+            watchdog_fed.clone(),
+        );
+        move || {
+            std::thread::sleep(Duration::from_secs(10));
+            if !fed.swap(true, Ordering::SeqCst) {
+                watchdog_fed.store(true, Ordering::SeqCst);
+                let _ = std::fs::write(&fifo, yaml);
+            }
+        }
+    });
+    let reload = tokio::spawn(breakwater::reload::reload(shared.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // Reloads hold this lock from start to end.
+    while shared.reloading.try_lock().is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reload never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = client();
+    let health = get(
+        &c,
+        &format!("http://{}/healthz", running.admin_addr.unwrap()),
+    )
+    .await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(
+        !watchdog_fed.load(Ordering::SeqCst),
+        "the runtime was blocked until the file arrived"
+    );
+    if !fed.swap(true, Ordering::SeqCst) {
+        tokio::task::spawn_blocking(move || std::fs::write(&fifo, yaml))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let applied = reload.await.unwrap().expect("reload applies");
+    assert!(
+        applied.needs_restart.is_empty(),
+        "{:?}",
+        applied.needs_restart
+    );
+}
