@@ -86,6 +86,7 @@ pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running
         config_path: path,
         reloading: std::sync::Mutex::new(()),
         draining: AtomicBool::new(false),
+        drain_deadline: std::sync::Mutex::new(None),
         server_tls: server_tls.clone(),
     });
     let (shutdown, rx) = watch::channel(false);
@@ -134,6 +135,13 @@ impl Running {
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + timeout;
+        // Recorded before the routes are told, so that a table a concurrent reload stores is
+        // either seen here or finds the deadline itself (`reload::apply`).
+        *self
+            .shared
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
         for route in &self.shared.table.load().routes {
             route.admission.begin_drain(deadline);
         }

@@ -169,6 +169,8 @@ pub struct Shared {
     pub reloading: std::sync::Mutex<()>,
     /// Set once a drain has begun: HTTP/1.1 answers then carry `Connection: close`.
     pub draining: std::sync::atomic::AtomicBool,
+    /// When the drain that has begun must be over (see `reload::apply`).
+    pub drain_deadline: std::sync::Mutex<Option<Instant>>,
     /// The listener's certificate, loaded at start and re-read into on reload and when its files
     /// change (none without `server.tls`).
     pub server_tls: Option<Arc<crate::tls::ServerTls>>,

@@ -94,7 +94,20 @@ pub fn apply(shared: &Shared, new: Loaded) -> Applied {
     }
     // The certificate read for `prepared` only checked the files: the listener keeps the one it
     // started with (new paths need a restart, reported with the rest of `server`).
-    let table = old.rebuild(new, &prepared);
-    shared.table.store(Arc::new(table));
+    let table = Arc::new(old.rebuild(new, &prepared));
+    shared.table.store(table.clone());
+    // A drain that has begun keeps its deadline: routes of the new table (new admission state
+    // when their limits changed) refuse what cannot finish before the process exits, as the old
+    // ones do. Read after the store: see `Running::drain`.
+    let drain = *shared
+        .drain_deadline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(deadline) = drain {
+        tracing::info!("reloaded while draining; the drain deadline still holds");
+        for route in &table.routes {
+            route.admission.begin_drain(deadline);
+        }
+    }
     applied
 }

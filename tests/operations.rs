@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -604,7 +605,6 @@ async fn url_credentials_never_reach_check_reload_answers_or_logs() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_reload_waiting_on_its_file_does_not_block_the_runtime() {
     use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     let backend = Backend::start().await;
     let yaml = format!(
@@ -678,4 +678,54 @@ async fn a_reload_waiting_on_its_file_does_not_block_the_runtime() {
         "{:?}",
         applied.needs_restart
     );
+}
+
+/// A reload during a drain builds new admission state for routes whose limits changed; those
+/// routes still refuse what cannot finish before the drain deadline.
+#[tokio::test]
+async fn a_reload_during_a_drain_keeps_the_drain_deadline() {
+    let backend = Backend::start().await;
+    let yaml = |concurrency: usize| {
+        format!(
+            "server:\n  listen: 127.0.0.1:0\nadmin:\n  enabled: false\nupstreams:\n  app:\n    url: \"{}\"\nroutes:\n  - {{ name: api, upstream: app, budget: 30s, concurrency: {concurrency} }}\n",
+            backend.url()
+        )
+    };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml(1)).unwrap();
+    let loaded = breakwater::prepare::load(file.path()).unwrap();
+    let running = breakwater::gateway::start_from(loaded, Some(file.path().to_path_buf()))
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+    let before = shared.table.load().routes[0].admission.clone();
+    // No connection is open, so this returns at once; the deadline stays 2 s away.
+    assert!(running.drain(Duration::from_secs(2)).await);
+
+    std::fs::write(file.path(), yaml(2)).unwrap();
+    let applied = breakwater::reload::reload(shared.clone()).await.unwrap();
+    assert!(
+        applied.needs_restart.is_empty(),
+        "{:?}",
+        applied.needs_restart
+    );
+    let admission = shared.table.load().routes[0].admission.clone();
+    assert!(
+        !Arc::ptr_eq(&before, &admission),
+        "new limits, new admission state"
+    );
+
+    // No new connection reaches a draining gateway, so the route is asked directly, as the
+    // proxy asks it for each request. Once an exchange is known to take 5 s, a request with
+    // 30 s of budget but only 2 s of drain left cannot finish.
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    admission
+        .admit(far)
+        .await
+        .expect("a free slot without an estimate")
+        .succeeded(Duration::from_secs(5));
+    match admission.admit(far).await {
+        Ok(_) => panic!("admitted a request that cannot finish before the drain deadline"),
+        Err(refused) => assert_eq!(refused.reason().as_str(), "draining"),
+    }
 }
