@@ -4,6 +4,8 @@
 //!
 //! The listener's TLS certificate is read again on every reload too, whatever becomes of the
 //! configuration: a renewed certificate must not wait for a valid config file.
+//!
+//! All of it reads files, so it runs on tokio's blocking pool ([`reload`]).
 
 use std::sync::Arc;
 
