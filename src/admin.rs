@@ -1,5 +1,7 @@
 //! The admin listener, separate from traffic: `GET /healthz`, `/readyz`, `/metrics`, `/config`
-//! and `POST /reload`.
+//! and `POST /reload`. The last two may need a bearer token (see [`access`]).
+
+pub mod access;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -40,13 +42,41 @@ pub fn metrics_handle() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             metrics::gauge!("breakwater_build_info", "version" => env!("CARGO_PKG_VERSION"))
                 .set(1.0);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
 }
 
+/// How often the recorder drains its histogram samples into their buckets.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder queues every histogram sample until something drains it: a scrape, or its upkeep.
+/// Many deployments are never scraped, so the upkeep runs on its own thread (the recorder is
+/// process-wide and outlives any one runtime); memory then stays flat under steady load.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread; memory grows until /metrics is scraped");
+    }
+}
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let handle = metrics_handle();
+    let access = match listener.local_addr() {
+        Ok(listen) => access::AdminAccess::from_env(listen),
+        // Unknowable only on a broken socket; then nothing is reachable anyway.
+        Err(_) => access::AdminAccess::from_env(([0, 0, 0, 0], 0).into()),
+    };
+    if let Some(warning) = access.warning() {
+        tracing::warn!("{warning}");
+    }
+    let access = Arc::new(access);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(a) => a,
@@ -58,11 +88,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         let handle = handle.clone();
+        let access = access.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(answer(req, &shared, &handle).await) }
+                let allowed = access.check(req.uri().path(), req.headers());
+                async move {
+                    Ok::<_, Infallible>(match allowed {
+                        Ok(()) => answer(req, &shared, &handle).await,
+                        Err(denied) => refuse(denied),
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -113,6 +150,17 @@ async fn answer(
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn refuse(denied: access::Denied) -> Response<Full<Bytes>> {
+    let mut r = json(denied.status(), denied.body());
+    if denied == access::Denied::Unauthorized {
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(access::CHALLENGE),
+        );
+    }
+    r
 }
 
 fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
@@ -166,5 +214,27 @@ fn publish_pool_gauges(shared: &Shared) {
         let active = (state.connections - state.idle_connections) as f64;
         metrics::gauge!("breakwater_upstream_connections", "upstream" => name.clone(), "state" => "idle").set(idle);
         metrics::gauge!("breakwater_upstream_connections", "upstream" => name.clone(), "state" => "active").set(active);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_recorder_drains_itself_without_scrapes() {
+        super::metrics_handle();
+        // A new thread takes its name a moment after it starts.
+        let mut names = Vec::new();
+        for _ in 0..200 {
+            names = std::fs::read_dir("/proc/self/task")
+                .expect("procfs")
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect();
+            if names.iter().any(|n| n == "metrics-upkeep") {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("no upkeep thread; threads: {names:?}");
     }
 }

@@ -1,6 +1,6 @@
 //! Bodies that stream through the gateway: the request body with its size limit enforced while it
-//! streams, and the response body that holds the upstream connection (and the admission slot)
-//! until its last byte has been relayed.
+//! streams, and the response body that carries the request's context (and with it the upstream
+//! connection and the admission slot) until its last byte has been relayed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -24,10 +24,6 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|e| match e {})
         .boxed_unsync()
-}
-
-pub fn empty() -> ResponseBody {
-    Empty::new().map_err(|e| match e {}).boxed_unsync()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,15 +141,20 @@ where
 /// How the relay of a response body ended.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyOutcome {
-    /// The last byte was relayed (as opposed to an error, the budget running out, or the client
-    /// going away).
+    /// The last byte was relayed (as opposed to an upstream error or the budget running out).
     pub complete: bool,
     pub bytes: u64,
+    /// Why it was cut short, when it was: `upstream_error` or `budget_exhausted`.
+    pub cut: Option<&'static str>,
 }
 
-/// Called exactly once when a relayed body ends, however it ends.
+/// Told how a relayed body ended: exactly one of the two calls, exactly once.
 pub trait OnBodyEnd: Send {
+    /// The body ended: its last byte was relayed, or it failed.
     fn body_ended(self: Box<Self>, outcome: BodyOutcome);
+    /// The body was dropped before its end (the caller went away, or its connection was closed)
+    /// after `bytes` were relayed.
+    fn body_dropped(self: Box<Self>, bytes: u64);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +175,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(on_end) = this.on_end.take() {
-                on_end.body_ended(BodyOutcome { complete: false, bytes: *this.bytes });
+                on_end.body_dropped(*this.bytes);
             }
         }
     }
@@ -194,6 +195,7 @@ impl<B: Body> RelayBody<B> {
                 on_end.body_ended(BodyOutcome {
                     complete: true,
                     bytes: 0,
+                    cut: None,
                 });
             }
         }
@@ -215,11 +217,16 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx);
-        let finish = |on_end: &mut Option<Box<dyn OnBodyEnd>>, complete: bool, bytes: u64| {
-            if let Some(f) = on_end.take() {
-                f.body_ended(BodyOutcome { complete, bytes });
-            }
-        };
+        let finish =
+            |on_end: &mut Option<Box<dyn OnBodyEnd>>, cut: Option<&'static str>, bytes: u64| {
+                if let Some(f) = on_end.take() {
+                    f.body_ended(BodyOutcome {
+                        complete: cut.is_none(),
+                        bytes,
+                        cut,
+                    });
+                }
+            };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
@@ -228,21 +235,21 @@ where
                 // With a known length hyper stops polling after the last byte, so the end is
                 // seen here rather than as a final `None`.
                 if this.inner.is_end_stream() {
-                    finish(this.on_end, true, *this.bytes);
+                    finish(this.on_end, None, *this.bytes);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                finish(this.on_end, false, *this.bytes);
+                finish(this.on_end, Some("upstream_error"), *this.bytes);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                finish(this.on_end, true, *this.bytes);
+                finish(this.on_end, None, *this.bytes);
                 Poll::Ready(None)
             }
             Poll::Pending => {
                 if this.on_end.is_some() && this.deadline.as_mut().poll(cx).is_ready() {
-                    finish(this.on_end, false, *this.bytes);
+                    finish(this.on_end, Some("budget_exhausted"), *this.bytes);
                     return Poll::Ready(Some(Err(Box::new(BodyBudgetExhausted))));
                 }
                 Poll::Pending
@@ -268,6 +275,9 @@ mod tests {
     impl OnBodyEnd for Record {
         fn body_ended(self: Box<Self>, outcome: BodyOutcome) {
             self.0.lock().unwrap().push(outcome);
+        }
+        fn body_dropped(self: Box<Self>, _: u64) {
+            panic!("dropped before its end");
         }
     }
 
@@ -315,25 +325,60 @@ mod tests {
         assert_eq!(log[0].bytes, 5);
     }
 
+    /// Records which of the two calls it got.
+    struct Either(Arc<Mutex<Vec<Result<BodyOutcome, u64>>>>);
+    impl OnBodyEnd for Either {
+        fn body_ended(self: Box<Self>, outcome: BodyOutcome) {
+            self.0.lock().unwrap().push(Ok(outcome));
+        }
+        fn body_dropped(self: Box<Self>, bytes: u64) {
+            self.0.lock().unwrap().push(Err(bytes));
+        }
+    }
+
     #[tokio::test]
-    async fn relay_dropped_early_reports_incomplete() {
+    async fn relay_dropped_early_reports_the_drop_once() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let body = RelayBody::new(
-            Full::new(Bytes::from_static(b"hello")),
+        let chunks = futures_util::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"def"))),
+        ]);
+        let mut body = RelayBody::new(
+            http_body_util::StreamBody::new(chunks),
             Instant::now() + std::time::Duration::from_secs(5),
-            Box::new(Record(log.clone())),
+            Box::new(Either(log.clone())),
         );
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "abc");
         drop(body);
         let log = log.lock().unwrap();
         assert_eq!(log.len(), 1);
+        assert_eq!(log[0].as_ref().unwrap_err(), &3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relay_past_its_deadline_ends_incomplete() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stalled = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let body = RelayBody::new(
+            stalled,
+            Instant::now() + std::time::Duration::from_millis(100),
+            Box::new(Record(log.clone())),
+        );
+        assert!(body.collect().await.is_err());
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 1);
         assert!(!log[0].complete);
+        assert_eq!(log[0].cut, Some("budget_exhausted"));
     }
 
     #[tokio::test]
     async fn empty_body_completes_at_once() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let _body = RelayBody::new(
-            Empty::<Bytes>::new(),
+            http_body_util::Empty::<Bytes>::new(),
             Instant::now() + std::time::Duration::from_secs(5),
             Box::new(Record(log.clone())),
         );

@@ -118,6 +118,24 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// What the caller is told. Upstream failures name internal addresses and library errors:
+    /// those go to the log ([`ProxyError::detail`]), not into the answer.
+    pub fn public_message(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            ProxyError::UpstreamUnavailable(_) => "the upstream is unavailable".into(),
+            ProxyError::Upstream(_) => "the upstream failed to answer".into(),
+            other => other.to_string().into(),
+        }
+    }
+
+    /// What only the log is told.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            ProxyError::UpstreamUnavailable(d) | ProxyError::Upstream(d) => Some(d.clone()),
+            _ => None,
+        }
+    }
+
     pub fn reason(&self) -> Reason {
         match self {
             ProxyError::NoRoute => Reason::NoRoute,

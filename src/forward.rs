@@ -9,14 +9,15 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const BUDGET_HEADER: &str = "x-breakwater-budget-ms";
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// RFC 9110 §7.6.1. `Trailer` is not among them: it describes the message's own trailer
+/// fields, end to end.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::UPGRADE,
 ];
 
@@ -67,13 +68,19 @@ pub struct ForwardInfo<'a> {
 pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     strip_hop_by_hop(headers);
 
+    // The whole chain, every line in order (as authentication read it), then the peer.
     let peer_ip = info.peer.ip().to_canonical().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {peer_ip}"),
-        _ => peer_ip,
-    };
+    let mut xff: Vec<u8> = Vec::new();
+    for line in headers.get_all("x-forwarded-for") {
+        let line = line.as_bytes().trim_ascii();
+        if !line.is_empty() {
+            xff.extend_from_slice(line);
+            xff.extend_from_slice(b", ");
+        }
+    }
+    xff.extend_from_slice(peer_ip.as_bytes());
     headers.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = HeaderValue::from_bytes(&xff) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
@@ -118,14 +125,42 @@ mod tests {
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
         h.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2);
         assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h[header::TRAILER], "x-checksum", "end-to-end");
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_in_order() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.1, 10.0.0.2"),
+        );
+        request_headers(
+            &mut h,
+            &ForwardInfo {
+                peer: "10.0.0.3:5000".parse().unwrap(),
+                proto: "http",
+                original_host: None,
+                request_id: "r",
+                remaining: Duration::from_millis(1),
+                upstream_host: "u",
+            },
+        );
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "198.51.100.7, 203.0.113.1, 10.0.0.2, 10.0.0.3"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! What each request leaves behind: one access-log line and the request metrics, recorded when
-//! the last byte of the answer has gone out (or the answer was abandoned).
+//! What each request leaves behind: one access-log line and the request metrics. The request's
+//! context (`proxy::context`) writes them exactly once, when it is dropped: after the last byte of
+//! the answer went out, when the answer failed, or when the caller went away at any point.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +27,10 @@ pub struct RouteMetrics {
     shed: Vec<(Reason, Counter)>,
     /// `breakwater_auth_failures_total`: unauthorized, forbidden.
     auth_failures: [Counter; 2],
+    /// `breakwater_client_closed_total`, by the phase the request was in.
+    client_closed: [Counter; 4],
+    /// `breakwater_write_timeouts_total`: callers that did not read their answer in time.
+    write_timeouts: Counter,
     requests: RwLock<HashMap<(&'static str, u16), Counter>>,
 }
 
@@ -58,6 +63,11 @@ impl RouteMetrics {
                 metrics::counter!("breakwater_auth_failures_total",
                     "route" => r.clone(), "reason" => reason.as_str())
             }),
+            client_closed: Phase::ALL.map(|phase| {
+                metrics::counter!("breakwater_client_closed_total",
+                    "route" => r.clone(), "phase" => phase.as_str())
+            }),
+            write_timeouts: metrics::counter!("breakwater_write_timeouts_total", "route" => r.clone()),
             requests: RwLock::new(HashMap::new()),
         }
     }
@@ -105,6 +115,56 @@ impl RouteMetrics {
     }
 }
 
+/// Where a request was when it ended without a complete answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Arrived: being routed, authenticated, its body read.
+    Receiving,
+    /// Waiting in the route's admission queue.
+    Queued,
+    /// Holding a slot: sent upstream, waiting for the answer's head.
+    Upstream,
+    /// The answer's head was sent; its body is being written.
+    Relaying,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [
+        Phase::Receiving,
+        Phase::Queued,
+        Phase::Upstream,
+        Phase::Relaying,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Receiving => "receiving",
+            Phase::Queued => "queued",
+            Phase::Upstream => "upstream",
+            Phase::Relaying => "relaying",
+        }
+    }
+}
+
+/// How a request ended, as the access log and the metrics tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The answer (the upstream's or the gateway's own) was written; `complete` is false when its
+    /// body was cut short by an upstream error or the budget.
+    Answered { bytes_out: u64, complete: bool },
+    /// The caller went away before its answer was written.
+    ClientClosed { phase: Phase, bytes_out: u64 },
+    /// The caller stopped reading: its connection was closed when the budget ran out.
+    WriteTimeout { bytes_out: u64 },
+}
+
+/// NGINX's convention for "the client closed the connection before the answer was sent"; never
+/// sent to anyone, only logged and counted.
+pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 /// Correlation headers Genesys Cloud sends with data action requests.
 const CORRELATION: [(&str, &str); 2] = [
     ("inin-correlation-id", "correlation_id"),
@@ -120,10 +180,14 @@ pub struct RequestRecord {
     pub peer: SocketAddr,
     pub bytes_in: u64,
     pub correlation: Vec<(&'static str, String)>,
-    pub status: StatusCode,
-    pub reason: Option<Reason>,
+    /// The status sent, once an answer's head was.
+    pub status: Option<StatusCode>,
+    /// Why the gateway answered itself, or why the upstream's answer was cut short.
+    pub reason: Option<&'static str>,
     pub queue_wait: Option<Duration>,
     pub upstream_time: Option<Duration>,
+    /// What went wrong upstream, for the log only.
+    pub detail: Option<String>,
 }
 
 impl RequestRecord {
@@ -153,18 +217,42 @@ impl RequestRecord {
             peer,
             bytes_in: 0,
             correlation,
-            status: StatusCode::OK,
+            status: None,
             reason: None,
             queue_wait: None,
             upstream_time: None,
+            detail: None,
         }
     }
 
     /// Records metrics and writes the access-log line.
-    pub fn finish(self, bytes_out: u64, complete: bool) {
+    pub fn finish(&self, ending: Ending) {
         let total = self.arrived.elapsed();
         let m = &self.metrics;
-        m.count_request(method_label(&self.method), self.status.as_u16());
+        let (status, reason, phase, bytes_out, complete) = match ending {
+            Ending::Answered {
+                bytes_out,
+                complete,
+            } => (self.status, self.reason, None, bytes_out, complete),
+            Ending::ClientClosed { phase, bytes_out } => {
+                m.client_closed[phase as usize].increment(1);
+                // Once a head was sent its status stands; before, 499 says nobody got an answer.
+                let status = self.status.or(Some(CLIENT_CLOSED));
+                (status, Some("client_closed"), Some(phase), bytes_out, false)
+            }
+            Ending::WriteTimeout { bytes_out } => {
+                m.write_timeouts.increment(1);
+                (
+                    self.status,
+                    Some("write_timeout"),
+                    Some(Phase::Relaying),
+                    bytes_out,
+                    false,
+                )
+            }
+        };
+        let status = status.unwrap_or(CLIENT_CLOSED);
+        m.count_request(method_label(&self.method), status.as_u16());
         m.duration.record(total.as_secs_f64());
         if let (Some(_), Some(t)) = (&m.upstream, self.upstream_time) {
             m.upstream_duration.record(t.as_secs_f64());
@@ -172,7 +260,7 @@ impl RequestRecord {
         if !tracing::enabled!(target: "breakwater::access", tracing::Level::INFO) {
             return;
         }
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let ms = |d: Option<Duration>| d.map(millis);
         let corr_id = self
             .correlation
             .iter()
@@ -188,9 +276,10 @@ impl RequestRecord {
             route = %m.route,
             method = %self.method,
             path = %self.path,
-            status = self.status.as_u16(),
-            reason = self.reason.map(|r| r.as_str()),
-            total_ms = total.as_secs_f64() * 1000.0,
+            status = status.as_u16(),
+            reason,
+            phase = phase.map(Phase::as_str),
+            total_ms = millis(total),
             queue_ms = ms(self.queue_wait),
             upstream_ms = ms(self.upstream_time),
             bytes_in = self.bytes_in,
@@ -200,9 +289,15 @@ impl RequestRecord {
             client = %self.peer,
             correlation_id = corr_id,
             organization_id = org_id,
+            error = self.detail.as_deref(),
             "request"
         );
     }
+}
+
+/// Milliseconds to the microsecond: finer digits are noise in a log line.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// Methods outside the standard set share one label so a client cannot blow up cardinality.

@@ -54,7 +54,7 @@ pub fn error_response(err: &ProxyError, cx: &AnswerContext<'_>) -> Response<Resp
             reason,
             route_name,
             cx.request_id,
-            &err.to_string(),
+            &err.public_message(),
             retry_after,
         )
     });
@@ -197,6 +197,29 @@ mod tests {
         assert_eq!(resp.headers()[REASON_HEADER], "forbidden");
         assert!(resp.headers().get(RETRY_AFTER).is_none());
         assert!(!Reason::Unauthorized.is_refusal() && !Reason::Forbidden.is_refusal());
+    }
+
+    #[test]
+    fn upstream_failures_do_not_tell_the_caller_internal_addresses() {
+        let cx = AnswerContext {
+            route: None,
+            request_id: "r",
+        };
+        for err in [
+            ProxyError::Upstream("connection to 10.0.1.7:8000 reset".into()),
+            ProxyError::UpstreamUnavailable("connect to 10.0.1.7:8000 failed".into()),
+        ] {
+            let resp = error_response(&err, &cx);
+            let body = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
+                resp.into_body(),
+            ))
+            .expect("a full body is ready")
+            .expect("no error")
+            .to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert!(!text.contains("10.0.1.7"), "{text}");
+            assert!(err.detail().is_some_and(|d| d.contains("10.0.1.7")));
+        }
     }
 
     #[test]

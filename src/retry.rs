@@ -1,8 +1,22 @@
-//! Route retry policy (off by default): a request is sent again only when it provably never
-//! reached the upstream, or — for idempotent methods whose body was small enough to be kept
-//! (64 KiB) — when the upstream answered one of the opted-in statuses. Every retry must fit in what is left of the budget, and a retry
-//! budget caps retries at a fraction of the route's traffic so a struggling backend is not
-//! hammered by a retry storm.
+//! Every decision to send a request again is made here, by [`RetryPolicy::decide`], from what the
+//! upstream can have seen of the failed attempt (RFC 9110 §9.2.2: a request that is not
+//! idempotent is not resent unless it provably was not processed):
+//!
+//! - **Stale pooled connection** (`stale_connection`, needs no `retry.attempts`, once per
+//!   request, on a freshly opened connection): the pooled connection failed before a byte was
+//!   written (any method), or — for an idempotent method, or any method on a route declared
+//!   `idempotent` — it was closed after the request was written and before any answer (the
+//!   keep-alive race: the peer closed the idle connection as the request went out).
+//! - **Not sent** (`not_sent`, under the route's `retry` settings): no connection could be had,
+//!   or a fresh connection failed before a byte was written.
+//! - **Status** (`status`, under the route's `retry` settings): the upstream answered one of
+//!   `retry.on_status`, for an idempotent method or an `idempotent` route.
+//!
+//! Anything else that failed after the request was written is not sent again. Resending needs the
+//! request: one hyper handed back unwritten, or a body small enough to have been kept (64 KiB).
+//! Retries under the route's settings must fit in what is left of the budget, and a retry budget
+//! caps them at a fraction of the route's traffic so a struggling backend is not hammered by a
+//! retry storm.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -11,6 +25,7 @@ use http::{Method, StatusCode};
 use tokio::time::Instant;
 
 use crate::config::RetryConfig;
+use crate::upstream::{SendFailure, Via};
 
 /// Retries may bank at most this many tokens, so a long quiet spell cannot fund a storm.
 const MAX_TOKENS: f64 = 10.0;
@@ -27,7 +42,9 @@ struct Budget {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryReason {
-    /// No connection could be had, or the connection died before the request was written.
+    /// A pooled connection the peer had closed.
+    StaleConnection,
+    /// No connection could be had, or a fresh connection died before the request was written.
     NotSent,
     /// The upstream answered an opted-in status.
     Status,
@@ -36,10 +53,76 @@ pub enum RetryReason {
 impl RetryReason {
     pub fn as_str(self) -> &'static str {
         match self {
+            RetryReason::StaleConnection => "stale_connection",
             RetryReason::NotSent => "not_sent",
             RetryReason::Status => "status",
         }
     }
+}
+
+/// How an attempt ended, as far as sending it again is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempted {
+    /// Nothing of the request reached the upstream. `stale`: it went out on a pooled connection
+    /// that had sat idle.
+    NotSent { stale: bool },
+    /// Written, then the connection closed before any answer. `reused`: on a pooled connection.
+    ClosedBeforeAnswer { reused: bool },
+    /// Written, and failed some other way.
+    Failed,
+    /// The upstream answered with this status.
+    Answered(StatusCode),
+}
+
+impl From<&SendFailure> for Attempted {
+    fn from(f: &SendFailure) -> Self {
+        match f {
+            SendFailure::NoConnection(_) => Attempted::NotSent { stale: false },
+            SendFailure::NotWritten { reused, .. } => Attempted::NotSent { stale: *reused },
+            SendFailure::ClosedBeforeAnswer { reused, .. } => {
+                Attempted::ClosedBeforeAnswer { reused: *reused }
+            }
+            SendFailure::Failed(_) => Attempted::Failed,
+        }
+    }
+}
+
+/// What the request being decided on allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a Method,
+    /// The route declares every request safe to send twice (`routes[].idempotent`).
+    pub route_idempotent: bool,
+    /// The request can be built again after it was written (its body was kept).
+    pub replayable: bool,
+    /// The failed attempt handed the request back unwritten.
+    pub handed_back: bool,
+}
+
+impl Request<'_> {
+    fn repeatable(&self) -> bool {
+        self.route_idempotent || is_idempotent(self.method)
+    }
+
+    fn can_build(&self) -> bool {
+        self.replayable || self.handed_back
+    }
+}
+
+/// What one request has spent on resends so far.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Spent {
+    /// Resends under the route's `retry` settings.
+    pub retries: u32,
+    /// Whether the one stale-connection resend was used.
+    pub stale: bool,
+}
+
+/// Send again (how, and why), or give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Resend { reason: RetryReason, via: Via },
+    GiveUp,
 }
 
 impl RetryPolicy {
@@ -67,14 +150,56 @@ impl RetryPolicy {
         b.tokens = (b.tokens + self.config.budget_ratio).min(MAX_TOKENS);
     }
 
-    /// Whether a status may be retried for this method at all.
-    pub fn retries_status(&self, method: &Method, status: StatusCode) -> bool {
-        is_idempotent(method) && self.config.on_status.contains(&status)
+    /// Whether `attempted` is sent again, and how. `expected` is how long another exchange
+    /// should be expected to take, to judge whether it can fit in what is left of the budget.
+    /// Records what a resend spends in `spent`.
+    pub fn decide(
+        &self,
+        attempted: Attempted,
+        req: Request<'_>,
+        spent: &mut Spent,
+        deadline: Instant,
+        expected: Option<Duration>,
+    ) -> Decision {
+        if !req.can_build() || Instant::now() >= deadline {
+            return Decision::GiveUp;
+        }
+        let stale = match attempted {
+            Attempted::NotSent { stale } => stale,
+            Attempted::ClosedBeforeAnswer { reused } => reused && req.repeatable(),
+            Attempted::Failed | Attempted::Answered(_) => false,
+        };
+        if stale && !spent.stale {
+            spent.stale = true;
+            return Decision::Resend {
+                reason: RetryReason::StaleConnection,
+                via: Via::Fresh,
+            };
+        }
+        let reason = match attempted {
+            Attempted::NotSent { .. } => RetryReason::NotSent,
+            Attempted::Answered(status)
+                if req.repeatable()
+                    && req.replayable
+                    && self.config.on_status.contains(&status) =>
+            {
+                RetryReason::Status
+            }
+            _ => return Decision::GiveUp,
+        };
+        if !self.allow(spent.retries, deadline, expected) {
+            return Decision::GiveUp;
+        }
+        spent.retries += 1;
+        Decision::Resend {
+            reason,
+            via: Via::Pool,
+        }
     }
 
     /// Decides whether attempt number `retries_done + 1` may go: attempts left, enough budget
     /// left for an exchange of `expected` length, and a token in the retry budget.
-    pub fn allow(&self, retries_done: u32, deadline: Instant, expected: Option<Duration>) -> bool {
+    fn allow(&self, retries_done: u32, deadline: Instant, expected: Option<Duration>) -> bool {
         if retries_done >= self.config.attempts {
             return false;
         }
@@ -148,11 +273,175 @@ mod tests {
         assert!(!p.allow(0, deadline, None), "budget gone");
     }
 
-    #[test]
-    fn only_idempotent_methods_retry_statuses() {
+    fn req(method: &Method, route_idempotent: bool, replayable: bool) -> Request<'_> {
+        Request {
+            method,
+            route_idempotent,
+            replayable,
+            handed_back: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_repeatable_requests_retry_statuses() {
+        let p = policy(1, 1.0, 1.0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let bad = Attempted::Answered(StatusCode::BAD_GATEWAY);
+        let decide = |r: Request<'_>, a: Attempted| {
+            p.on_request();
+            p.decide(a, r, &mut Spent::default(), deadline, None)
+        };
+        let resend = Decision::Resend {
+            reason: RetryReason::Status,
+            via: Via::Pool,
+        };
+        assert_eq!(decide(req(&Method::GET, false, true), bad), resend);
+        assert_eq!(
+            decide(req(&Method::POST, false, true), bad),
+            Decision::GiveUp
+        );
+        assert_eq!(decide(req(&Method::POST, true, true), bad), resend);
+        assert_eq!(
+            decide(req(&Method::GET, false, false), bad),
+            Decision::GiveUp,
+            "a body that was not kept cannot be sent again"
+        );
+        assert_eq!(
+            decide(
+                req(&Method::GET, false, true),
+                Attempted::Answered(StatusCode::INTERNAL_SERVER_ERROR)
+            ),
+            Decision::GiveUp
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_keep_alive_race_is_resent_once_only_when_repeatable() {
+        // Retries off: the stale-connection resend needs no attempts.
+        let p = policy(0, 0.2, 1.0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let race = Attempted::ClosedBeforeAnswer { reused: true };
+        let fresh = Decision::Resend {
+            reason: RetryReason::StaleConnection,
+            via: Via::Fresh,
+        };
+        let mut spent = Spent::default();
+        assert_eq!(
+            p.decide(
+                race,
+                req(&Method::GET, false, true),
+                &mut spent,
+                deadline,
+                None
+            ),
+            fresh
+        );
+        assert_eq!(
+            p.decide(
+                race,
+                req(&Method::GET, false, true),
+                &mut spent,
+                deadline,
+                None
+            ),
+            Decision::GiveUp,
+            "once per request"
+        );
+        let mut spent = Spent::default();
+        assert_eq!(
+            p.decide(
+                race,
+                req(&Method::POST, false, true),
+                &mut spent,
+                deadline,
+                None
+            ),
+            Decision::GiveUp,
+            "a POST that may have been processed is not sent again"
+        );
+        assert_eq!(
+            p.decide(
+                race,
+                req(&Method::POST, true, true),
+                &mut spent,
+                deadline,
+                None
+            ),
+            fresh
+        );
+        let mut spent = Spent::default();
+        assert_eq!(
+            p.decide(
+                Attempted::ClosedBeforeAnswer { reused: false },
+                req(&Method::GET, false, true),
+                &mut spent,
+                deadline,
+                None
+            ),
+            Decision::GiveUp,
+            "a connection opened for this request was not idled out"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unwritten_requests_go_again_whatever_the_method() {
+        let p = policy(0, 0.2, 1.0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let handed_back = Request {
+            method: &Method::POST,
+            route_idempotent: false,
+            replayable: false,
+            handed_back: true,
+        };
+        let mut spent = Spent::default();
+        assert_eq!(
+            p.decide(
+                Attempted::NotSent { stale: true },
+                handed_back,
+                &mut spent,
+                deadline,
+                None
+            ),
+            Decision::Resend {
+                reason: RetryReason::StaleConnection,
+                via: Via::Fresh
+            }
+        );
+        // A connect failure goes again only under the route's retry settings (off here).
+        assert_eq!(
+            p.decide(
+                Attempted::NotSent { stale: false },
+                handed_back,
+                &mut spent,
+                deadline,
+                None
+            ),
+            Decision::GiveUp
+        );
         let p = policy(1, 0.2, 1.0);
-        assert!(p.retries_status(&Method::GET, StatusCode::BAD_GATEWAY));
-        assert!(!p.retries_status(&Method::POST, StatusCode::BAD_GATEWAY));
-        assert!(!p.retries_status(&Method::GET, StatusCode::INTERNAL_SERVER_ERROR));
+        assert_eq!(
+            p.decide(
+                Attempted::NotSent { stale: false },
+                handed_back,
+                &mut Spent::default(),
+                deadline,
+                None
+            ),
+            Decision::Resend {
+                reason: RetryReason::NotSent,
+                via: Via::Pool
+            }
+        );
+        assert_eq!(
+            p.decide(
+                Attempted::Failed,
+                req(&Method::GET, false, true),
+                &mut Spent::default(),
+                deadline,
+                None
+            ),
+            Decision::GiveUp,
+            "failed after it was written"
+        );
     }
 }

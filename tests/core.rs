@@ -127,8 +127,122 @@ async fn sequential_requests_reuse_pooled_connections() {
     assert_eq!(backend.count(|s| &s.requests), 50);
 }
 
+/// A route that may resend anything, beside one that may not.
+const TWO_ROUTES: &str = r#"
+upstreams:
+  app:
+    url: "{backend}"
+    pool: { max_connections: 8, min_idle: 2 }
+    circuit: { enabled: false }
+routes:
+  - name: api
+    match: { path_prefix: /api }
+    upstream: app
+    budget: 2s
+  - name: safe
+    match: { path_prefix: /safe }
+    upstream: app
+    budget: 2s
+    idempotent: true
+"#;
+
+fn request_ids_seen(backend: &Backend) -> Vec<String> {
+    backend
+        .stats
+        .headers
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, h)| h.get("x-request-id")?.to_str().ok().map(str::to_string))
+        .collect()
+}
+
+fn budgets_seen(backend: &Backend, id: &str) -> Vec<u64> {
+    backend
+        .stats
+        .headers
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, h)| h.get("x-request-id").is_some_and(|v| v == id))
+        .map(|(_, h)| {
+            h["x-breakwater-budget-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+async fn send_with_id(c: &TestClient, method: http::Method, url: &str, id: &str) -> Answer {
+    send(
+        c,
+        Request::builder()
+            .method(method)
+            .uri(url)
+            .header("x-request-id", id)
+            .body(body(Bytes::from_static(b"payload")))
+            .unwrap(),
+    )
+    .await
+}
+
 #[tokio::test]
-async fn connections_the_backend_closed_never_surface_as_errors() {
+async fn a_post_the_backend_may_have_read_is_never_sent_twice() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(TWO_ROUTES, &backend.url()).await;
+    let c = client();
+    // Every pooled connection has now served: a failure on one may be the keep-alive race.
+    warm(&c, &gw.url("/api/warm"), 2).await;
+    // The backend reads the request, then closes the connection without a word.
+    let a = send_with_id(
+        &c,
+        http::Method::POST,
+        &gw.url("/api/x?drop=1&delay=20"),
+        "post-1",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(a.reason(), Some("upstream_error"));
+    assert_eq!(budgets_seen(&backend, "post-1").len(), 1, "sent once");
+
+    // On a route that declares its requests safe to repeat, it is resent once, on a fresh
+    // connection, with what is left of the budget.
+    let a = send_with_id(
+        &c,
+        http::Method::POST,
+        &gw.url("/safe/x?drop=1&delay=20"),
+        "post-2",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    let budgets = budgets_seen(&backend, "post-2");
+    assert_eq!(budgets.len(), 2, "sent twice: {budgets:?}");
+    assert!(
+        budgets[1] + 20 <= budgets[0],
+        "the resend carries the budget left: {budgets:?}"
+    );
+
+    // A GET is idempotent: resent on any route.
+    let a = send_with_id(
+        &c,
+        http::Method::GET,
+        &gw.url("/api/x?drop=1&delay=20"),
+        "get-1",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(budgets_seen(&backend, "get-1").len(), 2);
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(r#"breakwater_retries_total{route="safe",reason="stale_connection"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn connections_the_backend_closes_while_idle_never_cost_a_duplicate() {
     // The backend drops idle keep-alive connections after 5 ms while the pool would keep them
     // 45 s: every pooled connection is stale by the next request, some of them while being used.
     let backend = Backend::with(BackendOptions {
@@ -136,14 +250,58 @@ async fn connections_the_backend_closed_never_surface_as_errors() {
         ..Default::default()
     })
     .await;
-    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let gw = Gateway::start(TWO_ROUTES, &backend.url()).await;
     let c = client();
-    for i in 0..60 {
-        let a = post(&c, &gw.url("/api/stale"), b"payload").await;
-        assert_eq!(a.status, StatusCode::OK, "request {i}: {:?}", a.body);
+    for i in 0..60u64 {
+        // Idempotent requests are resent when they meet the race: every one is answered.
+        let a = get(&c, &gw.url("/api/stale")).await;
+        assert_eq!(a.status, StatusCode::OK, "GET {i}: {:?}", a.body);
+        let a = send_with_id(
+            &c,
+            http::Method::POST,
+            &gw.url("/safe/stale"),
+            &format!("safe-{i}"),
+        )
+        .await;
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "POST {i} (idempotent route): {:?}",
+            a.body
+        );
+        // A POST that may have reached the backend is not resent: it is answered, or fails.
+        let a = send_with_id(
+            &c,
+            http::Method::POST,
+            &gw.url("/api/stale"),
+            &format!("post-{i}"),
+        )
+        .await;
+        assert!(
+            a.status == StatusCode::OK || a.reason() == Some("upstream_error"),
+            "POST {i}: {} {:?}",
+            a.status,
+            a.body
+        );
         // Vary the gap around the backend's idle timeout to hit the race from both sides.
         tokio::time::sleep(Duration::from_millis((i % 4) * 3)).await;
     }
+    let ids = request_ids_seen(&backend);
+    let posts: Vec<&String> = ids.iter().filter(|id| id.starts_with("post-")).collect();
+    let unique: std::collections::BTreeSet<&&String> = posts.iter().collect();
+    assert_eq!(
+        posts.len(),
+        unique.len(),
+        "a POST reached the backend twice"
+    );
+    // The gateway learned the backend's idle timer, and stopped handing out connections about
+    // to reach it.
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("breakwater_upstream_connections_retired_total{upstream=\"app\"}"),
+        "{m}"
+    );
+
     // Also with a backend that announces the close.
     let backend = Backend::with(BackendOptions {
         close_after: Some(1),
@@ -152,7 +310,7 @@ async fn connections_the_backend_closed_never_surface_as_errors() {
     .await;
     let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
     for i in 0..30 {
-        let a = get(&c, &gw.url("/api/close")).await;
+        let a = post(&c, &gw.url("/api/close"), b"payload").await;
         assert_eq!(a.status, StatusCode::OK, "request {i}");
     }
 }
@@ -553,4 +711,69 @@ async fn repeated_lengths_and_folded_headers_are_refused_and_the_connection_clos
         assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
     }
     assert_eq!(backend.count(|s| &s.requests), 0);
+}
+
+#[tokio::test]
+async fn upgrades_are_served_as_plain_requests_and_the_guard_checks_what_follows() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+
+    // A WebSocket handshake, then a smuggling attempt on the same connection: the handshake is
+    // answered as an ordinary request (no 101), the second is refused, and the backend only sees
+    // the first, without the upgrade.
+    let out = raw(
+        gw.addr,
+        b"GET /api/ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n\
+          POST /api/two HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "{out}");
+    assert!(out.contains("HTTP/1.1 400"), "{out}");
+    assert!(!out.contains("HTTP/1.1 101"), "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 1);
+    {
+        let seen = backend.stats.headers.lock().unwrap();
+        let (uri, headers) = &seen[0];
+        assert_eq!(uri, "/api/ws");
+        assert!(headers.get("upgrade").is_none(), "{headers:?}");
+        assert!(headers.get("connection").is_none(), "{headers:?}");
+    }
+
+    // h2c's upgrade (what `curl --http2` sends over plain HTTP) with a body, then an ordinary
+    // request: both are served on the one connection.
+    let out = raw(
+        gw.addr,
+        b"POST /api/h2c HTTP/1.1\r\nhost: a\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\n\
+          http2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\ncontent-length: 5\r\n\r\nhello\
+          GET /api/after HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 3);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_400_and_the_connection_closed() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(ONE_ROUTE, &backend.url()).await;
+    let out = raw(
+        gw.addr,
+        b"GET /api/first HTTP/1.1\r\nhost: a\r\n\r\n\
+          CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n\
+          POST /api/x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // raw() reads to the end: nothing after the refusal is answered.
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 2, "{out}");
+    let refusal = &out[out.find("HTTP/1.1 400").expect("CONNECT refused")..];
+    assert!(refusal.contains("connection: close"), "{out}");
+    assert!(
+        refusal.contains("x-breakwater-reason: bad_request"),
+        "{out}"
+    );
+    assert!(refusal.contains("CONNECT is not supported"), "{out}");
+    assert_eq!(backend.count(|s| &s.requests), 1);
 }

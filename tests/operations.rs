@@ -12,6 +12,8 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 
+const ADMIN_TOKEN_ENV: &str = breakwater::admin::access::TOKEN_ENV;
+
 /// Parses Prometheus text into (metric name → label sets).
 fn parse_metrics(text: &str) -> HashMap<String, Vec<HashMap<String, String>>> {
     let mut out: HashMap<String, Vec<HashMap<String, String>>> = HashMap::new();
@@ -300,14 +302,34 @@ async fn start_binary_logging(backend: &str, budget: &str, log: Stdio) -> Binary
     let (port, admin) = (free_port(), free_port());
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), binary_config(port, admin, backend, budget)).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+    let proc = spawn_binary(&file, admin, None, log).await;
+    Binary {
+        proc,
+        port,
+        admin,
+        file,
+    }
+}
+
+/// Runs the binary on `file` and waits until its admin listener answers on 127.0.0.1. The admin
+/// token is `token`, never one from the environment the tests run in.
+async fn spawn_binary(
+    file: &tempfile::NamedTempFile,
+    admin: u16,
+    token: Option<&str>,
+    stdout: Stdio,
+) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    command
         .arg("--config")
         .arg(file.path())
-        .stdout(log)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
+        .env_remove(ADMIN_TOKEN_ENV)
+        .stdout(stdout)
+        .stderr(Stdio::null());
+    if let Some(t) = token {
+        command.env(ADMIN_TOKEN_ENV, t);
+    }
+    let proc = Proc(command.spawn().unwrap());
     let c = client();
     let url = format!("http://127.0.0.1:{admin}/healthz");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -323,12 +345,7 @@ async fn start_binary_logging(backend: &str, budget: &str, log: Stdio) -> Binary
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Binary {
-        proc,
-        port,
-        admin,
-        file,
-    }
+    proc
 }
 
 async fn reloads(c: &TestClient, admin: u16, result: &str) -> usize {
@@ -723,9 +740,151 @@ async fn a_reload_during_a_drain_keeps_the_drain_deadline() {
         .admit(far)
         .await
         .expect("a free slot without an estimate")
-        .succeeded(Duration::from_secs(5));
+        .release(Some(Duration::from_secs(5)));
     match admission.admit(far).await {
         Ok(_) => panic!("admitted a request that cannot finish before the drain deadline"),
         Err(refused) => assert_eq!(refused.reason().as_str(), "draining"),
     }
+}
+
+// ---- admin token ----
+
+/// `method path` on the admin port at 127.0.0.1, with `Authorization` when given.
+async fn admin_call(admin: u16, method: &str, path: &str, authorization: Option<&str>) -> Answer {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://127.0.0.1:{admin}{path}"));
+    if let Some(a) = authorization {
+        req = req.header(http::header::AUTHORIZATION, a);
+    }
+    send(&client(), req.body(body(bytes::Bytes::new())).unwrap()).await
+}
+
+fn assert_open_endpoints_answer(answers: &[Answer]) {
+    for a in answers {
+        assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    }
+}
+
+#[tokio::test]
+async fn config_and_reload_are_open_on_loopback_and_refused_off_it_without_a_token() {
+    assert!(
+        std::env::var_os(ADMIN_TOKEN_ENV).is_none(),
+        "unset {ADMIN_TOKEN_ENV} to run the admin tests"
+    );
+    let backend = Backend::start().await;
+    let routes =
+        "upstreams:\n  app:\n    url: \"{backend}\"\nroutes:\n  - { name: api, upstream: app }\n";
+
+    let loopback = Gateway::start(routes, &backend.url()).await;
+    let admin = loopback.admin.unwrap().port();
+    assert_eq!(
+        admin_call(admin, "GET", "/config", None).await.status,
+        StatusCode::OK
+    );
+    // An in-process gateway has no file to reload: refused for that, not for a token.
+    let reload = admin_call(admin, "POST", "/reload", None).await;
+    assert!(
+        ![StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(&reload.status),
+        "{}",
+        reload.status
+    );
+
+    // Bound to every address: traffic to it still comes over 127.0.0.1 here, but the listener
+    // is what counts.
+    let exposed = Gateway::start(
+        &format!("server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 0.0.0.0:0\n{routes}"),
+        &backend.url(),
+    )
+    .await;
+    let admin = exposed.admin.unwrap().port();
+    for (method, path) in [("GET", "/config"), ("POST", "/reload")] {
+        let a = admin_call(admin, method, path, Some("Bearer anything")).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{method} {path}");
+        let v = a.json();
+        assert_eq!(v["error"], "forbidden");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains(ADMIN_TOKEN_ENV), "{message}");
+        assert!(message.contains("not a loopback address"), "{message}");
+    }
+    assert_open_endpoints_answer(&[
+        admin_call(admin, "GET", "/healthz", None).await,
+        admin_call(admin, "GET", "/readyz", None).await,
+        admin_call(admin, "GET", "/metrics", None).await,
+    ]);
+}
+
+#[tokio::test]
+async fn the_binary_warns_once_when_config_and_reload_are_disabled() {
+    let backend = Backend::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let text = binary_config(port, admin, &backend.url(), "5s")
+        .replace(&format!("127.0.0.1:{admin}"), &format!("0.0.0.0:{admin}"));
+    std::fs::write(file.path(), text).unwrap();
+    let mut proc = spawn_binary(&file, admin, None, Stdio::piped()).await;
+    assert_eq!(
+        admin_call(admin, "GET", "/config", None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    // Logs go through a background writer that flushes on a clean exit, not on SIGKILL.
+    signal(&proc.0, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while proc.0.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut proc.0.stdout.take().unwrap(), &mut out).unwrap();
+    let warnings: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("POST /reload and GET /config answer 403"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(warnings[0].contains("\"level\":\"WARN\""), "{out}");
+}
+
+#[tokio::test]
+async fn with_a_token_set_config_and_reload_need_it_and_the_rest_stays_open() {
+    const TOKEN: &str = "3f1c9a0b7d2e4f6a8b0c1d2e3f4a5b6c";
+    let backend = Backend::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let text = binary_config(port, admin, &backend.url(), "5s")
+        .replace(&format!("127.0.0.1:{admin}"), &format!("0.0.0.0:{admin}"));
+    std::fs::write(file.path(), text).unwrap();
+    let _proc = spawn_binary(&file, admin, Some(TOKEN), Stdio::null()).await;
+
+    let good = format!("Bearer {TOKEN}");
+    for (method, path) in [("GET", "/config"), ("POST", "/reload")] {
+        for wrong in [
+            None,
+            Some("Bearer nope"),
+            Some(TOKEN),
+            Some(&good[..good.len() - 1]),
+        ] {
+            let a = admin_call(admin, method, path, wrong).await;
+            assert_eq!(
+                a.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {wrong:?}"
+            );
+            assert_eq!(
+                a.header("www-authenticate"),
+                Some("Bearer realm=\"breakwater-admin\"")
+            );
+            assert_eq!(a.json()["error"], "unauthorized");
+        }
+    }
+    let config = admin_call(admin, "GET", "/config", Some(&good)).await;
+    assert_eq!(config.status, StatusCode::OK);
+    assert_eq!(config.json()["routes"][0]["budget"], "5s");
+    let reload = admin_call(admin, "POST", "/reload", Some(&format!("bearer {TOKEN}"))).await;
+    assert_eq!(reload.status, StatusCode::OK, "{:?}", reload.body);
+    assert_eq!(reload.json()["result"], "ok");
+    assert_open_endpoints_answer(&[
+        admin_call(admin, "GET", "/healthz", None).await,
+        admin_call(admin, "GET", "/readyz", None).await,
+        admin_call(admin, "GET", "/metrics", None).await,
+    ]);
 }

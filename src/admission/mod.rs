@@ -419,31 +419,22 @@ impl Drop for Queued {
     }
 }
 
-/// An in-flight slot. Held until the response body has been relayed; dropped without a verdict
-/// (request abandoned) it is returned without teaching the estimator anything.
+/// An in-flight slot. Held until the exchange is over (the upstream's answer read to its end, or
+/// abandoned); dropped without a sample it is returned without teaching the estimator anything.
 pub struct Permit {
     admission: Option<Arc<Admission>>,
     slot: Slot,
 }
 
 impl Permit {
-    /// The exchange completed; `service` is sent → last byte.
-    pub fn succeeded(mut self, service: Duration) {
+    /// Gives the slot back. `service` is what the exchange took (sent → last byte of the answer),
+    /// when it says something about the upstream: completed and failed exchanges do, one cut
+    /// short by the caller leaving does not.
+    pub fn release(mut self, service: Option<Duration>) {
         if let Some(a) = self.admission.take() {
-            a.release(self.slot, Some(service));
+            a.release(self.slot, service);
         }
     }
-
-    /// The exchange failed after reaching the upstream. Its time still says how busy the upstream
-    /// is, so it feeds the estimate too.
-    pub fn failed(mut self, service: Duration) {
-        if let Some(a) = self.admission.take() {
-            a.release(self.slot, Some(service));
-        }
-    }
-
-    /// The exchange never happened or was cut short by us.
-    pub fn abandon(self) {}
 }
 
 impl Drop for Permit {
@@ -453,6 +444,3 @@ impl Drop for Permit {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -126,6 +126,7 @@ pub struct RawRoute {
     #[serde(default)]
     pub retry: RawRetry,
     pub retry_after_max: Option<String>,
+    pub idempotent: Option<bool>,
     pub auth: Option<RawAuth>,
 }
 

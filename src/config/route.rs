@@ -29,6 +29,10 @@ pub struct RouteConfig {
     pub fallback: Option<FallbackConfig>,
     pub retry: RetryConfig,
     pub retry_after_max: Duration,
+    /// Every request on this route may be sent twice whatever its method (a lookup, or a
+    /// backend that deduplicates): a POST is then resent after the keep-alive race and retried
+    /// on `retry.on_status` like a GET.
+    pub idempotent: bool,
     /// The caller authentication this route enforces (none: anyone may call).
     pub auth: Option<Arc<AuthConfig>>,
     /// Where `auth` came from.
@@ -326,6 +330,7 @@ pub(super) fn validate(
             &r.retry_after_max,
             Duration::from_secs(30),
         ),
+        idempotent: r.idempotent.unwrap_or(false),
         auth: None,
         auth_origin: AuthOrigin::None,
     })

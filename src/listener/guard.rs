@@ -9,8 +9,15 @@
 //! held back until it is complete and has been checked. A refused head never reaches hyper: in its
 //! place hyper gets a stand-in request, which the proxy answers with the standard 400 (and
 //! `Connection: close`) in its turn, after any answers still owed on the connection; everything
-//! after it is discarded. Anything the guard cannot follow (an unparsable head, an upgrade,
-//! HTTP/2) it stops guarding and passes on, and hyper rejects malformed input itself.
+//! after it is discarded.
+//!
+//! The gateway never tunnels, so nothing a client sends can end HTTP/1 framing on a connection:
+//! `CONNECT` is refused like a smuggling attempt, and a request carrying `Upgrade` is framed (and
+//! forwarded, without the hop-by-hop `Upgrade`) like any other, with the next head checked as
+//! usual. The guard stops following a connection only for HTTP/2 (prior knowledge), whose framing
+//! hyper owns, and for input hyper refuses and then closes the connection on itself (an
+//! unparsable head or length, a `Transfer-Encoding` not ending in `chunked`, a bad chunk size,
+//! an oversize head).
 
 const MAX_LINE: usize = 8 * 1024;
 
@@ -22,7 +29,7 @@ enum Frame {
     ChunkData(u64),
     ChunkCrlf(u8),
     Trailer,
-    /// Not followed any further (h2, upgrade, or input hyper will reject).
+    /// Not followed any further: h2, or input after which hyper closes the connection itself.
     Through,
     /// After a refused head: nothing more is passed on.
     Discard,
@@ -215,7 +222,6 @@ impl Guard {
         }
         let mut content_length: Option<&[u8]> = None;
         let mut transfer_encoding: Option<&[u8]> = None;
-        let mut upgrade = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 // Even identical repeats: a hop that keeps the first and one that keeps the
@@ -226,15 +232,17 @@ impl Guard {
                 content_length = Some(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encoding = Some(h.value);
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         if content_length.is_some() && transfer_encoding.is_some() {
             return Err("Content-Length together with Transfer-Encoding");
         }
-        if upgrade || req.method == Some("CONNECT") {
-            return Ok(Frame::Through);
+        // A tunnel would take the rest of the connection out of the guard's sight. `Upgrade` needs
+        // no such care: it is stripped before forwarding, and should a 101 ever go out, hyper
+        // closes the connection rather than hand it over; so the request's own length or chunks
+        // lead to the next head, which is checked like the first.
+        if req.method == Some("CONNECT") {
+            return Err("CONNECT is not supported");
         }
         if let Some(te) = transfer_encoding {
             let last = te.rsplit(|b| *b == b',').next().unwrap_or_default();
@@ -365,10 +373,51 @@ mod tests {
         assert_eq!(verdict(input), (None, input.to_vec()));
         let input: &[u8] = b"GARBAGE\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
         assert_eq!(verdict(input), (None, input.to_vec()));
-        let input: &[u8] = b"GET / HTTP/1.1\r\nupgrade: websocket\r\n\r\nanything";
-        assert_eq!(verdict(input), (None, input.to_vec()));
         let input: &[u8] = b"\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n";
         assert_eq!(verdict(input), (None, input.to_vec()));
+    }
+
+    #[test]
+    fn upgrade_requests_are_framed_like_any_other_and_the_next_head_is_judged() {
+        let smuggle: &[u8] =
+            b"POST /x HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\nabc";
+        let websocket: &[u8] = b"GET /ws HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\r\n";
+        let (v, out) = verdict(&[websocket, smuggle].concat());
+        assert_eq!(v.map(|r| r.index), Some(1), "the request after the upgrade");
+        assert_eq!(out, [websocket, STAND_IN].concat());
+
+        // With a body: its length, not the upgrade, says where the next head starts.
+        let h2c: &[u8] = b"POST / HTTP/1.1\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\ncontent-length: 5\r\n\r\nhello";
+        let (v, out) = verdict(&[h2c, smuggle].concat());
+        assert_eq!(v.map(|r| r.index), Some(1));
+        assert_eq!(out, [h2c, STAND_IN].concat());
+
+        // Valid requests after it pass unchanged.
+        let next: &[u8] = b"GET /next HTTP/1.1\r\nhost: a\r\n\r\n";
+        let input = [websocket, h2c, next].concat();
+        assert_eq!(verdict(&input), (None, input.clone()));
+    }
+
+    #[test]
+    fn connect_is_refused_wherever_it_comes() {
+        let connect: &[u8] = b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n";
+        let (v, out) = verdict(connect);
+        assert_eq!(
+            v,
+            Some(Rejected {
+                index: 0,
+                why: "CONNECT is not supported"
+            })
+        );
+        assert_eq!(out, STAND_IN);
+
+        // After a valid request, and with the tunnel's bytes already sent behind it.
+        let first: &[u8] = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        let tunnel: &[u8] =
+            b"POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let (v, out) = verdict(&[first, connect, tunnel].concat());
+        assert_eq!(v.map(|r| r.index), Some(1));
+        assert_eq!(out, [first, STAND_IN].concat());
     }
 
     #[test]

@@ -7,9 +7,18 @@
 //! the head timer runs from the first byte of a head (or from accept) until the request is
 //! dispatched; the idle timer runs while no request is in flight.
 //!
+//! A third timer bounds the writing of answers: every request registers the moment its answer
+//! must have been written by (its budget), and a connection whose answer is still being written
+//! then is closed. hyper stops polling a response body while the caller's socket is full, so a
+//! caller that stops reading would otherwise hold its admission slot and upstream connection for
+//! as long as it likes.
+//!
 //! Before HTTP, in the connection's own task (never the accept loop): the PROXY protocol header
 //! when `server.proxy_protocol` is on, the per-source connection limit, and the TLS handshake
 //! when `server.tls` is set, all within `server.header_read_timeout` of accept.
+//!
+//! The listener knows nothing of what serves the requests: it is handed any tower service that
+//! answers every request (see [`serve`]); the proxy reads [`ConnInfo`] from each request.
 
 mod guard;
 pub mod proxy_protocol;
@@ -37,7 +46,6 @@ use tokio::time::Instant;
 
 use crate::body::ResponseBody;
 use crate::config::ServerConfig;
-use crate::proxy::Proxy;
 
 const NONE: u64 = u64::MAX;
 
@@ -76,6 +84,13 @@ pub struct ConnActivity {
     requests: AtomicU64,
     /// A request the framing guard refused: its index and why.
     refused: std::sync::Mutex<Option<(u64, &'static str)>>,
+    /// Answers being written: the request's index and when its answer must be out by.
+    relays: std::sync::Mutex<Vec<(u64, Instant)>>,
+    /// Milliseconds since `epoch` the connection's timer is set for (`NONE`: not set), so a new
+    /// earlier deadline knows to wake it.
+    timer_at: AtomicU64,
+    /// Set when the connection was closed because an answer was not written in time.
+    stalled: AtomicBool,
 }
 
 impl ConnActivity {
@@ -91,6 +106,9 @@ impl ConnActivity {
             changed: Notify::new(),
             requests: AtomicU64::new(0),
             refused: std::sync::Mutex::new(None),
+            relays: std::sync::Mutex::new(Vec::new()),
+            timer_at: AtomicU64::new(NONE),
+            stalled: AtomicBool::new(false),
         }
     }
 
@@ -98,24 +116,44 @@ impl ConnActivity {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Counts a request in; returns why the framing guard refused it, if it did.
-    pub fn request_started(&self) -> Option<&'static str> {
+    /// Counts a request in. The returned token counts it out when dropped, however the request
+    /// ends; `refused` says why the framing guard refused it, if it did.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(NONE, Ordering::Release);
         let index = self.requests.fetch_add(1, Ordering::AcqRel);
         let refused = *self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        refused.filter(|(i, _)| *i == index).map(|(_, why)| why)
+        InFlight {
+            activity: self.clone(),
+            index,
+            refused: refused.filter(|(i, _)| *i == index).map(|(_, why)| why),
+        }
     }
 
     fn refuse_request(&self, index: u64, why: &'static str) {
         *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, why));
     }
 
-    pub fn request_finished(&self) {
+    fn request_finished(&self, index: u64) {
+        {
+            let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+            if !relays.is_empty() {
+                relays.retain(|(i, _)| *i != index);
+            }
+        }
         self.idle_since.store(self.now_ms(), Ordering::Release);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.changed.notify_one();
         }
+    }
+
+    fn ms_of(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn earliest_relay(&self) -> Option<Instant> {
+        let relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
+        relays.iter().map(|(_, t)| *t).min()
     }
 
     fn on_read(&self, data: &[u8]) {
@@ -148,14 +186,61 @@ impl ConnActivity {
             let idle = self.idle_since.load(Ordering::Acquire);
             return TimerAction::IdleDeadline(self.epoch + Duration::from_millis(idle) + keepalive);
         }
-        TimerAction::WaitForChange
+        match self.earliest_relay() {
+            Some(t) => TimerAction::WriteDeadline(t),
+            None => TimerAction::WaitForChange,
+        }
     }
 }
 
 enum TimerAction {
     HeadDeadline(Instant),
     IdleDeadline(Instant),
+    /// An answer must have been written by then.
+    WriteDeadline(Instant),
     WaitForChange,
+}
+
+/// One request in flight on a connection, counted out when dropped.
+pub struct InFlight {
+    activity: Arc<ConnActivity>,
+    index: u64,
+    /// Why the framing guard refused this request, if it did.
+    pub refused: Option<&'static str>,
+}
+
+impl InFlight {
+    /// A token for a request that came without a connection (tests that call the service
+    /// directly).
+    pub fn detached() -> InFlight {
+        Arc::new(ConnActivity::new()).request_started()
+    }
+
+    /// The answer to this request must have been written by `deadline`; if it has not, the
+    /// connection is closed (every request on it then ends, and gives back what it holds).
+    pub fn write_by(&self, deadline: Instant) {
+        let a = &self.activity;
+        a.relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((self.index, deadline));
+        // The timer only needs waking when it is set for later than this (0: being set now).
+        let at = a.timer_at.load(Ordering::Acquire);
+        if at == 0 || a.ms_of(deadline) < at {
+            a.changed.notify_one();
+        }
+    }
+
+    /// Whether the connection was closed because an answer on it was not written in time.
+    pub fn closed_for_stall(&self) -> bool {
+        self.activity.stalled.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.request_finished(self.index);
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -242,34 +327,62 @@ impl<S: AsyncWrite> AsyncWrite for TrackedIo<S> {
     }
 }
 
-/// The proxy with this connection's details attached to every request.
+/// What the listener serves: any service that answers every request (it never fails; an error
+/// is an answer too).
+pub trait Handler:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<ResponseBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Handler for S where
+    S: tower::Service<
+            Request<Incoming>,
+            Response = Response<ResponseBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The handler with this connection's details attached to every request.
 #[derive(Clone)]
-struct WithConn {
-    proxy: Proxy,
+struct WithConn<S> {
+    inner: S,
     info: ConnInfo,
 }
 
-impl tower::Service<Request<Incoming>> for WithConn {
+impl<S: Handler> tower::Service<Request<Incoming>> for WithConn<S> {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = <Proxy as tower::Service<Request<Incoming>>>::Future;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.proxy.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(self.info.clone());
-        self.proxy.call(req)
+        self.inner.call(req)
     }
 }
 
 /// Serves connections accepted on `listener` until `shutdown` turns true, then lets open
 /// connections finish gracefully. Returns once the accept loop has stopped; `connections`
 /// has every permit back once all connections have closed.
-pub async fn serve(
+pub async fn serve<H: Handler>(
     listener: TcpListener,
-    proxy: Proxy,
+    proxy: H,
     config: ServerConfig,
     tls: Option<Arc<crate::tls::ServerTls>>,
     connections: Arc<Semaphore>,
@@ -433,10 +546,10 @@ fn refused(reason: &'static str) {
 /// Everything before HTTP: the PROXY protocol header, the per-source limit and the TLS
 /// handshake, bounded together by `header_read_timeout` from accept. Then serves HTTP.
 #[allow(clippy::too_many_arguments)]
-async fn accept_connection(
+async fn accept_connection<H: Handler>(
     mut stream: TcpStream,
     tcp_peer: SocketAddr,
-    proxy: Proxy,
+    proxy: H,
     builder: Arc<auto::Builder<TokioExecutor>>,
     config: ServerConfig,
     tls: Option<Arc<crate::tls::ServerTls>>,
@@ -504,11 +617,11 @@ async fn accept_connection(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve_connection<S>(
+async fn serve_connection<S, H: Handler>(
     stream: S,
     peer: SocketAddr,
     proto: &'static str,
-    proxy: Proxy,
+    proxy: H,
     builder: Arc<auto::Builder<TokioExecutor>>,
     config: ServerConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -525,7 +638,7 @@ async fn serve_connection<S>(
         eof: false,
     });
     let service = TowerToHyperService::new(WithConn {
-        proxy,
+        inner: proxy,
         info: ConnInfo {
             peer,
             proto,
@@ -536,12 +649,19 @@ async fn serve_connection<S>(
     tokio::pin!(conn);
     let mut closing = false;
     loop {
+        // While the next wake-up is being worked out, any new write deadline wakes the timer.
+        activity.timer_at.store(0, Ordering::Release);
         let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
         let wake_at = match action {
+            TimerAction::WriteDeadline(t) => Some(t),
             _ if closing => None,
             TimerAction::HeadDeadline(t) | TimerAction::IdleDeadline(t) => Some(t),
             TimerAction::WaitForChange => None,
         };
+        activity.timer_at.store(
+            wake_at.map_or(NONE, |t| activity.ms_of(t)),
+            Ordering::Release,
+        );
         let timer = async {
             match wake_at {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -565,6 +685,12 @@ async fn serve_connection<S>(
                     TimerAction::IdleDeadline(t) if t <= Instant::now() => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                    }
+                    TimerAction::WriteDeadline(t) if t <= Instant::now() => {
+                        // Dropping the connection drops what its requests hold; they see why.
+                        tracing::debug!(%peer, "answer not written within its budget; closing");
+                        activity.stalled.store(true, Ordering::Release);
+                        return;
                     }
                     _ => {}
                 }

@@ -24,8 +24,6 @@ pub struct Header {
     /// The client's address; `None` when the TCP peer stays the source (LOCAL, UNKNOWN, or an
     /// address family other than IPv4/IPv6 over a stream).
     pub source: Option<SocketAddr>,
-    /// v2 type-length-value extensions (AWS puts the VPC endpoint id in type 0xEA), in order.
-    pub tlvs: Vec<(u8, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,13 +73,7 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     let proto = parts.next().unwrap_or_default();
     if proto == "UNKNOWN" {
         // The rest of the line is to be ignored.
-        return Ok((
-            Header {
-                source: None,
-                tlvs: Vec::new(),
-            },
-            used,
-        ));
+        return Ok((Header { source: None }, used));
     }
     let fields: Vec<&str> = parts.collect();
     let [src, dst, sport, dport] = fields[..] else {
@@ -89,7 +81,8 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
             "v1 header needs protocol, two addresses and two ports",
         ));
     };
-    let (src, dst): (IpAddr, IpAddr) = match proto {
+    // The destination is only checked for shape: a malformed header closes the connection.
+    let (src, _dst): (IpAddr, IpAddr) = match proto {
         "TCP4" => (
             src.parse::<Ipv4Addr>()
                 .map_err(|_| ParseError::Invalid("v1 TCP4 source is not an IPv4 address"))?
@@ -112,13 +105,11 @@ fn parse_v1(buf: &[u8]) -> Result<(Header, usize), ParseError> {
             ))
         }
     };
-    let _ = dst;
     let sport = port(sport)?;
     port(dport)?;
     Ok((
         Header {
             source: Some(SocketAddr::new(src, sport)),
-            tlvs: Vec::new(),
         },
         used,
     ))
@@ -184,21 +175,20 @@ fn parse_v2(buf: &[u8]) -> Result<(Header, usize), ParseError> {
         }
         _ => None,
     };
-    let mut tlvs = Vec::new();
+    // v2 type-length-value extensions (AWS puts the VPC endpoint id in type 0xEA) are of no use
+    // here, but their shape is checked: a header whose TLVs overrun it is not well formed.
     let mut rest = &body[addr_len..];
     while !rest.is_empty() {
         if rest.len() < 3 {
             return Err(ParseError::Invalid("v2 TLV truncated"));
         }
-        let kind = rest[0];
         let n = u16::from_be_bytes([rest[1], rest[2]]) as usize;
         if rest.len() < 3 + n {
             return Err(ParseError::Invalid("v2 TLV longer than the header"));
         }
-        tlvs.push((kind, rest[3..3 + n].to_vec()));
         rest = &rest[3 + n..];
     }
-    Ok((Header { source, tlvs }, 16 + len))
+    Ok((Header { source }, 16 + len))
 }
 
 /// Reads exactly one header from `stream` (and nothing after it).
@@ -359,10 +349,6 @@ mod tests {
         let (h, used) = ok(&input);
         assert_eq!(used, header_len);
         assert_eq!(h.source, Some("198.51.100.9:40000".parse().unwrap()));
-        assert_eq!(
-            h.tlvs,
-            vec![(0xEA, b"\x01vpce".to_vec()), (0x04, vec![0, 0])]
-        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Upstreams: a bb8 pool of warm keep-alive connections per upstream, and the one call that
-//! sends a request over it.
+//! sends a request over it once.
 
 mod connector;
+mod idle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,40 +17,44 @@ pub use connector::{ConnectError, Connector, ConnectorState, UpstreamConn};
 use crate::body::RequestBody;
 use crate::config::UpstreamConfig;
 
+/// Why one attempt failed, told apart by what the upstream can have seen of the request: that is
+/// what decides whether it may be sent again (`crate::retry`).
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub enum SendFailure {
     /// No connection could be had: the upstream refuses, does not answer, or does not resolve.
+    /// Nothing was sent.
     #[error("{0}")]
-    Unavailable(String),
-    /// The request failed before any byte of it was written: it provably did not reach the
-    /// upstream, so it is safe to try again for any method.
-    #[error("request not sent: {0}")]
-    NotSent(hyper::Error),
-    /// The request failed after it (or part of it) was written.
+    NoConnection(String),
+    /// The connection failed before any byte of the request was written: it provably did not
+    /// reach the upstream. `reused`: the connection had sat in the pool (the peer may have
+    /// closed it while it was idle).
+    #[error("request not sent: {error}")]
+    NotWritten { error: hyper::Error, reused: bool },
+    /// The connection was closed after the request was written and before any byte of an answer
+    /// came back. On a reused connection this is usually the keep-alive race (the peer closed
+    /// the idle connection as the request went out, and never read it), but the upstream may
+    /// also have read the request and died working on it: nobody can tell.
+    #[error("connection closed before any answer: {error}")]
+    ClosedBeforeAnswer { error: hyper::Error, reused: bool },
+    /// Any other failure after the request was written.
     #[error("{0}")]
     Failed(hyper::Error),
 }
 
-/// A failed send; `unsent` holds the request when it provably never reached the upstream.
+/// A failed attempt; `unsent` holds the request when hyper handed it back unwritten.
 pub struct SendError {
-    pub error: UpstreamError,
+    pub failure: SendFailure,
     pub unsent: Option<Request<RequestBody>>,
 }
 
-impl SendError {
-    fn unsent(error: UpstreamError, req: Request<RequestBody>) -> Self {
-        SendError {
-            error,
-            unsent: Some(req),
-        }
-    }
-
-    fn sent(error: UpstreamError) -> Self {
-        SendError {
-            error,
-            unsent: None,
-        }
-    }
+/// Which connection an attempt goes out on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// An idle connection from the pool (or a new one the pool opens).
+    Pool,
+    /// A connection opened for this attempt alone, after a pooled one proved stale: every idle
+    /// connection in the pool may be as old. Offered to the pool when the exchange is done.
+    Fresh,
 }
 
 /// A connection lent to one exchange. Give it back with [`Lease::release`] once the response
@@ -74,9 +79,8 @@ impl Lease {
 
     pub fn release(mut self, reusable: bool) {
         let conn = self.conn();
-        conn.busy = !reusable;
+        conn.clock.went_idle(reusable);
         conn.served = conn.served.saturating_add(1);
-        conn.idle_since = Instant::now();
         if let Lease::Fresh { conn, pool } = self {
             if reusable {
                 let _ = pool.add(conn);
@@ -133,6 +137,9 @@ impl Upstream {
             .connection_timeout(Duration::from_secs(120))
             .retry_connection(false)
             .test_on_check_out(true)
+            // The most recently used idle connection is the furthest from the peer's idle
+            // timer, so the least likely to be closed as a request goes out on it.
+            .queue_strategy(bb8::QueueStrategy::Lifo)
             .reaper_rate(reaper_rate(p.idle_timeout))
             .error_sink(Box::new(connector::QuietErrors))
             .build_unchecked(connector);
@@ -160,69 +167,68 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` and returns the response head with the lease that keeps its connection until
-    /// the body is relayed.
-    ///
-    /// A pooled connection may have been closed by the peer while it sat idle. When a request
-    /// fails on one before any byte of it was written, it is sent again on a fresh connection.
-    /// When it fails on a *reused* connection after being written but before any answer, the
-    /// peer closed the connection as the request went out (the keep-alive race: a server closing
-    /// an idle connection never reads what arrives on it); it is sent again too if `replay` can
-    /// rebuild it. When the request provably never reached the upstream it is handed back with
-    /// the error, so a retry policy can send it again.
+    /// Sends `req` once, on one connection, and returns the response head with the lease that
+    /// keeps its connection until the body is relayed. Whether a failed attempt is sent again is
+    /// not decided here: see `crate::retry`.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-        replay: Option<&Replay>,
+        via: Via,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let mut lease = match self.acquire().await {
-            Ok(c) => Lease::Pooled(c),
-            Err(why) => return Err(SendError::unsent(UpstreamError::Unavailable(why), req)),
+        let no_connection = |why: String, req| SendError {
+            failure: SendFailure::NoConnection(why),
+            unsent: Some(req),
         };
-        let conn = lease.conn();
-        conn.busy = true;
-        let reused = conn.may_be_stale();
-        let req = match conn.sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, lease)),
-            Err(mut e) => match (e.take_message(), replay) {
-                (Some(req), _) => req,
-                (None, Some(replay)) if reused && closed_before_answer(e.error()) => replay.build(),
-                (None, _) => return Err(SendError::sent(UpstreamError::Failed(e.into_error()))),
+        let mut lease = match via {
+            Via::Pool => match self.acquire().await {
+                Ok(c) => Lease::Pooled(c),
+                Err(why) => return Err(no_connection(why, req)),
             },
-        };
-        drop(lease);
-        metrics::counter!("breakwater_stale_connection_retries_total",
-            "upstream" => self.config.name.clone())
-        .increment(1);
-        tracing::debug!(upstream = %self.config.name, "pooled connection was closed by the peer; sending on a fresh one");
-        let mut conn = match self.pool.dedicated_connection().await {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(SendError::unsent(
-                    UpstreamError::Unavailable(e.to_string()),
-                    req,
-                ))
-            }
-        };
-        if let Err(e) = conn.sender.ready().await {
-            return Err(SendError::unsent(UpstreamError::NotSent(e), req));
-        }
-        conn.busy = true;
-        match conn.sender.try_send_request(req).await {
-            Ok(resp) => Ok((
-                resp,
-                Lease::Fresh {
+            Via::Fresh => match self.pool.dedicated_connection().await {
+                Ok(conn) => Lease::Fresh {
                     conn,
                     pool: self.pool.clone(),
                 },
-            )),
-            Err(mut e) => match e.take_message() {
-                Some(req) => Err(SendError::unsent(
-                    UpstreamError::NotSent(e.into_error()),
-                    req,
-                )),
-                None => Err(SendError::sent(UpstreamError::Failed(e.into_error()))),
+                Err(e) => return Err(no_connection(e.to_string(), req)),
             },
+        };
+        let conn = lease.conn();
+        if via == Via::Fresh {
+            if let Err(error) = conn.sender.ready().await {
+                return Err(SendError {
+                    failure: SendFailure::NotWritten {
+                        error,
+                        reused: false,
+                    },
+                    unsent: Some(req),
+                });
+            }
+        }
+        conn.clock.set_busy();
+        let reused = via == Via::Pool && conn.may_be_stale();
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => {
+                let conn = lease.conn();
+                if let Some(timer) = idle::announced(resp.headers()) {
+                    self.connector.idle_timer.observe(timer);
+                }
+                if closes(&resp) {
+                    conn.clock.mark_closing();
+                }
+                Ok((resp, lease))
+            }
+            Err(mut e) => {
+                let unsent = e.take_message();
+                let error = e.into_error();
+                let failure = if unsent.is_some() {
+                    SendFailure::NotWritten { error, reused }
+                } else if closed_before_answer(&error) {
+                    SendFailure::ClosedBeforeAnswer { error, reused }
+                } else {
+                    SendFailure::Failed(error)
+                };
+                Err(SendError { failure, unsent })
+            }
         }
     }
 
@@ -255,6 +261,18 @@ impl Upstream {
     }
 }
 
+/// The upstream said it closes the connection after this answer.
+fn closes(resp: &Response<Incoming>) -> bool {
+    let close = resp
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"));
+    close || resp.version() == http::Version::HTTP_10
+}
+
 /// The connection ended before any answer arrived: closed or reset by the peer.
 fn closed_before_answer(e: &hyper::Error) -> bool {
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
@@ -274,26 +292,6 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-/// Everything needed to send a request again: small request bodies are read whole before they
-/// are sent, so they can be.
-#[derive(Clone)]
-pub struct Replay {
-    pub method: http::Method,
-    pub uri: http::Uri,
-    pub headers: http::HeaderMap,
-    pub body: bytes::Bytes,
-}
-
-impl Replay {
-    pub fn build(&self) -> Request<RequestBody> {
-        let mut req = Request::new(crate::body::full(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
 }
 
 /// How often idle connections are checked for `idle_timeout`: often enough that one is closed

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,8 +24,8 @@ pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 /// How the backend behaves. Per-request overrides come from the query string:
 /// `delay=MS`, `status=N`, `size=BYTES`, `bighead=BYTES` (a response header that large),
 /// `hold=1` (wait for `release`), `chunks=N` (stream the
-/// body in N chunks, holding after the first until released), `reset=1` (drop the connection
-/// without answering).
+/// body in N chunks, holding after the first until released), `reset=1` (send a head, then drop
+/// the connection), `drop=1` (read the request, then close the connection without answering).
 #[derive(Clone, Default)]
 pub struct BackendOptions {
     /// Close connections that sit idle this long (like uvicorn's `--timeout-keep-alive`).
@@ -196,7 +195,7 @@ async fn handle(
     workers: Arc<Semaphore>,
     opts: BackendOptions,
     per_conn: Arc<AtomicUsize>,
-) -> Result<Response<TestBody>, Infallible> {
+) -> Result<Response<TestBody>, BoxError> {
     let q = query(&req);
     let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
     stats.requests.fetch_add(1, Ordering::SeqCst);
@@ -237,6 +236,15 @@ async fn handle(
                 stats.changed.notify_waiters();
             }
         }
+    }
+
+    if q.contains_key("drop") {
+        if let Some(ms) = num("delay") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        // A service error makes hyper close the connection without writing anything.
+        guard.done = true;
+        return Err("dropped on purpose".into());
     }
 
     if q.contains_key("hold") {

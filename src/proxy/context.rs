@@ -1,0 +1,265 @@
+//! One request's context: everything the request holds, owned in one place from its first line to
+//! its last, so that whatever ends it — the answer written, an error, the budget, the caller
+//! leaving at any point — it is accounted for exactly once. [`RequestContext`]'s `Drop` is that
+//! one place: it gives back the upstream connection (to the pool, or closed), the admission slot
+//! (with what the exchange taught the estimator), writes the access-log line and the request
+//! metrics, and counts the request out of its connection.
+//!
+//! The context lives in the handler's future until the answer's head is ready, then moves into
+//! the answer's body ([`RelayBody`]), so it ends when the last byte is written. hyper drops the
+//! handler future, or the body, when the caller goes away; that drop is how a departure is seen
+//! (Pingora's always-run logging phase; linkerd2-proxy's record-on-drop bodies).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::CONNECTION;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::RouteState;
+use crate::admission::Permit;
+use crate::body::{BodyOutcome, OnBodyEnd, RelayBody, ResponseBody};
+use crate::error::ProxyError;
+use crate::listener::{ConnInfo, InFlight};
+use crate::observe::{Ending, Phase, RequestRecord};
+use crate::respond::{error_response, AnswerContext};
+use crate::upstream::Lease;
+
+/// An answer that holds neither slot nor connection still gets this long to be written, even
+/// when it is made at (or after) the budget's end.
+const ANSWER_WRITE_MIN: Duration = Duration::from_secs(1);
+
+pub struct RequestContext {
+    pub record: RequestRecord,
+    pub conn: ConnInfo,
+    inflight: InFlight,
+    pub phase: Phase,
+    pub route: Option<Arc<RouteState>>,
+    /// When the route's budget runs out (known once the route is).
+    pub deadline: Option<Instant>,
+    method: Method,
+    permit: Option<Permit>,
+    lease: Option<Lease>,
+    /// When the answered attempt was sent: an exchange's service time runs from here.
+    sent_at: Option<Instant>,
+    /// How the answer's body ended, once it has.
+    ended: Option<BodyOutcome>,
+    /// Bytes of the answer's body written before it was dropped unfinished.
+    relayed: u64,
+}
+
+impl RequestContext {
+    /// Counts the request in on its connection and opens its record.
+    pub fn new(req: &Request<Incoming>) -> Self {
+        let arrived = Instant::now();
+        let conn = req
+            .extensions()
+            .get::<ConnInfo>()
+            .cloned()
+            .unwrap_or_else(ConnInfo::unknown);
+        let inflight = conn.activity.request_started();
+        let request_id = crate::forward::request_id(req.headers());
+        RequestContext {
+            record: RequestRecord::new(
+                arrived,
+                req.method(),
+                req.uri().path(),
+                &request_id,
+                conn.peer,
+                req.headers(),
+            ),
+            conn,
+            inflight,
+            phase: Phase::Receiving,
+            route: None,
+            deadline: None,
+            method: req.method().clone(),
+            permit: None,
+            lease: None,
+            sent_at: None,
+            ended: None,
+            relayed: 0,
+        }
+    }
+
+    /// Why the connection's framing guard refused this request before hyper parsed it.
+    pub fn refused_by_guard(&self) -> Option<&'static str> {
+        self.inflight.refused
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.record.request_id
+    }
+
+    pub fn arrived(&self) -> Instant {
+        self.record.arrived
+    }
+
+    /// The request matched `route`: from now on it runs under the route's budget and counts in
+    /// the route's metrics.
+    pub fn set_route(&mut self, route: Arc<RouteState>) {
+        self.deadline = Some(self.record.arrived + route.config.budget);
+        self.record.metrics = route.metrics.clone();
+        self.route = Some(route);
+    }
+
+    /// The route's deadline; before routing, the time an answer is given to be written.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+            .unwrap_or_else(|| self.record.arrived + ANSWER_WRITE_MIN)
+    }
+
+    /// Waits for an admission slot on `route`, or returns its refusal.
+    pub async fn admit(&mut self, route: &RouteState) -> Result<(), ProxyError> {
+        self.phase = Phase::Queued;
+        let asked = Instant::now();
+        let permit = route.admission.admit(self.deadline()).await?;
+        self.record.queue_wait = Some(asked.elapsed());
+        self.permit = Some(permit);
+        self.phase = Phase::Upstream;
+        Ok(())
+    }
+
+    /// An attempt was answered: its connection is held until the answer's body has been read.
+    pub fn answered(&mut self, lease: Lease, sent_at: Instant) {
+        self.record.upstream_time = Some(sent_at.elapsed());
+        self.lease = Some(lease);
+        self.sent_at = Some(sent_at);
+    }
+
+    /// The upstream side is over: the connection goes back to the pool when the exchange was
+    /// read to its end (closed otherwise), and the slot is given back with the service time as
+    /// a sample when `sample` (the exchange says something about the upstream's speed).
+    pub fn upstream_done(&mut self, complete: bool, sample: bool) {
+        if let Some(lease) = self.lease.take() {
+            lease.release(complete);
+        }
+        self.release_slot(self.sent_at.filter(|_| sample).map(|t| t.elapsed()));
+    }
+
+    /// Gives the admission slot back, with what the exchange took when that says something.
+    pub fn release_slot(&mut self, service: Option<Duration>) {
+        if let Some(permit) = self.permit.take() {
+            permit.release(service);
+        }
+    }
+
+    /// The gateway answers the request itself: the one place an error becomes an answer.
+    pub fn answer(&mut self, err: ProxyError) -> Response<ResponseBody> {
+        let reason = err.reason();
+        let route = self.route.as_ref().map(|r| &*r.config);
+        let mut resp = error_response(
+            &err,
+            &AnswerContext {
+                route,
+                request_id: &self.record.request_id,
+            },
+        );
+        if reason.is_refusal() {
+            self.record.metrics.shed(reason);
+        }
+        self.record.metrics.auth_failed(reason);
+        // A request whose body was refused unread leaves the connection out of sync.
+        if matches!(
+            err,
+            ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest(_)
+        ) {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.record.reason = Some(reason.as_str());
+        // What went wrong upstream goes to the log, never to the caller.
+        if let Some(detail) = err.detail() {
+            self.record.detail = Some(detail);
+        }
+        // Whatever the attempt held is given back now; the answer holds nothing upstream.
+        self.upstream_done(false, false);
+        resp
+    }
+
+    /// Hands the answer to hyper with the context inside its body, so the request ends when the
+    /// last byte is written, or when the body is dropped unfinished.
+    pub fn respond(
+        mut self,
+        resp: Response<ResponseBody>,
+        draining: bool,
+    ) -> Response<ResponseBody> {
+        let (mut parts, body) = resp.into_parts();
+        if draining {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.record.status = Some(parts.status);
+        self.phase = Phase::Relaying;
+        // hyper writes no body for these, and never polls it.
+        let bodiless = self.method == Method::HEAD
+            || parts.status.is_informational()
+            || parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED;
+        if bodiless {
+            self.ended = Some(BodyOutcome {
+                complete: true,
+                bytes: 0,
+                cut: None,
+            });
+            drop(self);
+            return Response::from_parts(parts, body);
+        }
+        // An answer that still holds the slot and the connection must be out by the budget's end;
+        // one that holds nothing upstream gets a moment more when it is made at the last moment.
+        let write_by = if self.permit.is_some() || self.lease.is_some() {
+            self.deadline()
+        } else {
+            self.deadline().max(Instant::now() + ANSWER_WRITE_MIN)
+        };
+        self.inflight.write_by(write_by);
+        let body = RelayBody::new(body, write_by, Box::new(self));
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+}
+
+impl OnBodyEnd for RequestContext {
+    fn body_ended(mut self: Box<Self>, outcome: BodyOutcome) {
+        self.ended = Some(outcome);
+    }
+
+    fn body_dropped(mut self: Box<Self>, bytes: u64) {
+        self.relayed = bytes;
+    }
+}
+
+impl Drop for RequestContext {
+    fn drop(&mut self) {
+        let ending = match self.ended {
+            Some(outcome) => {
+                if let Some(cut) = outcome.cut {
+                    self.record.reason = Some(cut);
+                }
+                Ending::Answered {
+                    bytes_out: outcome.bytes,
+                    complete: outcome.complete,
+                }
+            }
+            None if self.phase == Phase::Relaying && self.inflight.closed_for_stall() => {
+                Ending::WriteTimeout {
+                    bytes_out: self.relayed,
+                }
+            }
+            None => Ending::ClientClosed {
+                phase: self.phase,
+                bytes_out: self.relayed,
+            },
+        };
+        // A relay that ended (complete or cut short by the upstream or the budget) timed the
+        // upstream; a caller leaving says nothing about it.
+        let complete = matches!(ending, Ending::Answered { complete: true, .. });
+        let sample = self.ended.is_some();
+        self.upstream_done(complete, sample);
+        self.record.finish(ending);
+        // `inflight` is dropped after this, counting the request out of its connection.
+    }
+}

@@ -1,0 +1,97 @@
+//! The request's journey through the gateway, one stage per module, over one owned
+//! [`context::RequestContext`]:
+//!
+//! 1. [`request`]: the target normalised and routed, the caller authenticated, the body read
+//!    (small) or readied to stream (large);
+//! 2. admission ([`crate::circuit`], [`crate::admission`]): a slot, a place in the queue, or a
+//!    refusal;
+//! 3. [`request::rewrite`]: headers and target for the upstream;
+//! 4. [`send`]: one attempt at a time, the resend policy ([`crate::retry`]) after each failure;
+//! 5. [`relay`]: the answer read whole (small) or streamed, inside the context.
+//!
+//! [`Proxy`] is the tower service hyper is given (through `TowerToHyperService`); it never fails:
+//! every error becomes an answer in [`context::RequestContext::answer`].
+
+pub mod context;
+mod relay;
+mod request;
+mod send;
+mod table;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::error::ProxyError;
+use context::RequestContext;
+pub use table::{RouteState, Shared, Table};
+
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Proxy { shared }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Proxy {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(handle(shared, req).await) })
+    }
+}
+
+/// One request, start to end: a context is opened, the journey runs over it, and whatever the
+/// journey ends in — the upstream's answer or an error — is answered with the context inside the
+/// answer's body. The context accounts for the request when it is dropped (see [`context`]).
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let mut ctx = RequestContext::new(&req);
+    let resp = match journey(&shared, &mut ctx, req).await {
+        Ok(resp) => resp,
+        Err(e) => ctx.answer(e),
+    };
+    ctx.respond(resp, shared.draining.load(Ordering::Relaxed))
+}
+
+/// The request's journey through the gateway, in order.
+async fn journey(
+    shared: &Shared,
+    ctx: &mut RequestContext,
+    mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if let Some(why) = ctx.refused_by_guard() {
+        return Err(ProxyError::BadRequest(why));
+    }
+    request::normalize_target(&mut req, ctx)?;
+    let table = shared.table.load_full();
+    let route = request::route_for(&table, &req)?;
+    ctx.set_route(route.clone());
+    // Before the body is read or admission is asked: a refused caller costs no slot.
+    if let Some(auth) = &route.auth {
+        crate::auth::authenticate(auth, req.headers_mut(), ctx.conn.peer)?;
+    }
+    let received = request::read_body(ctx, &route, req).await?;
+    route.circuit.check()?;
+    ctx.admit(&route).await?;
+    let (outgoing, replay) = request::rewrite(ctx, &route, received.parts, received.body)?;
+    let resp = send::send(ctx, &route, outgoing, replay, &received.check).await?;
+    relay::prepare(ctx, resp).await
+}

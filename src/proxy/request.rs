@@ -1,0 +1,228 @@
+//! The request side of the journey: its target normalised and routed, its body read (or readied
+//! to stream), and the request rewritten for the upstream.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST};
+use http::request::Parts;
+use http::{HeaderValue, Request, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::context::RequestContext;
+use super::{RouteState, Table};
+use crate::body::{BodyCheck, LimitedBody, RequestBody};
+use crate::error::ProxyError;
+use crate::forward::{self, ForwardInfo};
+
+/// Request bodies up to this size are read whole before the request is sent, so the request can
+/// be sent again (see `crate::retry`). Data action payloads are far smaller.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Replaces the request's path with its normalised form, which is then both routed and
+/// forwarded.
+pub fn normalize_target(
+    req: &mut Request<Incoming>,
+    ctx: &mut RequestContext,
+) -> Result<(), ProxyError> {
+    if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
+        return Err(ProxyError::BadRequest("request target must be a path"));
+    }
+    let normalized = match crate::routing::normalize_path(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(why) => return Err(ProxyError::BadRequest(why)),
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| ProxyError::BadRequest("request target cannot be normalised"))?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts)
+        .map_err(|_| ProxyError::BadRequest("request target cannot be normalised"))?;
+    ctx.record.path = req.uri().path().to_string();
+    Ok(())
+}
+
+pub fn route_for(table: &Table, req: &Request<Incoming>) -> Result<Arc<RouteState>, ProxyError> {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+    table
+        .router
+        .route(req.method(), host, req.uri().path())
+        .map(|i| table.routes[i].clone())
+        .ok_or(ProxyError::NoRoute)
+}
+
+/// The request's body as it will be sent.
+pub enum OutBody {
+    /// Read whole: the request can be built again from it.
+    Buffered(Bytes),
+    /// Streams from the caller as it is sent; it can be sent only once.
+    Streaming(RequestBody),
+}
+
+/// A request ready to be rewritten and sent, with what tells why its body stream failed.
+pub struct Received {
+    pub parts: Parts,
+    pub body: OutBody,
+    pub check: Arc<BodyCheck>,
+}
+
+/// Enforces the route's body limit and reads a small body whole, before admission, so a slow
+/// client does not hold an upstream slot while it sends.
+pub async fn read_body(
+    ctx: &mut RequestContext,
+    route: &RouteState,
+    req: Request<Incoming>,
+) -> Result<Received, ProxyError> {
+    let limit = route.config.max_request_body;
+    let declared = content_length(req.headers());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let (parts, body) = req.into_parts();
+    let idle = route.body_read_timeout;
+    let (body, check) = LimitedBody::new(body, limit, idle);
+    let small = body.is_end_stream() || declared.is_some_and(|n| n <= REPLAY_LIMIT);
+    let body = if small {
+        match tokio::time::timeout_at(ctx.deadline(), body.collect()).await {
+            Err(_) => return Err(ProxyError::BudgetExhausted),
+            Ok(Err(_)) => {
+                return Err(check
+                    .failure(limit, idle)
+                    .unwrap_or(ProxyError::BadRequest("request body ended early")))
+            }
+            Ok(Ok(collected)) => OutBody::Buffered(collected.to_bytes()),
+        }
+    } else {
+        OutBody::Streaming(body.boxed_unsync())
+    };
+    ctx.record.bytes_in = match &body {
+        OutBody::Buffered(b) => b.len() as u64,
+        OutBody::Streaming(_) => declared.unwrap_or(0),
+    };
+    Ok(Received { parts, body, check })
+}
+
+/// Everything needed to build the request again: kept when its body was read whole.
+pub struct Replay {
+    pub method: http::Method,
+    pub uri: Uri,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Replay {
+    pub fn build(&self) -> Request<RequestBody> {
+        let mut req = Request::new(crate::body::full(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Rewrites the request for the upstream: forwarding headers, its target under the upstream's
+/// base path, HTTP/1.1. Returns it with its replay when the body was read whole.
+pub fn rewrite(
+    ctx: &RequestContext,
+    route: &RouteState,
+    mut parts: Parts,
+    body: OutBody,
+) -> Result<(Request<RequestBody>, Option<Replay>), ProxyError> {
+    let original_host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+    });
+    let up = &route.upstream.config;
+    let upstream_host = if up.preserve_host {
+        original_host.clone().unwrap_or_else(|| up.authority())
+    } else {
+        up.authority()
+    };
+    forward::request_headers(
+        &mut parts.headers,
+        &ForwardInfo {
+            peer: ctx.conn.peer,
+            proto: ctx.conn.proto,
+            original_host: original_host.as_deref(),
+            request_id: ctx.request_id(),
+            remaining: ctx.deadline().saturating_duration_since(Instant::now()),
+            upstream_host: &upstream_host,
+        },
+    );
+    parts.uri = upstream_uri(up.base_path(), &parts.uri)?;
+    parts.version = http::Version::HTTP_11;
+    Ok(match body {
+        OutBody::Buffered(bytes) => {
+            let replay = Replay {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                body: bytes.clone(),
+            };
+            (
+                Request::from_parts(parts, crate::body::full(bytes)),
+                Some(replay),
+            )
+        }
+        OutBody::Streaming(stream) => (Request::from_parts(parts, stream), None),
+    })
+}
+
+/// Tells the upstream how much of the budget is left, at the moment an attempt goes out.
+pub fn set_budget_header(headers: &mut http::HeaderMap, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    headers.insert(
+        forward::BUDGET_HEADER,
+        HeaderValue::from(left.as_millis() as u64),
+    );
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The upstream sees origin-form: its base path, then the caller's path and query.
+fn upstream_uri(base_path: &str, uri: &Uri) -> Result<Uri, ProxyError> {
+    let pq = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+    let joined = if base_path.is_empty() {
+        pq.to_string()
+    } else {
+        format!("{base_path}{pq}")
+    };
+    joined
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_uri_joins_base_path() {
+        let u: Uri = "/v1/x?a=1".parse().unwrap();
+        assert_eq!(upstream_uri("", &u).unwrap(), "/v1/x?a=1");
+        assert_eq!(upstream_uri("/api", &u).unwrap(), "/api/v1/x?a=1");
+        let abs: Uri = "http://gw.example.com/p".parse().unwrap();
+        assert_eq!(upstream_uri("", &abs).unwrap(), "/p");
+    }
+}
