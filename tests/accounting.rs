@@ -467,3 +467,48 @@ routes:
         1
     );
 }
+
+#[tokio::test]
+async fn an_h2_caller_that_grants_no_window_loses_its_connection_and_slot() {
+    let backend = Backend::start().await;
+    let yaml = r#"
+upstreams:
+  app:
+    url: "{backend}"
+routes:
+  - name: h2stall
+    match: { path_prefix: /h2stall }
+    upstream: app
+    budget: 1s
+    concurrency: 1
+"#;
+    let gw = Gateway::start(yaml, &backend.url()).await;
+    lines();
+    let (mut sender, ended) = h2(&gw).await;
+    sender.ready().await.unwrap();
+    // 32 MiB against the client's 2 MiB stream window: never polled, the window never reopens.
+    let resp = sender
+        .send_request(h2_get("http://gw/h2stall/big?size=33554432".into()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let admission = gw.route("h2stall").admission.clone();
+    eventually("the stalled stream's slot is back", || {
+        admission.snapshot().inflight == 0
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the stalled h2 connection was closed")
+        .unwrap();
+    drop(resp);
+    let line = lines_of("h2stall")
+        .into_iter()
+        .find(|l| l.get("reason").map(String::as_str) == Some("write_timeout"))
+        .expect("the stalled stream is logged");
+    assert_eq!(line["phase"], "relaying");
+    assert_eq!(
+        get(&client(), &gw.url("/h2stall/next")).await.status,
+        StatusCode::OK
+    );
+}

@@ -49,6 +49,10 @@ use crate::config::ServerConfig;
 
 const NONE: u64 = u64::MAX;
 
+/// How much longer than its answer's deadline an h2 connection is kept (see
+/// [`InFlight::write_by`]).
+const H2_STALL_GRACE: Duration = Duration::from_secs(1);
+
 /// What the proxy knows about the connection a request came on.
 #[derive(Clone)]
 pub struct ConnInfo {
@@ -210,16 +214,19 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// A token for a request that came without a connection (tests that call the service
-    /// directly).
-    pub fn detached() -> InFlight {
-        Arc::new(ConnActivity::new()).request_started()
-    }
-
     /// The answer to this request must have been written by `deadline`; if it has not, the
     /// connection is closed (every request on it then ends, and gives back what it holds).
+    ///
+    /// On h2 closing the connection ends every other stream too, so it waits a little longer:
+    /// a stream whose body is still being polled ends itself at its deadline (the relay's own
+    /// timer); only a caller that grants no flow-control window at all is cut off this way.
     pub fn write_by(&self, deadline: Instant) {
         let a = &self.activity;
+        let deadline = if a.h2.load(Ordering::Acquire) {
+            deadline + H2_STALL_GRACE
+        } else {
+            deadline
+        };
         a.relays
             .lock()
             .unwrap_or_else(|p| p.into_inner())

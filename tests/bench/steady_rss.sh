@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Memory under steady load with nobody scraping /metrics: the gateway's RSS sampled every 5 s
+# while wrk drives it. Histogram samples queue in the Prometheus recorder until something drains
+# them; the recorder's own upkeep thread must keep RSS level without a scrape.
+# Loopback only; needs nginx-light and wrk, and a release build.
+#
+#   bash tests/bench/steady_rss.sh [duration_s=60] [connections=200]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SECS=${1:-60}
+CONNS=${2:-200}
+BIN=target/release/breakwater
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-get install nginx-light wrk" >&2; exit 1; }
+
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
+BACKEND=18111 BW=18113 BW_ADMIN=18114
+
+cat >"$WORK/backend.conf" <<NGX
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend.err;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$BACKEND;
+    location / { default_type application/json; return 200 '{"sentiment":"neutral","score":0.5}'; }
+  }
+}
+NGX
+
+cat >"$WORK/breakwater.yaml" <<YAML
+server: { listen: "127.0.0.1:$BW", workers: 1 }
+admin: { listen: "127.0.0.1:$BW_ADMIN" }
+log: { format: json, level: info }
+upstreams:
+  backend:
+    url: "http://127.0.0.1:$BACKEND"
+    pool: { max_connections: 64, min_idle: 8 }
+routes:
+  - name: all
+    match: { path_prefix: / }
+    upstream: backend
+    budget: 10s
+YAML
+
+nginx -c "$WORK/backend.conf" -p "$WORK" &
+"$BIN" --config "$WORK/breakwater.yaml" >/dev/null 2>&1 &
+BW_PID=$!
+sleep 1
+rss() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$BW_PID/status"; }
+
+echo "wrk -t1 -c$CONNS for ${SECS}s, access log on (to /dev/null), nobody scraping /metrics; $(nproc) cores, $(date -u +%F)"
+wrk -t1 -c"$CONNS" -d"${SECS}s" "http://127.0.0.1:$BW/v1/sentiment" >"$WORK/wrk.out" &
+WRK=$!
+printf "RSS MiB:"
+printf " %s" "$(rss)"
+for _ in $(seq $((SECS / 5))); do
+  sleep 5
+  printf " %s" "$(rss)"
+done
+wait "$WRK" || true
+echo
+grep "Requests/sec" "$WORK/wrk.out"
