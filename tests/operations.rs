@@ -740,7 +740,7 @@ async fn a_reload_during_a_drain_keeps_the_drain_deadline() {
         .admit(far)
         .await
         .expect("a free slot without an estimate")
-        .release(Some(Duration::from_secs(5)));
+        .release(breakwater::admission::Sample::Took(Duration::from_secs(5)));
     match admission.admit(far).await {
         Ok(_) => panic!("admitted a request that cannot finish before the drain deadline"),
         Err(refused) => assert_eq!(refused.reason().as_str(), "draining"),

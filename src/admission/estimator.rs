@@ -37,6 +37,16 @@ impl Estimator {
         }
     }
 
+    /// An exchange that was cut off (its budget ran out, its caller left) after `at_least`:
+    /// its service time is at least that. It only ever pulls the estimate up; before any
+    /// completion it seeds it, so a backend that never answers is not mistaken for an unknown one.
+    pub fn record_censored(&mut self, at_least: Duration) {
+        match self.mean {
+            Some(m) if at_least.as_secs_f64() <= m => {}
+            _ => self.record(at_least),
+        }
+    }
+
     pub fn is_warm(&self) -> bool {
         self.mean.is_some()
     }
@@ -80,6 +90,25 @@ mod tests {
         assert!((mean - 0.2).abs() < 0.001, "{mean}");
         let high = e.service_high().unwrap().as_secs_f64();
         assert!((0.2..0.21).contains(&high), "{high}");
+    }
+
+    #[test]
+    fn cut_off_exchanges_only_pull_the_estimate_up() {
+        let mut e = Estimator::default();
+        e.record_censored(Duration::from_secs(2));
+        assert_eq!(
+            e.mean(),
+            Some(Duration::from_secs(2)),
+            "seeds a cold estimate"
+        );
+        let mut e = Estimator::default();
+        for _ in 0..50 {
+            e.record(Duration::from_millis(200));
+        }
+        e.record_censored(Duration::from_millis(50));
+        assert!((e.mean().unwrap().as_secs_f64() - 0.2).abs() < 0.001);
+        e.record_censored(Duration::from_secs(2));
+        assert!(e.mean().unwrap() > Duration::from_millis(400));
     }
 
     #[test]

@@ -11,6 +11,15 @@
 //! The two thresholds differ on purpose, so a request admitted at the margin is not refused a
 //! moment later by estimate noise. Retry-After is the predicted time for the queue to drain.
 //!
+//! Every outcome teaches the estimate, not only completions: an exchange cut off by its budget or
+//! its caller is a sample of *at least* its elapsed time, and exchanges still running past the
+//! estimate count as still running: when every running exchange is overdue, the queue is planned
+//! with twice the youngest one's age instead of the stale mean, so a backend that slows down or
+//! stops pushes predictions (and Retry-After) up at once, before anything completes. An exchange
+//! that got no answer head within its budget also halves the route's limit (at least one slot
+//! stays open as a probe) until exchanges complete again, each doubling it back: a backend that
+//! hangs holds one request, not all of them, and the rest are refused on arrival.
+//!
 //! The state sits behind one mutex that is never held across an await; a queued request waits on
 //! its own oneshot channel and timer.
 
@@ -58,14 +67,69 @@ struct State {
     estimator: Estimator,
     /// Set when the gateway starts draining: nothing may be admitted that cannot finish by then.
     drain_deadline: Option<Instant>,
+    /// A cap on the limit while the upstream gives no answers within budgets (see the module
+    /// head); `None` when it answers.
+    stall_cap: Option<usize>,
 }
 
 impl State {
-    fn limit(&self) -> usize {
+    /// The configured (or adaptive) limit, before any stall cap.
+    fn base_limit(&self) -> usize {
         self.adaptive
             .as_ref()
             .map(|a| a.limit())
             .unwrap_or(self.fixed_limit)
+    }
+
+    fn limit(&self) -> usize {
+        let base = self.base_limit();
+        self.stall_cap.map_or(base, |cap| cap.min(base))
+    }
+
+    /// The service time to plan the queue with: the estimate, or, when every running exchange
+    /// has already run past it, twice the youngest one's age. Overdue exchanges are still
+    /// running; an exchange that has run for `e` is about as likely as not to run `e` more.
+    fn planning_service(&self, now: Instant) -> Option<Duration> {
+        let mean = self.estimator.mean()?;
+        let youngest = self
+            .running
+            .iter()
+            .next_back()
+            .map(|(start, _)| now - *start);
+        Some(match youngest {
+            Some(age) if age > mean => age * 2,
+            _ => mean,
+        })
+    }
+
+    /// A pessimistic length for an exchange admitted now.
+    fn service_high(&self, now: Instant) -> Option<Duration> {
+        let high = self.estimator.service_high()?;
+        Some(self.planning_service(now).map_or(high, |p| p.max(high)))
+    }
+
+    /// What a finished (or cut off) exchange teaches.
+    fn learn(&mut self, sample: Sample) {
+        match sample {
+            Sample::Took(rtt) => {
+                self.estimator.record(rtt);
+                let inflight = self.inflight();
+                if let Some(a) = self.adaptive.as_mut() {
+                    a.record(rtt, inflight, std::time::Instant::now());
+                }
+                // Answers again: each completion doubles a stall cap back towards the limit.
+                if let Some(cap) = self.stall_cap {
+                    let cap = cap.saturating_mul(2);
+                    self.stall_cap = (cap < self.base_limit()).then_some(cap);
+                }
+            }
+            Sample::AtLeast(elapsed) => self.estimator.record_censored(elapsed),
+            Sample::TimedOut(elapsed) => {
+                self.estimator.record_censored(elapsed);
+                self.stall_cap = Some((self.limit() / 2).max(1));
+            }
+            Sample::Nothing => {}
+        }
     }
 
     fn inflight(&self) -> usize {
@@ -84,7 +148,7 @@ impl State {
     /// slot then serves the queue in order, one mean exchange after another. Completions that
     /// only bring the in-flight count back under a lowered limit free nothing for the queue.
     fn wait_at(&self, position: usize, now: Instant) -> Option<Duration> {
-        let mean = self.estimator.mean()?;
+        let mean = self.planning_service(now)?;
         Some(slot_wait(
             &self.finishes(now, mean),
             position,
@@ -162,6 +226,7 @@ impl Admission {
                 next_id: 0,
                 estimator: Estimator::default(),
                 drain_deadline: None,
+                stall_cap: None,
             }),
         };
         a.publish(&a.lock());
@@ -184,6 +249,11 @@ impl Admission {
         }
     }
 
+    /// The service time the queue is planned with right now (see [`State::planning_service`]).
+    pub fn planning_service(&self) -> Option<Duration> {
+        self.lock().planning_service(Instant::now())
+    }
+
     /// From now on, requests that cannot finish by `deadline` are refused with `draining`, and
     /// queued ones that no longer can are told at once.
     pub fn begin_drain(&self, deadline: Instant) {
@@ -195,7 +265,7 @@ impl Admission {
 
     /// A pessimistic estimate of one exchange's length, once one has been seen.
     pub fn expected_service(&self) -> Option<Duration> {
-        self.lock().estimator.service_high()
+        self.lock().service_high(Instant::now())
     }
 
     /// Waits for an in-flight slot, or refuses: `queue_full` when the queue is at its depth,
@@ -208,8 +278,7 @@ impl Admission {
             if s.inflight() < s.limit() && s.queue.is_empty() {
                 // While draining, even a free slot is no use to a request that cannot finish
                 // before the process exits.
-                if let (Some(drain), Some(service)) = (s.drain_deadline, s.estimator.service_high())
-                {
+                if let (Some(drain), Some(service)) = (s.drain_deadline, s.service_high(now)) {
                     if now + service > drain {
                         return Err(self.refuse(&s, Reason::Draining));
                     }
@@ -227,9 +296,7 @@ impl Admission {
             if remaining.is_zero() {
                 return Err(self.refuse(&s, reason));
             }
-            if let (Some(wait), Some(service)) =
-                (s.wait_at(position, now), s.estimator.service_high())
-            {
+            if let (Some(wait), Some(service)) = (s.wait_at(position, now), s.service_high(now)) {
                 if wait + service > remaining {
                     return Err(self.refuse(&s, reason));
                 }
@@ -238,7 +305,7 @@ impl Admission {
             // Arrival is judged with a pessimistic service time and the queue with the mean, so a
             // request admitted at the margin is not refused moments later by estimate noise.
             let latest_start = deadline
-                .checked_sub(s.estimator.mean().unwrap_or(Duration::ZERO))
+                .checked_sub(s.planning_service(now).unwrap_or(Duration::ZERO))
                 .unwrap_or(now);
             let max_wait_at = now + self.max_wait;
             let (give_up_at, by_max_wait) = if max_wait_at <= latest_start {
@@ -332,15 +399,9 @@ impl Admission {
     }
 
     /// Gives back a slot, records what the exchange taught us, and hands free slots to the queue.
-    fn release(&self, slot: Slot, sample: Option<Duration>) {
+    fn release(&self, slot: Slot, sample: Sample) {
         let mut s = self.lock();
-        if let Some(rtt) = sample {
-            s.estimator.record(rtt);
-            let inflight = s.inflight();
-            if let Some(a) = s.adaptive.as_mut() {
-                a.record(rtt, inflight, std::time::Instant::now());
-            }
-        }
+        s.learn(sample);
         s.running.remove(&slot);
         self.dispatch(&mut s);
         self.publish(&s);
@@ -362,7 +423,7 @@ impl Admission {
         // Waiters that can no longer make it are told now, not at their timer. The queue is
         // judged with the mean exchange (arrival used a pessimistic one), so estimate noise does
         // not refuse a request moments after admitting it.
-        let Some(mean) = s.estimator.mean() else {
+        let Some(mean) = s.planning_service(now) else {
             return;
         };
         let finishes = s.finishes(now, mean);
@@ -419,6 +480,21 @@ impl Drop for Queued {
     }
 }
 
+/// What an exchange taught about the upstream's service time, given back with its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sample {
+    /// It completed, or failed after the upstream had it, in this time (sent → end).
+    Took(Duration),
+    /// It was cut off while the upstream worked on it (its caller left): the service time is at
+    /// least this.
+    AtLeast(Duration),
+    /// No answer's head within the budget: at least this, and the upstream may have stopped
+    /// answering.
+    TimedOut(Duration),
+    /// Nothing: it never reached the upstream.
+    Nothing,
+}
+
 /// An in-flight slot. Held until the exchange is over (the upstream's answer read to its end, or
 /// abandoned); dropped without a sample it is returned without teaching the estimator anything.
 pub struct Permit {
@@ -427,12 +503,10 @@ pub struct Permit {
 }
 
 impl Permit {
-    /// Gives the slot back. `service` is what the exchange took (sent → last byte of the answer),
-    /// when it says something about the upstream: completed and failed exchanges do, one cut
-    /// short by the caller leaving does not.
-    pub fn release(mut self, service: Option<Duration>) {
+    /// Gives the slot back with what the exchange taught.
+    pub fn release(mut self, sample: Sample) {
         if let Some(a) = self.admission.take() {
-            a.release(self.slot, service);
+            a.release(self.slot, sample);
         }
     }
 }
@@ -440,7 +514,131 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(a) = self.admission.take() {
-            a.release(self.slot, None);
+            a.release(self.slot, Sample::Nothing);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn admission(concurrency: usize) -> Arc<Admission> {
+        let yaml = format!(
+            r#"
+upstreams:
+  app: {{ url: "http://127.0.0.1:9" }}
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: app
+    budget: 2s
+    concurrency: {concurrency}
+"#
+        );
+        let config = crate::config::from_yaml(&yaml, Vec::new()).expect("valid");
+        let metrics = Arc::new(RouteMetrics::new("admission-unit", Some("app")));
+        Arc::new(Admission::new(&config.routes[0], metrics))
+    }
+
+    const BUDGET: Duration = Duration::from_secs(2);
+
+    /// Admitted at once, or `None` when the request had to queue.
+    fn arrive(a: &Arc<Admission>) -> Option<Result<Permit, ProxyError>> {
+        a.admit(Instant::now() + BUDGET).now_or_never()
+    }
+
+    fn warm(a: &Arc<Admission>, service: Duration, n: usize) {
+        for _ in 0..n {
+            let p = arrive(a).expect("a free slot").expect("admitted");
+            p.release(Sample::Took(service));
+        }
+    }
+
+    fn reason(r: &Result<Permit, ProxyError>) -> Option<Reason> {
+        match r {
+            Err(ProxyError::Refused { reason, .. }) => Some(*reason),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_that_stops_answering_is_refused_on_arrival_then_probed() {
+        let a = admission(4);
+        warm(&a, Duration::from_millis(200), 20);
+        // The backend hangs: four exchanges go out and nothing comes back.
+        let stuck: Vec<Permit> = (0..4).map(|_| arrive(&a).unwrap().unwrap()).collect();
+        let mut queued = Vec::new();
+        let mut refused_at = Vec::new();
+        for tick in 1..=20u32 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let mut fut = Box::pin(a.admit(Instant::now() + BUDGET));
+            match (&mut fut).now_or_never() {
+                Some(r) => {
+                    assert_eq!(reason(&r), Some(Reason::Deadline), "at {tick}");
+                    refused_at.push(tick);
+                }
+                None => queued.push(fut),
+            }
+        }
+        // Once the hang has lasted well under a budget, every arrival is refused on the spot.
+        assert!(
+            (8..=20).all(|t| refused_at.contains(&t)),
+            "refused on arrival at ticks {refused_at:?}"
+        );
+        assert!(
+            a.snapshot().queued <= 7,
+            "only the first arrivals queued: {}",
+            a.snapshot().queued
+        );
+        drop(queued);
+        // The stuck exchanges run out their budgets: the limit closes down to one probe.
+        for p in stuck {
+            p.release(Sample::TimedOut(BUDGET));
+        }
+        assert_eq!(a.snapshot().limit, 1);
+        let probe = arrive(&a).expect("one slot stays open").expect("the probe");
+        let r = arrive(&a).expect("refused on arrival, not queued");
+        assert_eq!(reason(&r), Some(Reason::Deadline));
+        // The backend answers again: completions open the limit back up.
+        probe.release(Sample::Took(Duration::from_millis(200)));
+        for _ in 0..2 {
+            let p = arrive(&a).unwrap().unwrap();
+            p.release(Sample::Took(Duration::from_millis(200)));
+        }
+        assert_eq!(a.snapshot().limit, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overdue_exchanges_push_the_plan_and_retry_after_up() {
+        let a = admission(2);
+        warm(&a, Duration::from_millis(200), 20);
+        let _running: Vec<Permit> = (0..2).map(|_| arrive(&a).unwrap().unwrap()).collect();
+        let planned = a.planning_service().unwrap();
+        assert!(planned < Duration::from_millis(250), "{planned:?}");
+        tokio::time::advance(Duration::from_millis(700)).await;
+        assert_eq!(a.planning_service(), Some(Duration::from_millis(1400)));
+        let r = arrive(&a).expect("decided on arrival");
+        match r {
+            Err(ProxyError::Refused {
+                reason: Reason::Deadline,
+                retry_after,
+            }) => assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}"),
+            other => panic!("expected a deadline refusal, got {:?}", reason(&other)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_leaving_mid_exchange_teaches_at_least_its_time() {
+        let a = admission(1);
+        warm(&a, Duration::from_millis(200), 20);
+        let p = arrive(&a).unwrap().unwrap();
+        p.release(Sample::AtLeast(Duration::from_millis(50)));
+        let mean = a.snapshot().mean_service.unwrap();
+        assert!((mean.as_secs_f64() - 0.2).abs() < 0.001, "{mean:?}");
+        let p = arrive(&a).unwrap().unwrap();
+        p.release(Sample::AtLeast(Duration::from_secs(2)));
+        assert!(a.snapshot().mean_service.unwrap() > Duration::from_millis(400));
     }
 }

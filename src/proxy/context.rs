@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::RouteState;
-use crate::admission::Permit;
+use crate::admission::{Permit, Sample};
 use crate::body::{BodyOutcome, OnBodyEnd, RelayBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::listener::{ConnInfo, InFlight};
@@ -43,7 +43,8 @@ pub struct RequestContext {
     method: Method,
     permit: Option<Permit>,
     lease: Option<Lease>,
-    /// When the answered attempt was sent: an exchange's service time runs from here.
+    /// When the current (or answered) attempt was sent: an exchange's service time runs from
+    /// here.
     sent_at: Option<Instant>,
     /// How the answer's body ended, once it has.
     ended: Option<BodyOutcome>,
@@ -123,27 +124,47 @@ impl RequestContext {
         Ok(())
     }
 
-    /// An attempt was answered: its connection is held until the answer's body has been read.
-    pub fn answered(&mut self, lease: Lease, sent_at: Instant) {
-        self.record.upstream_time = Some(sent_at.elapsed());
+    /// An attempt goes out now.
+    pub fn sending(&mut self) -> Instant {
+        let now = Instant::now();
+        self.sent_at = Some(now);
+        now
+    }
+
+    /// The attempt was answered: its connection is held until the answer's body has been read.
+    pub fn answered(&mut self, lease: Lease) {
+        self.record.upstream_time = self.sent_at.map(|t| t.elapsed());
         self.lease = Some(lease);
-        self.sent_at = Some(sent_at);
+    }
+
+    /// What the current attempt took so far.
+    fn took(&self) -> Option<Duration> {
+        self.sent_at.map(|t| t.elapsed())
+    }
+
+    /// The exchange ended (completed, or failed after the upstream had it): its time is a sample.
+    pub fn sample_took(&self) -> Sample {
+        self.took().map_or(Sample::Nothing, Sample::Took)
+    }
+
+    /// No answer's head within the budget.
+    pub fn sample_timed_out(&self) -> Sample {
+        self.took().map_or(Sample::Nothing, Sample::TimedOut)
     }
 
     /// The upstream side is over: the connection goes back to the pool when the exchange was
-    /// read to its end (closed otherwise), and the slot is given back with the service time as
-    /// a sample when `sample` (the exchange says something about the upstream's speed).
-    pub fn upstream_done(&mut self, complete: bool, sample: bool) {
+    /// read to its end (closed otherwise), and the slot is given back with `sample`.
+    pub fn upstream_done(&mut self, complete: bool, sample: Sample) {
         if let Some(lease) = self.lease.take() {
             lease.release(complete);
         }
-        self.release_slot(self.sent_at.filter(|_| sample).map(|t| t.elapsed()));
+        self.release_slot(sample);
     }
 
-    /// Gives the admission slot back, with what the exchange took when that says something.
-    pub fn release_slot(&mut self, service: Option<Duration>) {
+    /// Gives the admission slot back, with what the exchange taught.
+    pub fn release_slot(&mut self, sample: Sample) {
         if let Some(permit) = self.permit.take() {
-            permit.release(service);
+            permit.release(sample);
         }
     }
 
@@ -176,7 +197,7 @@ impl RequestContext {
             self.record.detail = Some(detail);
         }
         // Whatever the attempt held is given back now; the answer holds nothing upstream.
-        self.upstream_done(false, false);
+        self.upstream_done(false, Sample::Nothing);
         resp
     }
 
@@ -255,9 +276,13 @@ impl Drop for RequestContext {
             },
         };
         // A relay that ended (complete or cut short by the upstream or the budget) timed the
-        // upstream; a caller leaving says nothing about it.
+        // upstream; a caller leaving while it worked says it took at least that long.
         let complete = matches!(ending, Ending::Answered { complete: true, .. });
-        let sample = self.ended.is_some();
+        let sample = match (self.ended.is_some(), self.took()) {
+            (true, Some(took)) => Sample::Took(took),
+            (false, Some(took)) => Sample::AtLeast(took),
+            (_, None) => Sample::Nothing,
+        };
         self.upstream_done(complete, sample);
         self.record.finish(ending);
         // `inflight` is dropped after this, counting the request out of its connection.

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::context::RequestContext;
 use super::request::{set_budget_header, Replay};
 use super::RouteState;
+use crate::admission::Sample;
 use crate::body::{BodyCheck, RequestBody};
 use crate::error::ProxyError;
 use crate::retry::{Attempted, Decision, RetryReason, Spent};
@@ -29,12 +30,12 @@ pub async fn send(
     let (mut req, mut via) = (first, Via::Pool);
     loop {
         set_budget_header(req.headers_mut(), deadline);
-        let sent_at = Instant::now();
+        let sent_at = ctx.sending();
         let attempt = route.upstream.send(req, via);
         let Ok(result) = tokio::time::timeout_at(deadline, attempt).await else {
             // Dropping the attempt dropped its connection mid-exchange, which closes it: the
             // backend learns the caller is gone rather than working on for nobody.
-            ctx.release_slot(None);
+            ctx.release_slot(ctx.sample_timed_out());
             return Err(ProxyError::BudgetExhausted);
         };
         let attempt = Attempt {
@@ -47,7 +48,7 @@ pub async fn send(
             Ok((resp, lease)) => match attempt.after_answer(ctx, &resp, &mut spent) {
                 Some(next) => next,
                 None => {
-                    ctx.answered(lease, sent_at);
+                    ctx.answered(lease);
                     return Ok(resp);
                 }
             },
@@ -57,7 +58,7 @@ pub async fn send(
                 let cfg = &route.config;
                 if let Some(failure) = check.failure(cfg.max_request_body, route.body_read_timeout)
                 {
-                    ctx.release_slot(None);
+                    ctx.release_slot(Sample::Nothing);
                     return Err(failure);
                 }
                 attempt.after_failure(ctx, error, &mut spent)?
@@ -145,25 +146,25 @@ impl Attempt<'_> {
                 count_retry(route, reason);
                 Ok((again, via))
             }
-            _ => Err(give_up(ctx, error.failure, self.sent_at)),
+            _ => Err(give_up(ctx, error.failure)),
         }
     }
 }
 
 /// The error for a failure nothing will be resent after, with the slot given back: with the time
 /// the attempt took when the upstream had the request (that time says how busy it is).
-fn give_up(ctx: &mut RequestContext, failure: SendFailure, sent_at: Instant) -> ProxyError {
+fn give_up(ctx: &mut RequestContext, failure: SendFailure) -> ProxyError {
     match failure {
         SendFailure::NoConnection(why) => {
-            ctx.release_slot(None);
+            ctx.release_slot(Sample::Nothing);
             ProxyError::UpstreamUnavailable(why)
         }
         e @ SendFailure::NotWritten { .. } => {
-            ctx.release_slot(None);
+            ctx.release_slot(Sample::Nothing);
             ProxyError::UpstreamUnavailable(e.to_string())
         }
         e @ (SendFailure::ClosedBeforeAnswer { .. } | SendFailure::Failed(_)) => {
-            ctx.release_slot(Some(sent_at.elapsed()));
+            ctx.release_slot(ctx.sample_took());
             ProxyError::Upstream(e.to_string())
         }
     }
