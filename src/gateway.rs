@@ -109,7 +109,7 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running
         // the process.
         tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));
     }
-    tracing::info!(%addr, admin = ?admin_addr, routes = config.routes.len(), "breakwater listening");
+    tracing::info!(%addr, admin = admin_addr.map(tracing::field::display), routes = config.routes.len(), "breakwater listening");
     Ok(Running {
         addr,
         admin_addr,
