@@ -97,7 +97,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 let allowed = access.check(req.uri().path(), req.headers());
                 async move {
                     Ok::<_, Infallible>(match allowed {
-                        Ok(()) => answer(req, &shared, &handle),
+                        Ok(()) => answer(req, &shared, &handle).await,
                         Err(denied) => refuse(denied),
                     })
                 }
@@ -111,9 +111,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn answer(
+async fn answer(
     req: Request<Incoming>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     handle: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
@@ -130,9 +130,9 @@ fn answer(
         }
         (&Method::GET, "/config") => {
             let table = shared.table.load();
-            json(StatusCode::OK, crate::config::describe(&table.config))
+            json(StatusCode::OK, crate::gateway::describe(&table))
         }
-        (&Method::POST, "/reload") => match crate::reload::reload(shared) {
+        (&Method::POST, "/reload") => match crate::reload::reload(shared.clone()).await {
             Ok(applied) => json(
                 StatusCode::OK,
                 serde_json::json!({ "result": "ok", "needs_restart": applied.needs_restart }),

@@ -9,13 +9,17 @@
 //! 2. Credentials (else 401): a configured API key in the configured header, or HTTP Basic
 //!    credentials. When both are configured either one is enough.
 //!
-//! Secrets are kept only as SHA-256 digests computed when the configuration is loaded. A
+//! The secrets are read, from the environment variable or file the configuration names, by
+//! [`Authenticator::load`] when the gateway starts, is checked or reloads; the configuration
+//! itself never holds them. They are kept only as SHA-256 digests. A
 //! presented credential is hashed and compared with every configured digest in constant time,
 //! without stopping at the first match, so neither the length nor the position of a key leaks
 //! through timing. The answer never says which part was wrong.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
@@ -24,7 +28,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
 use sha2::{Digest as _, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Problem, SecretSource};
 use crate::error::ProxyError;
 
 /// The realm named in `WWW-Authenticate` when Basic is configured.
@@ -53,89 +57,7 @@ impl fmt::Debug for SecretDigest {
     }
 }
 
-/// An address block such as `203.0.113.0/24` or `2001:db8::/32`. A bare address is a block of
-/// one. IPv4-mapped IPv6 blocks (`::ffff:203.0.113.0/120`) are stored as the IPv4 block they
-/// denote, and addresses are canonicalised before matching, so `::ffff:a.b.c.d` peers match IPv4
-/// blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let text = text.trim();
-        let (addr_text, prefix_text) = match text.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| "not an IP address or CIDR block (write e.g. `203.0.113.0/24`)")?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix_text {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max && !p.starts_with('+') => n,
-                _ => return Err(format!("prefix length must be a number from 0 to {max}")),
-            },
-        };
-        let mut cidr = Cidr { addr, prefix };
-        if let IpAddr::V6(v6) = addr {
-            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
-                cidr = Cidr {
-                    addr: IpAddr::V4(v4),
-                    prefix: prefix - 96,
-                };
-            }
-        }
-        let network = cidr.network();
-        if network != cidr.addr {
-            return Err(format!(
-                "host bits are set (the block starting there is `{network}/{}`)",
-                cidr.prefix
-            ));
-        }
-        Ok(cidr)
-    }
-
-    fn network(&self) -> IpAddr {
-        match self.addr {
-            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask32(self.prefix))),
-            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask128(self.prefix))),
-        }
-    }
-
-    /// Whether `ip` lies inside the block (IPv4-mapped IPv6 addresses count as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let m = mask32(self.prefix);
-                u32::from(ip) & m == u32::from(net) & m
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let m = mask128(self.prefix);
-                u128::from(ip) & m == u128::from(net) & m
-            }
-            _ => false,
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-fn mask32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
-}
-
-fn mask128(prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
-}
+pub use crate::config::Cidr;
 
 fn in_any(blocks: &[Cidr], ip: IpAddr) -> bool {
     blocks.iter().any(|c| c.contains(ip))
@@ -228,39 +150,239 @@ fn basic_matches(credentials: &SecretDigest, presented: Option<&HeaderValue>) ->
     }
 }
 
+/// The environment variables `*_env` secrets are read from.
+pub type Env = HashMap<String, String>;
+
+/// Shortest API key and Basic password accepted: anything shorter is guessable.
+const MIN_KEY_LEN: usize = 16;
+const MIN_PASSWORD_LEN: usize = 12;
+
+/// A route's caller check as it runs: its `auth:` block and the digests of the secrets the block
+/// names, read when the configuration was loaded (and again on every reload).
+#[derive(Debug)]
+pub struct Authenticator {
+    config: Arc<AuthConfig>,
+    /// Digests of every API key currently valid (several during a rotation).
+    keys: Vec<SecretDigest>,
+    /// Digest of `username:password`, when Basic is configured.
+    credentials: Option<SecretDigest>,
+}
+
+impl Authenticator {
+    /// Reads the secrets `config` names, from `env` or from files, and checks them. Problems
+    /// are keyed under `key`, the block's own key (`auth`, `routes[2].auth`), and never include
+    /// a secret: a key is named only by its position.
+    pub fn load(key: &str, config: Arc<AuthConfig>, env: &Env) -> Result<Self, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let keys = match &config.api_keys {
+            None => Vec::new(),
+            Some(k) => {
+                let base = format!("{key}.api_keys");
+                read_secret(&mut problems, &base, "keys", &k.source, env)
+                    .map(|text| api_keys(&mut problems, &base, &k.source, &text))
+                    .unwrap_or_default()
+            }
+        };
+        let credentials = config.basic.as_ref().map(|b| {
+            let base = format!("{key}.basic");
+            // An editor's trailing newline is not part of the password.
+            let password = read_secret(&mut problems, &base, "password", &b.source, env)
+                .map(|text| text.trim_end_matches(['\r', '\n']).to_string())
+                .unwrap_or_default();
+            if !password.is_empty() && password.chars().count() < MIN_PASSWORD_LEN {
+                add(
+                    &mut problems,
+                    format!("{base}.{}", b.source.key("password")),
+                    format!(
+                        "the password from {} is shorter than {MIN_PASSWORD_LEN} characters",
+                        b.source
+                    ),
+                );
+            }
+            SecretDigest::of(format!("{}:{password}", b.username).as_bytes())
+        });
+        if problems.is_empty() {
+            Ok(Authenticator {
+                config,
+                keys,
+                credentials,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    /// How many API keys are valid now.
+    pub fn keys_loaded(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// One line for `breakwater check`, secrets redacted.
+    pub fn summary(&self) -> String {
+        let c = &self.config;
+        let mut parts = Vec::new();
+        if let Some(k) = &c.api_keys {
+            parts.push(format!(
+                "api_keys header {} ({} key(s) from {})",
+                k.header,
+                self.keys.len(),
+                k.source
+            ));
+        }
+        if let Some(b) = &c.basic {
+            parts.push(format!(
+                "basic user {} (password from {})",
+                b.username, b.source
+            ));
+        }
+        let list = |v: &[Cidr]| {
+            v.iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !c.allow_cidrs.is_empty() {
+            parts.push(format!("allow_cidrs {}", list(&c.allow_cidrs)));
+        }
+        if !c.trusted_proxies.is_empty() {
+            parts.push(format!("trusted_proxies {}", list(&c.trusted_proxies)));
+        }
+        parts.join("; ")
+    }
+}
+
+fn add(problems: &mut Vec<Problem>, key: impl Into<String>, message: impl Into<String>) {
+    problems.push(Problem {
+        key: key.into(),
+        message: message.into(),
+    });
+}
+
+/// The secret of the block at `base`, from where `source` says. `None` (with a problem, unless
+/// validation already reported that there is no usable source) when it cannot be had.
+fn read_secret(
+    problems: &mut Vec<Problem>,
+    base: &str,
+    name: &str,
+    source: &SecretSource,
+    env: &Env,
+) -> Option<String> {
+    let key = format!("{base}.{}", source.key(name));
+    match source {
+        SecretSource::Env(var) if var.is_empty() => None,
+        SecretSource::Env(var) => match env.get(var) {
+            None => {
+                add(problems, key, format!("{var} is not set"));
+                None
+            }
+            Some(v) if v.trim().is_empty() => {
+                add(problems, key, format!("{var} is set but empty"));
+                None
+            }
+            Some(v) => Some(v.clone()),
+        },
+        SecretSource::File(path) => match std::fs::read_to_string(path) {
+            Err(e) => {
+                add(
+                    problems,
+                    key,
+                    format!("`{}`: cannot read ({e})", path.display()),
+                );
+                None
+            }
+            Ok(text) if text.trim().is_empty() => {
+                add(problems, key, format!("`{}` is empty", path.display()));
+                None
+            }
+            Ok(text) => Some(text),
+        },
+    }
+}
+
+/// The digests of the keys in `text` (comma- or line-separated; in a file, `#` starts a comment
+/// line), each checked.
+fn api_keys(
+    problems: &mut Vec<Problem>,
+    base: &str,
+    source: &SecretSource,
+    text: &str,
+) -> Vec<SecretDigest> {
+    let skey = format!("{base}.{}", source.key("keys"));
+    let is_file = matches!(source, SecretSource::File(_));
+    let keys: Vec<&str> = text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .filter(|k| !(is_file && k.starts_with('#')))
+        .collect();
+    if keys.is_empty() {
+        add(
+            problems,
+            &skey,
+            format!("{source} holds no keys (write them comma-separated)"),
+        );
+    }
+    let n = keys.len();
+    for (i, k) in keys.iter().enumerate() {
+        // The key itself is never printed, only its position.
+        let which = format!("key {} of {n} from {source}", i + 1);
+        if !k.bytes().all(|b| b.is_ascii_graphic()) {
+            add(
+                problems,
+                &skey,
+                format!("{which} contains characters other than visible ASCII"),
+            );
+        } else if k.len() < MIN_KEY_LEN {
+            add(
+                problems,
+                &skey,
+                format!("{which} is shorter than {MIN_KEY_LEN} characters"),
+            );
+        }
+    }
+    keys.iter()
+        .map(|k| SecretDigest::of(k.as_bytes()))
+        .collect()
+}
+
 /// Runs the authentication stage for a route configured with `auth`: `Ok` lets the request go
 /// on, with the gateway's own credential headers removed so the upstream never sees them.
 pub fn authenticate(
-    auth: &AuthConfig,
+    auth: &Authenticator,
     headers: &mut HeaderMap,
     peer: SocketAddr,
 ) -> Result<(), ProxyError> {
-    if !auth.allow_cidrs.is_empty() {
-        let source = source_addr(peer.ip(), headers, &auth.trusted_proxies);
-        if !in_any(&auth.allow_cidrs, source) {
+    let c = &auth.config;
+    if !c.allow_cidrs.is_empty() {
+        let source = source_addr(peer.ip(), headers, &c.trusted_proxies);
+        if !in_any(&c.allow_cidrs, source) {
             return Err(ProxyError::Forbidden);
         }
     }
-    if auth.api_keys.is_none() && auth.basic.is_none() {
+    if c.api_keys.is_none() && c.basic.is_none() {
         return Ok(());
     }
     // Both mechanisms are always evaluated, so timing does not tell which one was tried.
     let mut ok = Choice::from(0);
-    if let Some(k) = &auth.api_keys {
-        ok |= api_key_matches(&k.keys, single(headers, &k.header));
+    if let Some(k) = &c.api_keys {
+        ok |= api_key_matches(&auth.keys, single(headers, &k.header));
     }
-    if let Some(b) = &auth.basic {
-        ok |= basic_matches(&b.credentials, single(headers, &AUTHORIZATION));
+    if let Some(credentials) = &auth.credentials {
+        ok |= basic_matches(credentials, single(headers, &AUTHORIZATION));
     }
     if !bool::from(ok) {
         return Err(ProxyError::Unauthorized {
-            challenge: auth.basic.is_some(),
+            challenge: c.basic.is_some(),
         });
     }
-    if let Some(k) = &auth.api_keys {
+    if let Some(k) = &c.api_keys {
         headers.remove(&k.header);
     }
-    if auth.basic.is_some() {
+    if c.basic.is_some() {
         headers.remove(AUTHORIZATION);
     }
     Ok(())
@@ -269,7 +391,7 @@ pub fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ApiKeysConfig, BasicConfig, SecretSource};
+    use crate::config::{ApiKeysConfig, BasicConfig};
 
     fn cidr(s: &str) -> Cidr {
         Cidr::parse(s).unwrap()
@@ -277,54 +399,6 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn cidr_parsing() {
-        assert_eq!(cidr("203.0.113.0/24").to_string(), "203.0.113.0/24");
-        assert_eq!(cidr(" 10.1.2.3 ").to_string(), "10.1.2.3/32");
-        assert_eq!(cidr("2001:db8::/32").to_string(), "2001:db8::/32");
-        assert_eq!(cidr("::1").to_string(), "::1/128");
-        assert_eq!(cidr("0.0.0.0/0").to_string(), "0.0.0.0/0");
-        assert_eq!(cidr("::/0").to_string(), "::/0");
-        // An IPv4-mapped block is the IPv4 block it denotes.
-        assert_eq!(cidr("::ffff:203.0.113.0/120").to_string(), "203.0.113.0/24");
-        for bad in [
-            "",
-            "nope",
-            "10.0.0.0/33",
-            "10.0.0.0/-1",
-            "10.0.0.0/+8",
-            "10.0.0.0/",
-            "2001:db8::/129",
-            "10.0.0.0/8/8",
-        ] {
-            assert!(Cidr::parse(bad).is_err(), "{bad:?} parsed");
-        }
-        let err = Cidr::parse("203.0.113.5/24").unwrap_err();
-        assert!(err.contains("203.0.113.0/24"), "{err}");
-    }
-
-    #[test]
-    fn cidr_matching() {
-        let v4 = cidr("203.0.113.0/24");
-        assert!(v4.contains(ip("203.0.113.0")));
-        assert!(v4.contains(ip("203.0.113.255")));
-        assert!(!v4.contains(ip("203.0.114.1")));
-        assert!(!v4.contains(ip("2001:db8::1")));
-        // IPv4-mapped IPv6 peers (dual-stack listeners) match IPv4 blocks.
-        assert!(v4.contains(ip("::ffff:203.0.113.7")));
-        assert!(!v4.contains(ip("::ffff:198.51.100.7")));
-        let v6 = cidr("2001:db8::/32");
-        assert!(v6.contains(ip("2001:db8:ffff::1")));
-        assert!(!v6.contains(ip("2001:db9::1")));
-        assert!(!v6.contains(ip("203.0.113.1")));
-        assert!(cidr("0.0.0.0/0").contains(ip("8.8.8.8")));
-        assert!(!cidr("0.0.0.0/0").contains(ip("::1")));
-        assert!(cidr("::/0").contains(ip("::1")));
-        assert!(cidr("10.1.2.3").contains(ip("10.1.2.3")));
-        assert!(!cidr("10.1.2.3").contains(ip("10.1.2.4")));
-        assert!(cidr("::ffff:10.0.0.0/104").contains(ip("10.9.9.9")));
     }
 
     fn xff(values: &[&str]) -> HeaderMap {
@@ -385,24 +459,29 @@ mod tests {
         assert_eq!(source_addr(ip("10.0.0.1"), &h, &trusted), ip("203.0.113.5"));
     }
 
-    fn auth(keys: &[&str], basic: Option<(&str, &str)>) -> AuthConfig {
-        AuthConfig {
+    fn auth(keys: &[&str], basic: Option<(&str, &str)>) -> Authenticator {
+        auth_with(keys, basic, Vec::new())
+    }
+
+    fn auth_with(keys: &[&str], basic: Option<(&str, &str)>, allow: Vec<Cidr>) -> Authenticator {
+        let config = AuthConfig {
             api_keys: (!keys.is_empty()).then(|| ApiKeysConfig {
                 header: HeaderName::from_static("x-api-key"),
                 source: SecretSource::Env("K".into()),
-                keys: keys
-                    .iter()
-                    .map(|k| SecretDigest::of(k.as_bytes()))
-                    .collect(),
             }),
-            basic: basic.map(|(u, p)| BasicConfig {
+            basic: basic.map(|(u, _)| BasicConfig {
                 username: u.into(),
                 source: SecretSource::Env("P".into()),
-                credentials: SecretDigest::of(format!("{u}:{p}").as_bytes()),
             }),
-            allow_cidrs: Vec::new(),
+            allow_cidrs: allow,
             trusted_proxies: Vec::new(),
+        };
+        let mut env = Env::new();
+        env.insert("K".into(), keys.join(","));
+        if let Some((_, p)) = basic {
+            env.insert("P".into(), p.into());
         }
+        Authenticator::load("auth", Arc::new(config), &env).unwrap()
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -488,8 +567,7 @@ mod tests {
 
     #[test]
     fn source_is_checked_before_credentials() {
-        let mut a = auth(&["key-0123456789abcdef"], None);
-        a.allow_cidrs = vec![cidr("10.0.0.0/8")];
+        let a = auth_with(&["key-0123456789abcdef"], None, vec![cidr("10.0.0.0/8")]);
         let mut h = headers(&[("x-api-key", "key-0123456789abcdef")]);
         assert!(matches!(
             authenticate(&a, &mut h, peer()),
@@ -502,7 +580,7 @@ mod tests {
             Err(ProxyError::Unauthorized { .. })
         ));
         // Allowlist alone (no credentials configured).
-        a.api_keys = None;
+        let a = auth_with(&[], None, vec![cidr("10.0.0.0/8")]);
         authenticate(&a, &mut HeaderMap::new(), inside).unwrap();
     }
 

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::prepare::Loaded;
 use crate::proxy::{Proxy, Shared, Table};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +38,13 @@ pub struct Running {
 
 /// Binds the listeners, builds the upstream pools and waits (at most each upstream's connect
 /// timeout) for their `min_idle` connections, then starts serving.
-pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_from(config, None).await
+pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
+    start_from(loaded, None).await
 }
 
 /// Like [`start`], remembering the file the config came from so it can be reloaded.
-pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running, StartError> {
+pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running, StartError> {
+    let Loaded { config, prepared } = loaded;
     let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
         .map_err(|source| StartError::Bind {
             what: "server.listen",
@@ -66,7 +67,10 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running
         .map(|l| l.local_addr().expect("bound socket has an address"));
     crate::admin::metrics_handle();
 
-    let table = Table::new(config.clone());
+    let table = Table::new(config.clone(), &prepared);
+    // The gateway owns the listener's certificate from here on: reloads and the file watcher
+    // re-read the files into this one handle, which every handshake reads.
+    let server_tls = prepared.server_tls.map(Arc::new);
     let warmups = table.upstreams.values().map(|u| {
         let u = u.clone();
         async move {
@@ -82,6 +86,8 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running
         config_path: path,
         reloading: std::sync::Mutex::new(()),
         draining: AtomicBool::new(false),
+        drain_deadline: std::sync::Mutex::new(None),
+        server_tls: server_tls.clone(),
     });
     let (shutdown, rx) = watch::channel(false);
     let max_connections = config.server.max_connections;
@@ -90,10 +96,11 @@ pub async fn start_from(config: Config, path: Option<PathBuf>) -> Result<Running
         listener,
         Proxy::new(shared.clone()),
         config.server.clone(),
+        server_tls.clone(),
         connections.clone(),
         rx.clone(),
     ))];
-    if let Some(tls) = &config.server.tls {
+    if let Some(tls) = &server_tls {
         tracing::info!(
             cert = %tls.cert.display(),
             sha256 = %tls.fingerprint(),
@@ -128,6 +135,13 @@ impl Running {
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + timeout;
+        // Recorded before the routes are told, so that a table a concurrent reload stores is
+        // either seen here or finds the deadline itself (`reload::apply`).
+        *self
+            .shared
+            .drain_deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(deadline);
         for route in &self.shared.table.load().routes {
             route.admission.begin_drain(deadline);
         }
@@ -140,4 +154,20 @@ impl Running {
         }
         drained
     }
+}
+
+/// The running configuration as `GET /config` shows it: [`crate::config::describe`] with how
+/// many API keys each `auth:` block loaded.
+pub fn describe(table: &Table) -> serde_json::Value {
+    let mut v = crate::config::describe(&table.config);
+    let keys_loaded = |at: &mut serde_json::Value, auth: Option<&crate::auth::Authenticator>| {
+        if let (Some(a), Some(k)) = (auth, at.get_mut("api_keys").filter(|k| k.is_object())) {
+            k["keys_loaded"] = serde_json::json!(a.keys_loaded());
+        }
+    };
+    keys_loaded(&mut v["auth"], table.auth.as_deref());
+    for (i, r) in table.routes.iter().enumerate() {
+        keys_loaded(&mut v["routes"][i]["auth"], r.auth.as_deref());
+    }
+    v
 }

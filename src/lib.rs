@@ -7,6 +7,9 @@
 //! connection, [`body`] relays the answer under the route's budget, and [`respond`] builds every
 //! answer the gateway makes itself. [`proxy`] strings the stages together. [`tls`] holds the
 //! certificates of both sides.
+//!
+//! [`config`] is plain data, validated section by section; [`prepare`] reads the certificates
+//! and secrets it names; [`gateway`] starts and drains; [`reload`] swaps in a new configuration.
 
 pub mod admin;
 pub mod admission;
@@ -14,12 +17,12 @@ pub mod auth;
 pub mod body;
 pub mod circuit;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod listener;
 pub mod observe;
+pub mod prepare;
 pub mod proxy;
 pub mod reload;
 pub mod respond;

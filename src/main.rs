@@ -8,6 +8,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use breakwater::config::{self, units, Config, LogFormat};
+use breakwater::prepare::{self, Loaded};
+
+// The demo's simulated backend and burst tool serve this command only; they are not part of the
+// library a gateway is built from.
+mod demo;
 
 // A proxy allocates and frees small buffers on every request from several threads; mimalloc
 // does that with far less contention and fragmentation than glibc's malloc.
@@ -32,7 +37,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Run,
-    /// Validate the config, print the effective routes and upstreams, and exit.
+    /// Validate the config, read the certificates and secrets it names, print the effective
+    /// routes and upstreams, and exit. Binds nothing.
     Check,
     /// See the problem and the fix: a burst against a simulated backend, directly and through
     /// Breakwater, side by side. Loopback only, under a minute.
@@ -135,14 +141,15 @@ fn config_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn load(given: Option<&Path>) -> anyhow::Result<(PathBuf, Config)> {
+fn load(given: Option<&Path>) -> anyhow::Result<(PathBuf, Loaded)> {
     let path = config_path(given)?;
-    let config = config::load(&path)?;
-    Ok((path, config))
+    let loaded = prepare::load(&path)?;
+    Ok((path, loaded))
 }
 
 fn check(given: Option<&Path>) -> anyhow::Result<()> {
-    let (path, c) = load(given)?;
+    let (path, loaded) = load(given)?;
+    let (c, prepared) = (&loaded.config, &loaded.prepared);
     println!("{}: ok", path.display());
     println!(
         "server   listen {}  max_connections {}  max_request_body {}  header_read_timeout {}  keepalive_timeout {}",
@@ -152,15 +159,15 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         units::format_duration(c.server.header_read_timeout),
         units::format_duration(c.server.keepalive_timeout),
     );
-    match &c.server.tls {
-        Some(t) => println!(
+    match (&c.server.tls, &prepared.server_tls) {
+        (Some(t), Some(live)) => println!(
             "tls      cert {}  key {}  (leaf sha256 {})  TLS 1.2/1.3  ALPN {}; re-read on SIGHUP and when the files change",
             t.cert.display(),
             t.key.display(),
-            t.fingerprint(),
+            live.fingerprint(),
             if c.server.http2 { "h2,http/1.1" } else { "http/1.1" },
         ),
-        None => println!("tls      off (plain HTTP on the listener)"),
+        _ => println!("tls      off (plain HTTP on the listener)"),
     }
     println!(
         "         proxy_protocol {}  max_connections_per_source {}",
@@ -178,7 +185,7 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         Some(a) => println!("admin    listen {a}"),
         None => println!("admin    disabled"),
     }
-    match &c.auth {
+    match &prepared.auth {
         Some(a) => println!("auth     {}", a.summary()),
         None => println!("auth     none (routes without their own auth: block are open)"),
     }
@@ -186,7 +193,7 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         println!(
             "upstream {}  {}  pool max {} min_idle {} idle_timeout {} max_lifetime {} connect_timeout {}",
             u.name,
-            u.url,
+            config::redact_url(&u.url),
             u.pool.max_connections,
             u.pool.min_idle,
             units::format_duration(u.pool.idle_timeout),
@@ -242,7 +249,7 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
             r.timeout_status.as_u16(),
         );
         // Secrets are never printed: only where they come from and how many keys were loaded.
-        match (&r.auth, r.auth_origin) {
+        match (prepared.route_auth.get(&r.name), r.auth_origin) {
             (Some(_), config::AuthOrigin::Global) => println!("         auth global"),
             (Some(a), _) => println!("         auth {}", a.summary()),
             (None, config::AuthOrigin::Disabled) => println!("         auth disabled"),
@@ -253,7 +260,6 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    use breakwater::demo;
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(async move {
         match args.part {
@@ -337,11 +343,11 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
 }
 
 fn run(given: Option<&Path>) -> anyhow::Result<()> {
-    let (path, config) = load(given)?;
-    let _log_writer = init_logging(&config);
+    let (path, loaded) = load(given)?;
+    let _log_writer = init_logging(&loaded.config);
     // One worker needs no work-stealing scheduler: a current-thread runtime does the same work
     // without cross-thread handoffs.
-    let mut rt = match config.server.workers {
+    let mut rt = match loaded.config.server.workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -353,8 +359,8 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
-        let drain_timeout = config.server.drain_timeout;
-        let running = breakwater::gateway::start_from(config, Some(path)).await?;
+        let drain_timeout = loaded.config.server.drain_timeout;
+        let running = breakwater::gateway::start_from(loaded, Some(path)).await?;
         let shared = running.shared.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
@@ -364,7 +370,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
             };
             while hup.recv().await.is_some() {
                 // Outcome and problems are logged and counted by reload itself.
-                let _ = breakwater::reload::reload(&shared);
+                let _ = breakwater::reload::reload(shared.clone()).await;
             }
         });
         wait_for_signal().await;

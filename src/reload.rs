@@ -4,10 +4,13 @@
 //!
 //! The listener's TLS certificate is read again on every reload too, whatever becomes of the
 //! configuration: a renewed certificate must not wait for a valid config file.
+//!
+//! All of it reads files, so it runs on tokio's blocking pool ([`reload`]).
 
 use std::sync::Arc;
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::ConfigError;
+use crate::prepare::{self, Loaded};
 use crate::proxy::Shared;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,8 @@ pub enum ReloadError {
     NoFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("the reload was cancelled: the gateway is shutting down")]
+    Cancelled,
 }
 
 /// What a successful reload could not apply.
@@ -24,15 +29,26 @@ pub struct Applied {
     pub needs_restart: Vec<&'static str>,
 }
 
-/// Re-reads the config file (with environment overrides) and applies it.
-pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
+/// Re-reads the config file (with environment overrides) and the files it names, and applies it.
+/// Reading and checking files blocks, so it runs on tokio's blocking pool: a slow disk never
+/// stalls the requests that share a runtime thread with the caller.
+pub async fn reload(shared: Arc<Shared>) -> Result<Applied, ReloadError> {
+    match tokio::task::spawn_blocking(move || reload_blocking(&shared)).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ReloadError::Cancelled),
+    }
+}
+
+/// [`reload`] on the calling thread, which may block on file reads.
+pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
     let _one_at_a_time = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let result = shared
         .config_path
         .as_ref()
         .ok_or(ReloadError::NoFile)
-        .and_then(|path| config::load(path).map_err(ReloadError::from))
-        .map(|c| apply(shared, c));
+        .and_then(|path| prepare::load(path).map_err(ReloadError::from))
+        .map(|loaded| apply(shared, loaded));
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!("breakwater_config_reloads_total", "result" => outcome).increment(1);
     match &result {
@@ -52,7 +68,7 @@ pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
     }
     // Logged and counted (breakwater_tls_reloads_total) by the reload itself; a certificate that
     // does not load leaves the one in use.
-    if let Some(tls) = &shared.table.load().config.server.tls {
+    if let Some(tls) = &shared.server_tls {
         let _ = tls.reload("reload");
     }
     result
@@ -60,7 +76,11 @@ pub fn reload(shared: &Shared) -> Result<Applied, ReloadError> {
 
 /// Swaps in `new`. Settings that live in bound sockets or the runtime only take effect on
 /// restart; they are reported rather than silently ignored.
-pub fn apply(shared: &Shared, mut new: Config) -> Applied {
+pub fn apply(shared: &Shared, new: Loaded) -> Applied {
+    let Loaded {
+        config: new,
+        prepared,
+    } = new;
     let old = shared.table.load_full();
     let mut applied = Applied::default();
     if old.config.server != new.server {
@@ -72,19 +92,28 @@ pub fn apply(shared: &Shared, mut new: Config) -> Applied {
     if old.config.log != new.log {
         applied.needs_restart.push("log");
     }
-    // The listener reads its certificate from the handle it started with; keep that handle in
-    // the configuration so reloads reach it. (New file paths need a restart, reported above with
-    // the rest of `server`.)
-    if let (Some(live), Some(next)) = (&old.config.server.tls, &mut new.server.tls) {
-        *next = live.clone();
-    }
     for section in &applied.needs_restart {
         tracing::warn!(
             section,
             "changes to this section take effect after a restart"
         );
     }
-    let table = old.rebuild(new);
-    shared.table.store(Arc::new(table));
+    // The certificate read for `prepared` only checked the files: the listener keeps the one it
+    // started with (new paths need a restart, reported with the rest of `server`).
+    let table = Arc::new(old.rebuild(new, &prepared));
+    shared.table.store(table.clone());
+    // A drain that has begun keeps its deadline: routes of the new table (new admission state
+    // when their limits changed) refuse what cannot finish before the process exits, as the old
+    // ones do. Read after the store: see `Running::drain`.
+    let drain = *shared
+        .drain_deadline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(deadline) = drain {
+        tracing::info!("reloaded while draining; the drain deadline still holds");
+        for route in &table.routes {
+            route.admission.begin_drain(deadline);
+        }
+    }
     applied
 }

@@ -457,13 +457,6 @@ impl ClientTls {
     }
 }
 
-/// The name an upstream's certificate is checked against (and sent as SNI): `tls.server_name`,
-/// else the URL's host. An IP address is checked against the certificate's IP addresses.
-pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(name.to_string())
-        .map_err(|_| format!("`{name}`: not a DNS name or IP address"))
-}
-
 /// `insecure_skip_verify: true`: any certificate is accepted. The handshake signatures are still
 /// checked (so the session is at least bound to the certificate that was presented).
 #[derive(Debug)]

@@ -25,8 +25,8 @@ async fn start(yaml: &str, backend: &Backend, env: &[(&str, &str)]) -> Gateway {
         yaml.replace("{backend}", &backend.url())
     );
     let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-    let config = breakwater::config::from_yaml(&text, env).expect("test config is valid");
-    let running = breakwater::gateway::start(config)
+    let loaded = breakwater::prepare::from_yaml(&text, env).expect("test config is valid");
+    let running = breakwater::gateway::start(loaded)
         .await
         .expect("gateway starts");
     Gateway {
@@ -553,7 +553,7 @@ routes:
     auth:
       api_keys: { keys_env: BREAKWATER_API_KEYS }
 "#;
-    let err = breakwater::config::from_yaml(yaml, Vec::new()).unwrap_err();
+    let err = breakwater::prepare::from_yaml(yaml, Vec::new()).unwrap_err();
     let problems = err.problems();
     let has = |key: &str, text: &str| {
         problems
@@ -593,5 +593,5 @@ routes:
             PASSWORD.to_string(),
         ),
     ];
-    breakwater::config::from_yaml(&fixed, env).expect("valid with the variables set");
+    breakwater::prepare::from_yaml(&fixed, env).expect("valid with the variables set");
 }

@@ -137,7 +137,9 @@ fn docs_and_example_list_the_same_keys() {
 fn every_key_of_the_effective_config_is_in_the_example() {
     let text = std::fs::read_to_string("config/example.yaml").unwrap();
     let env = SECRETS.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-    let config = breakwater::config::from_yaml(&text, env).expect("example is valid");
+    let config = breakwater::prepare::from_yaml(&text, env)
+        .expect("example is valid")
+        .config;
     let mut effective = BTreeSet::new();
     paths(
         &breakwater::config::describe(&config),

@@ -258,17 +258,22 @@ async fn raw_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> 
 struct BackendOpts {
     workers: usize,
     latency_ms: u64,
+    /// uvicorn's `--timeout-keep-alive`, in seconds.
+    keep_alive_s: u64,
 }
 
 /// The route's budget; everything else in the gateway config is the same for every test.
 struct GatewayOpts {
     budget: &'static str,
+    /// The pool's `idle_timeout`.
+    idle_timeout: &'static str,
 }
 
 struct Stack {
     // Dropped in this order: gateway, backend, then the directory holding their logs.
     gateway: Proc,
     _backend: Proc,
+    backend: SocketAddr,
     addr: SocketAddr,
     admin: SocketAddr,
     _dir: tempfile::TempDir,
@@ -283,6 +288,7 @@ impl Stack {
         Stack {
             gateway,
             _backend: backend,
+            backend: backend_addr,
             addr,
             admin,
             _dir: dir,
@@ -313,7 +319,8 @@ async fn start_backend(python: &Path, b: &BackendOpts, dir: &Path) -> (Proc, Soc
             .arg(Path::new(ROOT).join("tests/e2e"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--workers", &b.workers.to_string()])
-            .args(["--timeout-keep-alive", "5", "--log-level", "warning"])
+            .args(["--timeout-keep-alive", &b.keep_alive_s.to_string()])
+            .args(["--log-level", "warning"])
             .env("E2E_LATENCY_MS", b.latency_ms.to_string())
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONUNBUFFERED", "1");
@@ -388,7 +395,7 @@ log: {{ format: json, level: warn }}
 upstreams:
   app:
     url: "http://{backend}"
-    pool: {{ max_connections: 16, min_idle: 2, idle_timeout: 45s }}
+    pool: {{ max_connections: 16, min_idle: 2, idle_timeout: {idle_timeout} }}
 routes:
   - name: sentiment
     match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
@@ -397,7 +404,8 @@ routes:
     concurrency: 4
     queue: {{ max_depth: 40, max_wait: 2s }}
 "#,
-        budget = g.budget
+        budget = g.budget,
+        idle_timeout = g.idle_timeout,
     )
 }
 
@@ -560,8 +568,12 @@ async fn burst_is_served_or_refused_explicitly_within_budget() {
         BackendOpts {
             workers: 2,
             latency_ms: 200,
+            keep_alive_s: 5,
         },
-        GatewayOpts { budget: "2s" },
+        GatewayOpts {
+            budget: "2s",
+            idle_timeout: "45s",
+        },
     )
     .await;
     let budget = Duration::from_secs(2);
@@ -616,8 +628,12 @@ async fn pooled_connections_closed_by_uvicorn_keepalive_cause_no_errors() {
         BackendOpts {
             workers: 1,
             latency_ms: 20,
+            keep_alive_s: 5,
         },
-        GatewayOpts { budget: "2s" },
+        GatewayOpts {
+            budget: "2s",
+            idle_timeout: "45s",
+        },
     )
     .await;
     let c = client();
@@ -640,12 +656,75 @@ async fn pooled_connections_closed_by_uvicorn_keepalive_cause_no_errors() {
         .await
         .lines()
         .filter(|l| {
-            l.starts_with("breakwater_stale_connection_retries_total")
+            l.starts_with("breakwater_retries_total")
+                || l.starts_with("breakwater_upstream_connections_retired_total")
                 || l.starts_with("breakwater_upstream_connects_total")
         })
         .map(str::to_string)
         .collect();
     eprintln!("e2e keep-alive: 20/20 served; {pool:?}");
+}
+
+/// The keep-alive race against real uvicorn: it closes connections idle for 1 s while the pool
+/// would keep them 10 s, and POSTs (not idempotent, so never resent once written) arrive in
+/// rounds about one second apart, right at uvicorn's timer. Every one must be answered, and none
+/// may reach the app twice: the gateway learns uvicorn's idle timer and retires connections
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_at_uvicorns_keepalive_timer_are_all_answered_and_never_sent_twice() {
+    let stack = Stack::start(
+        BackendOpts {
+            workers: 1,
+            latency_ms: 20,
+            keep_alive_s: 1,
+        },
+        GatewayOpts {
+            budget: "2s",
+            idle_timeout: "10s",
+        },
+    )
+    .await;
+    let c = client();
+    let url = stack.url("/v1/sentiment");
+    // uvicorn closes the warm connections once, so the gateway has seen its timer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for round in 0..25 {
+        let posts = (0..3).map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                let id = format!("race-{round}-{i}");
+                let a = post_text(&c, &url, "good", &[("x-request-id", &id)]).await;
+                (id, a)
+            }
+        });
+        for (id, a) in futures_util::future::join_all(posts).await {
+            let a = a.unwrap_or_else(|e| panic!("{id}: {e}"));
+            assert_sentiment_ok(&a, &id);
+        }
+        let jitter = fastrand::u64(0..=60);
+        tokio::time::sleep(Duration::from_millis(970 + jitter)).await;
+    }
+    let seen = match raw_get(stack.backend, "/v1/seen").await {
+        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        other => panic!("/v1/seen: {other:?}"),
+    };
+    assert_eq!(seen["duplicates"], serde_json::json!({}), "{seen}");
+    let races = (0..25).flat_map(|r| (0..3).map(move |i| format!("race-{r}-{i}")));
+    for id in races {
+        assert_eq!(seen["seen"][&id], 1, "{id} in {seen}");
+    }
+    let pool: Vec<String> = stack
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("breakwater_retries_total")
+                || l.starts_with("breakwater_upstream_connections_retired_total")
+                || l.starts_with("breakwater_upstream_connects_total")
+        })
+        .map(str::to_string)
+        .collect();
+    eprintln!("e2e keep-alive race: 75/75 answered, none twice; {pool:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -654,8 +733,12 @@ async fn request_id_and_remaining_budget_reach_the_app() {
         BackendOpts {
             workers: 1,
             latency_ms: 20,
+            keep_alive_s: 5,
         },
-        GatewayOpts { budget: "2s" },
+        GatewayOpts {
+            budget: "2s",
+            idle_timeout: "45s",
+        },
     )
     .await;
     let c = client();
@@ -683,8 +766,12 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         BackendOpts {
             workers: 1,
             latency_ms: 20,
+            keep_alive_s: 5,
         },
-        GatewayOpts { budget: "5s" },
+        GatewayOpts {
+            budget: "5s",
+            idle_timeout: "45s",
+        },
     )
     .await;
     let c = client();

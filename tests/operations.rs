@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -293,10 +294,15 @@ routes:
 }
 
 async fn start_binary(backend: &str, budget: &str) -> Binary {
+    start_binary_logging(backend, budget, Stdio::null()).await
+}
+
+/// Like [`start_binary`], with the log lines (stdout) going to `log`.
+async fn start_binary_logging(backend: &str, budget: &str, log: Stdio) -> Binary {
     let (port, admin) = (free_port(), free_port());
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), binary_config(port, admin, backend, budget)).unwrap();
-    let proc = spawn_binary(&file, admin, None, Stdio::null()).await;
+    let proc = spawn_binary(&file, admin, None, log).await;
     Binary {
         proc,
         port,
@@ -530,6 +536,215 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
     }
     backend.release(1);
     let _ = held.await;
+}
+
+/// `breakwater check` on `text`: (success, stdout, stderr).
+fn check(text: &str) -> (bool, String, String) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("check")
+        .arg("--config")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).to_string();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
+#[tokio::test]
+async fn url_credentials_never_reach_check_reload_answers_or_logs() {
+    let secret_url = "http://svc:hunter2@127.0.0.1:9/base";
+    let (ok, out, err) = check(&binary_config(free_port(), free_port(), secret_url, "10s"));
+    assert!(ok, "{err}");
+    assert!(out.contains("<redacted>@127.0.0.1:9/base"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+    // Invalid: credentials in a url that does not parse, next to another problem.
+    let broken = binary_config(free_port(), free_port(), "http://svc:hunter2@[nope", "-1s");
+    let (ok, out, err) = check(&broken);
+    assert!(!ok);
+    assert!(
+        err.contains("upstreams.app.url") && err.contains("routes[0].budget"),
+        "{err}"
+    );
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+
+    let backend = Backend::start().await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let bin = start_binary_logging(&backend.url(), "10s", log.reopen().unwrap().into()).await;
+    std::fs::write(
+        bin.file.path(),
+        binary_config(bin.port, bin.admin, "http://svc:hunter2@[nope", "-1s"),
+    )
+    .unwrap();
+    let c = client();
+    let resp = c
+        .request(
+            http::Request::post(format!("http://127.0.0.1:{}/reload", bin.admin))
+                .body(body(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let answer = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("upstreams.app.url"), "{answer}");
+    assert!(!answer.contains("hunter2"), "{answer}");
+
+    // The log is flushed when the process exits.
+    let mut bin = bin;
+    signal(&bin.proc.0, "TERM");
+    let start = std::time::Instant::now();
+    while bin.proc.0.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(6), "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    assert!(
+        logged.contains("upstreams.app.url"),
+        "reload problem not logged: {logged}"
+    );
+    assert!(!logged.contains("hunter2"), "{logged}");
+}
+
+/// A reload reads its file on the blocking pool: with the file a FIFO that nothing has written
+/// yet, the reload waits, and a single-threaded runtime goes on answering meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_waiting_on_its_file_does_not_block_the_runtime() {
+    use std::sync::atomic::AtomicBool;
+
+    let backend = Backend::start().await;
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\nupstreams:\n  app:\n    url: \"{}\"\nroutes:\n  - {{ name: api, upstream: app }}\n",
+        backend.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("breakwater.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let loaded = breakwater::prepare::from_yaml(&yaml, Vec::new()).unwrap();
+    let running = breakwater::gateway::start_from(loaded, Some(fifo.clone()))
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+
+    // Were the reload to block this (only) runtime thread, nothing below could run: this thread
+    // then feeds the FIFO after a while so that the test fails instead of hanging.
+    let (fed, watchdog_fed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    std::thread::spawn({
+        let (fifo, yaml, fed, watchdog_fed) = (
+            fifo.clone(),
+            yaml.clone(),
+            fed.clone(),
+            watchdog_fed.clone(),
+        );
+        move || {
+            std::thread::sleep(Duration::from_secs(10));
+            if !fed.swap(true, Ordering::SeqCst) {
+                watchdog_fed.store(true, Ordering::SeqCst);
+                let _ = std::fs::write(&fifo, yaml);
+            }
+        }
+    });
+    let reload = tokio::spawn(breakwater::reload::reload(shared.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // Reloads hold this lock from start to end.
+    while shared.reloading.try_lock().is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reload never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = client();
+    let health = get(
+        &c,
+        &format!("http://{}/healthz", running.admin_addr.unwrap()),
+    )
+    .await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(
+        !watchdog_fed.load(Ordering::SeqCst),
+        "the runtime was blocked until the file arrived"
+    );
+    if !fed.swap(true, Ordering::SeqCst) {
+        tokio::task::spawn_blocking(move || std::fs::write(&fifo, yaml))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let applied = reload.await.unwrap().expect("reload applies");
+    assert!(
+        applied.needs_restart.is_empty(),
+        "{:?}",
+        applied.needs_restart
+    );
+}
+
+/// A reload during a drain builds new admission state for routes whose limits changed; those
+/// routes still refuse what cannot finish before the drain deadline.
+#[tokio::test]
+async fn a_reload_during_a_drain_keeps_the_drain_deadline() {
+    let backend = Backend::start().await;
+    let yaml = |concurrency: usize| {
+        format!(
+            "server:\n  listen: 127.0.0.1:0\nadmin:\n  enabled: false\nupstreams:\n  app:\n    url: \"{}\"\nroutes:\n  - {{ name: api, upstream: app, budget: 30s, concurrency: {concurrency} }}\n",
+            backend.url()
+        )
+    };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml(1)).unwrap();
+    let loaded = breakwater::prepare::load(file.path()).unwrap();
+    let running = breakwater::gateway::start_from(loaded, Some(file.path().to_path_buf()))
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+    let before = shared.table.load().routes[0].admission.clone();
+    // No connection is open, so this returns at once; the deadline stays 2 s away.
+    assert!(running.drain(Duration::from_secs(2)).await);
+
+    std::fs::write(file.path(), yaml(2)).unwrap();
+    let applied = breakwater::reload::reload(shared.clone()).await.unwrap();
+    assert!(
+        applied.needs_restart.is_empty(),
+        "{:?}",
+        applied.needs_restart
+    );
+    let admission = shared.table.load().routes[0].admission.clone();
+    assert!(
+        !Arc::ptr_eq(&before, &admission),
+        "new limits, new admission state"
+    );
+
+    // No new connection reaches a draining gateway, so the route is asked directly, as the
+    // proxy asks it for each request. Once an exchange is known to take 5 s, a request with
+    // 30 s of budget but only 2 s of drain left cannot finish.
+    let far = tokio::time::Instant::now() + Duration::from_secs(30);
+    admission
+        .admit(far)
+        .await
+        .expect("a free slot without an estimate")
+        .release(Some(Duration::from_secs(5)));
+    match admission.admit(far).await {
+        Ok(_) => panic!("admitted a request that cannot finish before the drain deadline"),
+        Err(refused) => assert_eq!(refused.reason().as_str(), "draining"),
+    }
 }
 
 // ---- admin token ----

@@ -112,7 +112,7 @@ fn config_loader_never_panics_on_mutated_files() {
         }
         let text: String = text.into_iter().collect();
         // Ok or a reported error; every reported problem names a key.
-        if let Err(e) = breakwater::config::from_yaml(&text, env()) {
+        if let Err(e) = breakwater::prepare::from_yaml(&text, env()) {
             for p in e.problems() {
                 assert!(!p.key.is_empty(), "problem without a key: {p:?}");
             }

@@ -127,8 +127,8 @@ fn fixture(name: &str) -> String {
 // Gateway and clients
 
 async fn start_yaml(yaml: &str, path: Option<&Path>) -> Gateway {
-    let config = breakwater::config::from_yaml(yaml, Vec::new()).expect("test config is valid");
-    let running = breakwater::gateway::start_from(config, path.map(Path::to_path_buf))
+    let loaded = breakwater::prepare::from_yaml(yaml, Vec::new()).expect("test config is valid");
+    let running = breakwater::gateway::start_from(loaded, path.map(Path::to_path_buf))
         .await
         .expect("gateway starts");
     Gateway {
@@ -405,7 +405,9 @@ async fn certificate_is_swapped_without_dropping_connections() {
     // Renewal: a new certificate and key written over the same files, then SIGHUP's reload.
     let second = server_files(dir.path(), &ca);
     assert_ne!(second.leaf, first.leaf);
-    breakwater::reload::reload(&shared).expect("reload accepts the renewed files");
+    breakwater::reload::reload(shared.clone())
+        .await
+        .expect("reload accepts the renewed files");
     let new_conn = tls_connect(gw.addr, &ca.der, &[b"http/1.1"]).await;
     assert_eq!(
         peer_leaf(&new_conn),
@@ -422,13 +424,13 @@ async fn certificate_is_swapped_without_dropping_connections() {
 
     // A broken certificate is refused and the one in use stays.
     std::fs::write(&second.cert, "not a certificate").unwrap();
-    assert!(breakwater::reload::reload(&shared).is_err());
+    assert!(breakwater::reload::reload(shared.clone()).await.is_err());
     let conn = tls_connect(gw.addr, &ca.der, &[b"http/1.1"]).await;
     assert_eq!(peer_leaf(&conn), second.leaf);
     // A key that does not match the certificate too.
     let third = server_files(dir.path(), &ca);
     std::fs::write(&third.key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
-    assert!(breakwater::reload::reload(&shared).is_err());
+    assert!(breakwater::reload::reload(shared.clone()).await.is_err());
     let conn = tls_connect(gw.addr, &ca.der, &[b"http/1.1"]).await;
     assert_eq!(peer_leaf(&conn), second.leaf);
     let metrics = gw.metrics().await;

@@ -20,6 +20,29 @@ pub fn redact_url(url: &http::Uri) -> String {
     }
 }
 
+/// A URL as written in the file, which may not even parse, for a problem message: credentials
+/// (anything before the last `@` of the part before the query) and the query are replaced, so
+/// that neither reaches `breakwater check`, a log line or a `/reload` answer. A password holding
+/// a `/` or `@` by mistake is still covered.
+pub fn redact_url_text(text: &str) -> String {
+    let (scheme, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let (before_query, query) = match rest.find(['?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let unhidden = match before_query.rfind('@') {
+        Some(at) => format!("{scheme}{REDACTED}{}", &before_query[at..]),
+        None => format!("{scheme}{before_query}"),
+    };
+    match query.chars().next() {
+        Some(c) => format!("{unhidden}{c}{REDACTED}"),
+        None => unhidden,
+    }
+}
+
 fn secret_source(name: &str, source: &SecretSource) -> (String, Value) {
     match source {
         SecretSource::Env(var) => (format!("{name}_env"), json!(var)),
@@ -29,10 +52,11 @@ fn secret_source(name: &str, source: &SecretSource) -> (String, Value) {
 
 /// An `auth:` block: where secrets come from and how many keys were loaded, never the secrets.
 fn describe_auth(a: &AuthConfig) -> Value {
-    let cidrs = |v: &[crate::auth::Cidr]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let cidrs = |v: &[Cidr]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
     let api_keys = a.api_keys.as_ref().map(|k| {
         let (field, from) = secret_source("keys", &k.source);
-        let mut v = json!({ "header": k.header.as_str(), "keys_loaded": k.keys.len() });
+        // How many keys were loaded is added by the running gateway (`crate::gateway::describe`).
+        let mut v = json!({ "header": k.header.as_str() });
         v[field] = from;
         v
     });
@@ -192,6 +216,24 @@ mod tests {
         let r = redact_url(&u);
         assert!(!r.contains("hunter2") && !r.contains("svc:"), "{r}");
         assert!(r.contains("10.0.0.1:8000"), "{r}");
+    }
+
+    #[test]
+    fn credentials_in_url_text_are_redacted() {
+        for (text, shown) in [
+            (
+                "http://svc:hunter2@10.0.0.1:8000/base",
+                "http://<redacted>@10.0.0.1:8000/base",
+            ),
+            ("svc:hunter2@10.0.0.1", "<redacted>@10.0.0.1"),
+            ("http://svc:hun/ter2@host/", "http://<redacted>@host/"),
+            ("http://host/x?token=hunter2", "http://host/x?<redacted>"),
+            ("http://svc:hunter2@[bad", "http://<redacted>@[bad"),
+            ("not a url at all", "not a url at all"),
+            ("ftp://x", "ftp://x"),
+        ] {
+            assert_eq!(redact_url_text(text), shown, "{text}");
+        }
     }
 
     #[test]

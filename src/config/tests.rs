@@ -1,4 +1,14 @@
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+
 use super::*;
+use crate::prepare::Loaded;
+
+/// Validation and then the files and secrets the config names, as start, check and reload do.
+fn load(text: &str, env: Vec<(String, String)>) -> Result<Loaded, ConfigError> {
+    crate::prepare::from_yaml(text, env)
+}
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -220,7 +230,10 @@ fn auth_global_default_route_override_and_disabled() {
       basic: { username: genesys, password_env: BW_PASS }"#,
     );
     let keys = format!(" {KEY_A} , {KEY_B},");
-    let c = from_yaml(
+    let Loaded {
+        config: c,
+        prepared,
+    } = load(
         &text,
         env(&[("BW_KEYS", &keys), ("BW_PASS", "a-long-password")]),
     )
@@ -228,7 +241,9 @@ fn auth_global_default_route_override_and_disabled() {
     let global = c.auth.as_ref().unwrap();
     let k = global.api_keys.as_ref().unwrap();
     assert_eq!(k.header.as_str(), "x-api-key");
-    assert_eq!(k.keys.len(), 2);
+    let loaded = prepared.auth.as_ref().unwrap();
+    assert_eq!(loaded.keys_loaded(), 2);
+    assert!(std::ptr::eq(loaded.config(), &**global));
     assert_eq!(k.source, SecretSource::Env("BW_KEYS".into()));
     assert_eq!(global.allow_cidrs.len(), 2);
     assert_eq!(global.trusted_proxies[0].to_string(), "10.0.0.0/8");
@@ -248,11 +263,16 @@ fn auth_global_default_route_override_and_disabled() {
     for secret in [KEY_A, KEY_B, "a-long-password"] {
         assert!(!shown.contains(secret), "{shown}");
         assert!(!format!("{c:?}").contains(secret));
-        assert!(!global.summary().contains(secret));
+        assert!(!format!("{prepared:?}").contains(secret));
+        assert!(!loaded.summary().contains(secret));
     }
+    assert!(loaded.summary().contains("2 key(s) from env BW_KEYS"));
+    // Routes that inherit the top-level block share its loaded keys.
+    assert!(!prepared.route_auth.contains_key("open"));
+    assert!(Arc::ptr_eq(&prepared.route_auth["inherits"], loaded));
+    assert_eq!(prepared.route_auth["own"].keys_loaded(), 0);
     let v = describe(&c);
     assert_eq!(v["auth"]["api_keys"]["keys_env"], "BW_KEYS");
-    assert_eq!(v["auth"]["api_keys"]["keys_loaded"], 2);
     assert_eq!(v["routes"][0]["auth"]["from"], "disabled");
     assert_eq!(v["routes"][1]["auth"]["from"], "global");
     assert_eq!(v["routes"][2]["auth"]["from"], "route");
@@ -284,18 +304,34 @@ fn secrets_from_files_are_read_at_load() {
         ),
         "",
     );
+    // Validation alone reads nothing.
     let c = from_yaml(&text, env(&[])).unwrap();
     let a = c.auth.as_ref().unwrap();
-    assert_eq!(a.api_keys.as_ref().unwrap().keys.len(), 2);
-    // The trailing newline of the file is not part of the password.
     assert_eq!(
-        a.basic.as_ref().unwrap().credentials,
-        crate::auth::SecretDigest::of(b"u:a-long-password")
+        a.api_keys.as_ref().unwrap().source,
+        SecretSource::File(keys.clone())
     );
+    let a = load(&text, env(&[])).unwrap().prepared.auth.unwrap();
+    assert_eq!(a.keys_loaded(), 2);
+    // The trailing newline of the file is not part of the password.
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::AUTHORIZATION,
+        "Basic dTphLWxvbmctcGFzc3dvcmQ=".parse().unwrap(),
+    );
+    crate::auth::authenticate(&a, &mut h, "127.0.0.1:1".parse().unwrap()).unwrap();
     // Reloading reads the file again.
     std::fs::write(&keys, KEY_A).unwrap();
-    let c = from_yaml(&text, env(&[])).unwrap();
-    assert_eq!(c.auth.unwrap().api_keys.as_ref().unwrap().keys.len(), 1);
+    let a = load(&text, env(&[])).unwrap().prepared.auth.unwrap();
+    assert_eq!(a.keys_loaded(), 1);
+    // And a file that went missing is a problem of the key that names it.
+    std::fs::remove_file(&keys).unwrap();
+    let p = load(&text, env(&[])).unwrap_err().problems();
+    assert!(
+        p.iter()
+            .any(|p| p.key == "auth.api_keys.keys_file" && p.message.contains("cannot read")),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -331,10 +367,10 @@ routes:
   - name: g
     upstream: analytics
     auth:
-      basic: { username: "a:b", password_env: SHORT }
+      basic: { username: "a:pasted-password", password_env: SHORT }
       api_keys: { header: authorization, keys_env: "not a name!" }
 "#;
-    let problems = from_yaml(text, env(&[("SHORT", "tiny")]))
+    let problems = load(text, env(&[("SHORT", "tiny")]))
         .unwrap_err()
         .problems();
     let rendered: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -352,7 +388,7 @@ routes:
         ("routes[5].auth.api_keys.keys_env", "shorter than 16"),
         ("routes[5].auth.api_keys.header", "`host`"),
         ("routes[5].auth.trusted_proxies", "allow_cidrs"),
-        ("routes[6].auth.basic.username", "`a:b`"),
+        ("routes[6].auth.basic.username", "`a:…`"),
         ("routes[6].auth.basic.password_env", "shorter than 12"),
         ("routes[6].auth.api_keys.header", "Basic"),
         (
@@ -375,6 +411,7 @@ routes:
         "literal-key-0123456789",
         "tiny",
         "not a name!",
+        "pasted-password",
     ] {
         assert!(!all.contains(secret), "{secret} leaked:\n{all}");
     }
@@ -419,7 +456,7 @@ fn with_server(server: &str, upstream: &str) -> String {
 }
 
 fn problems_of(text: &str) -> Vec<String> {
-    from_yaml(text, env(&[]))
+    load(text, env(&[]))
         .unwrap_err()
         .problems()
         .iter()
@@ -447,10 +484,13 @@ fn server_tls_loads_and_is_described_by_path() {
         ),
         "    url: http://127.0.0.1:8000",
     );
-    let c = from_yaml(&text, env(&[])).unwrap();
+    let Loaded {
+        config: c,
+        prepared,
+    } = load(&text, env(&[])).unwrap();
     let tls = c.server.tls.as_ref().unwrap();
     assert_eq!(tls.cert.display().to_string(), cert);
-    assert_eq!(tls.fingerprint().len(), 64);
+    assert_eq!(prepared.server_tls.unwrap().fingerprint().len(), 64);
     assert!(c.server.proxy_protocol);
     assert_eq!(c.server.max_connections_per_source, Some(8));
     let v = describe(&c);
@@ -519,7 +559,7 @@ fn server_tls_problems_name_the_key_and_the_file() {
     let pem = std::fs::read_to_string(&key).unwrap();
     let body = pem.lines().nth(1).unwrap().to_string();
     let text = with_server(&format!("  tls: {{ cert: \"{cert}\" }}"), url);
-    let c = from_yaml(&text, env(&[("BREAKWATER__SERVER__TLS__KEY", &pem)]));
+    let c = load(&text, env(&[("BREAKWATER__SERVER__TLS__KEY", &pem)]));
     let p: Vec<String> = c
         .unwrap_err()
         .problems()
@@ -613,4 +653,47 @@ fn upstream_tls_problems_name_the_key() {
 
     let p = problems_of(&up("verify: false", https));
     assert!(p.join("\n").contains("verify"), "{p:?}");
+}
+
+#[test]
+fn url_credentials_and_queries_never_appear_in_problems() {
+    let text = r#"
+upstreams:
+  query:
+    url: "http://svc:hunter2@10.0.0.1:8000/base?token=s3cr3t-query"
+  invalid:
+    url: "http://svc:hunter2@[not-an-address"
+  noscheme:
+    url: "svc:hunter2@10.0.0.1:8000"
+  plain:
+    url: "http://svc:hunter2@10.0.0.1:8000"
+    tls: { insecure_skip_verify: true }
+  valid:
+    url: "http://svc:hunter2@10.0.0.1:8000"
+routes:
+  - name: r
+    upstream: valid
+    budget: soon
+"#;
+    let problems = load(text, env(&[])).unwrap_err().problems();
+    let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    let all = all.join("\n");
+    for leak in ["hunter2", "svc:", "s3cr3t-query"] {
+        assert!(!all.contains(leak), "{leak} leaked:\n{all}");
+    }
+    for key in [
+        "upstreams.query.url",
+        "upstreams.invalid.url",
+        "upstreams.noscheme.url",
+        "upstreams.plain.tls",
+        "routes[0].budget",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.key == key),
+            "no problem for {key}:\n{all}"
+        );
+    }
+    assert!(all.contains("<redacted>@10.0.0.1:8000"), "{all}");
+    let err = load(text, env(&[])).unwrap_err().to_string();
+    assert!(!err.contains("hunter2"), "{err}");
 }

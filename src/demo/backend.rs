@@ -43,7 +43,7 @@ impl SimBackend {
         service_time: Duration,
     ) -> std::io::Result<SimBackend> {
         // uvicorn's default backlog.
-        let listener = crate::listener::bind(listen, 2048)?;
+        let listener = breakwater::listener::bind(listen, 2048)?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(BackendStats::default());
         let pool = Arc::new(Semaphore::new(workers.max(1)));

@@ -19,7 +19,8 @@ pub enum Kind {
     Refused {
         retry_after: bool,
     },
-    OtherStatus(StatusCode),
+    /// Any other answer; only counted.
+    OtherStatus,
     /// The caller gave up: what the platform would log as a 504.
     Timeout,
     Error,
@@ -122,6 +123,6 @@ async fn exchange(url: &Uri, n: usize, sent_at: &mut Option<Instant>) -> Kind {
     } else if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         Kind::Refused { retry_after }
     } else {
-        Kind::OtherStatus(status)
+        Kind::OtherStatus
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use http::Uri;
 
-use crate::config::units::format_duration;
+use breakwater::config::units::format_duration;
 
 pub use backend::SimBackend;
 pub use report::Summary;
@@ -116,8 +116,8 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         opts.workers,
         opts.queue_depth
     ));
-    let config = crate::config::from_yaml(&opts.gateway_yaml(gw_backend.addr), Vec::new())?;
-    let running = crate::gateway::start(config).await?;
+    let loaded = breakwater::prepare::from_yaml(&opts.gateway_yaml(gw_backend.addr), Vec::new())?;
+    let running = breakwater::gateway::start(loaded).await?;
     let url: Uri = format!("http://{}/v1/sentiment", running.addr).parse()?;
     let mut sent = 0;
     while sent < opts.warmup {
@@ -205,7 +205,7 @@ pub enum DemoError {
     #[error(transparent)]
     Uri(#[from] http::uri::InvalidUri),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] breakwater::config::ConfigError),
     #[error(transparent)]
-    Start(#[from] crate::gateway::StartError),
+    Start(#[from] breakwater::gateway::StartError),
 }

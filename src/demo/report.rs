@@ -50,7 +50,7 @@ impl Summary {
             refused_without_retry_after: count(&|k| {
                 matches!(k, Kind::Refused { retry_after: false })
             }),
-            other_status: count(&|k| matches!(k, Kind::OtherStatus(_))),
+            other_status: count(&|k| matches!(k, Kind::OtherStatus)),
             timeouts: count(&|k| matches!(k, Kind::Timeout)),
             errors: count(&|k| matches!(k, Kind::Error)),
             p50: percentile(&all, 0.50),

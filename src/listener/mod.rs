@@ -384,6 +384,7 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     proxy: H,
     config: ServerConfig,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     connections: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -415,6 +416,7 @@ pub async fn serve<H: Handler>(
                     proxy.clone(),
                     builder.clone(),
                     config.clone(),
+                    tls.clone(),
                     sources.clone(),
                     shutdown.clone(),
                     permit,
@@ -550,6 +552,7 @@ async fn accept_connection<H: Handler>(
     proxy: H,
     builder: Arc<auto::Builder<TokioExecutor>>,
     config: ServerConfig,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     sources: Option<Arc<SourceLimit>>,
     shutdown: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
@@ -586,7 +589,7 @@ async fn accept_connection<H: Handler>(
             }
         },
     };
-    let Some(tls) = config.tls.clone() else {
+    let Some(tls) = tls else {
         return serve_connection(
             stream, peer, "http", proxy, builder, config, shutdown, permit,
         )

@@ -85,7 +85,7 @@ async fn journey(
     let route = request::route_for(&table, &req)?;
     ctx.set_route(route.clone());
     // Before the body is read or admission is asked: a refused caller costs no slot.
-    if let Some(auth) = &route.config.auth {
+    if let Some(auth) = &route.auth {
         crate::auth::authenticate(auth, req.headers_mut(), ctx.conn.peer)?;
     }
     let received = request::read_body(ctx, &route, req).await?;

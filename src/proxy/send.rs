@@ -14,7 +14,7 @@ use super::RouteState;
 use crate::body::{BodyCheck, RequestBody};
 use crate::error::ProxyError;
 use crate::retry::{Attempted, Decision, RetryReason, Spent};
-use crate::upstream::{SendFailure, Via};
+use crate::upstream::{SendError, SendFailure, Via};
 
 pub async fn send(
     ctx: &mut RequestContext,
@@ -24,68 +24,105 @@ pub async fn send(
     check: &BodyCheck,
 ) -> Result<http::Response<Incoming>, ProxyError> {
     let deadline = ctx.deadline();
-    let cfg = &route.config;
     route.retry.on_request();
     let mut spent = Spent::default();
-    let mut req = first;
-    let mut via = Via::Pool;
+    let (mut req, mut via) = (first, Via::Pool);
     loop {
         set_budget_header(req.headers_mut(), deadline);
         let sent_at = Instant::now();
         let attempt = route.upstream.send(req, via);
-        let result = match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(result) => result,
-            Err(_elapsed) => {
-                // Dropping the attempt dropped its connection mid-exchange, which closes it: the
-                // backend learns the caller is gone rather than working on for nobody.
-                ctx.release_slot(None);
-                return Err(ProxyError::BudgetExhausted);
-            }
-        };
-        let facts = |handed_back: bool| crate::retry::Request {
-            method: &ctx.record.method,
-            route_idempotent: cfg.idempotent,
-            replayable: replay.is_some(),
-            handed_back,
-        };
-        let error = match result {
-            Ok((resp, lease)) => {
-                let status = resp.status();
-                if status.is_server_error() {
-                    route.circuit.record_failure();
-                } else {
-                    route.circuit.record_success();
-                }
-                let expected = expected(route, sent_at.elapsed());
-                let decision = route.retry.decide(
-                    Attempted::Answered(status),
-                    facts(false),
-                    &mut spent,
-                    deadline,
-                    expected,
-                );
-                match (decision, &replay) {
-                    (Decision::Resend { reason, via: next }, Some(replay)) => {
-                        // Dropped unread: the connection is closed rather than drained.
-                        drop((resp, lease));
-                        count_retry(route, reason);
-                        req = replay.build();
-                        via = next;
-                        continue;
-                    }
-                    _ => {
-                        ctx.answered(lease, sent_at);
-                        return Ok(resp);
-                    }
-                }
-            }
-            Err(e) => e,
-        };
-        // A streamed request body that failed because of the caller is the caller's answer.
-        if let Some(failure) = check.failure(cfg.max_request_body, route.body_read_timeout) {
+        let Ok(result) = tokio::time::timeout_at(deadline, attempt).await else {
+            // Dropping the attempt dropped its connection mid-exchange, which closes it: the
+            // backend learns the caller is gone rather than working on for nobody.
             ctx.release_slot(None);
-            return Err(failure);
+            return Err(ProxyError::BudgetExhausted);
+        };
+        let attempt = Attempt {
+            route,
+            replay: replay.as_ref(),
+            deadline,
+            sent_at,
+        };
+        (req, via) = match result {
+            Ok((resp, lease)) => match attempt.after_answer(ctx, &resp, &mut spent) {
+                Some(next) => next,
+                None => {
+                    ctx.answered(lease, sent_at);
+                    return Ok(resp);
+                }
+            },
+            Err(error) => {
+                // A streamed request body that failed because of the caller is the caller's
+                // answer, whatever the upstream made of it.
+                let cfg = &route.config;
+                if let Some(failure) = check.failure(cfg.max_request_body, route.body_read_timeout)
+                {
+                    ctx.release_slot(None);
+                    return Err(failure);
+                }
+                attempt.after_failure(ctx, error, &mut spent)?
+            }
+        };
+    }
+}
+
+/// One attempt that went out, and what deciding on the next needs.
+struct Attempt<'a> {
+    route: &'a RouteState,
+    replay: Option<&'a Replay>,
+    deadline: Instant,
+    sent_at: Instant,
+}
+
+impl Attempt<'_> {
+    fn request<'r>(&self, ctx: &'r RequestContext, handed_back: bool) -> crate::retry::Request<'r> {
+        crate::retry::Request {
+            method: &ctx.record.method,
+            route_idempotent: self.route.config.idempotent,
+            replayable: self.replay.is_some(),
+            handed_back,
         }
+    }
+
+    /// The upstream answered: the next attempt when its status is retried, else none.
+    fn after_answer(
+        &self,
+        ctx: &RequestContext,
+        resp: &http::Response<Incoming>,
+        spent: &mut Spent,
+    ) -> Option<(Request<RequestBody>, Via)> {
+        let (route, status) = (self.route, resp.status());
+        if status.is_server_error() {
+            route.circuit.record_failure();
+        } else {
+            route.circuit.record_success();
+        }
+        let expected = expected(route, self.sent_at.elapsed());
+        let decision = route.retry.decide(
+            Attempted::Answered(status),
+            self.request(ctx, false),
+            spent,
+            self.deadline,
+            expected,
+        );
+        match (decision, self.replay) {
+            // The answer is dropped unread: its connection is closed rather than drained.
+            (Decision::Resend { reason, via }, Some(replay)) => {
+                count_retry(route, reason);
+                Some((replay.build(), via))
+            }
+            _ => None,
+        }
+    }
+
+    /// The attempt failed: the next attempt, or the error to answer with.
+    fn after_failure(
+        &self,
+        ctx: &mut RequestContext,
+        error: SendError,
+        spent: &mut Spent,
+    ) -> Result<(Request<RequestBody>, Via), ProxyError> {
+        let route = self.route;
         let attempted = Attempted::from(&error.failure);
         // A pooled connection the peer had closed says nothing about the upstream's health.
         let stale = matches!(
@@ -97,19 +134,18 @@ pub async fn send(
         }
         let decision = route.retry.decide(
             attempted,
-            facts(error.unsent.is_some()),
-            &mut spent,
-            deadline,
+            self.request(ctx, error.unsent.is_some()),
+            spent,
+            self.deadline,
             route.admission.expected_service(),
         );
-        let again = error.unsent.or_else(|| replay.as_ref().map(Replay::build));
+        let again = error.unsent.or_else(|| self.replay.map(Replay::build));
         match (decision, again) {
-            (Decision::Resend { reason, via: next }, Some(again)) => {
+            (Decision::Resend { reason, via }, Some(again)) => {
                 count_retry(route, reason);
-                req = again;
-                via = next;
+                Ok((again, via))
             }
-            _ => return Err(give_up(ctx, error.failure, sent_at)),
+            _ => Err(give_up(ctx, error.failure, self.sent_at)),
         }
     }
 }

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use crate::admission::Admission;
 use crate::circuit::Circuit;
 use crate::config::{Config, RouteConfig};
+use crate::prepare::Prepared;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -20,6 +21,8 @@ pub struct RouteState {
     pub admission: Arc<Admission>,
     pub retry: Arc<crate::retry::RetryPolicy>,
     pub metrics: Arc<crate::observe::RouteMetrics>,
+    /// Who may call the route (none: anyone).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// `server.body_read_timeout`: how long a request body may stall.
     pub body_read_timeout: std::time::Duration,
 }
@@ -31,25 +34,27 @@ pub struct Table {
     pub router: Router,
     pub routes: Vec<Arc<RouteState>>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// The top-level `auth:` block, loaded (for `/config`).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 impl Table {
-    pub fn new(config: Config) -> Self {
-        Table::build(config, None)
+    pub fn new(config: Config, prepared: &Prepared) -> Self {
+        Table::build(config, prepared, None)
     }
 
     /// Builds the table for a reloaded `config`, keeping what did not change: an upstream whose
     /// settings are the same keeps its pool (and its warm connections) and its circuit; a route
     /// whose limits are the same keeps its admission state (in-flight slots, queue, estimates)
     /// and retry budget. What changed starts fresh; requests in flight keep the old table.
-    pub fn rebuild(&self, config: Config) -> Self {
-        Table::build(config, Some(self))
+    pub fn rebuild(&self, config: Config, prepared: &Prepared) -> Self {
+        Table::build(config, prepared, Some(self))
     }
 
-    fn build(config: Config, old: Option<&Table>) -> Self {
+    fn build(config: Config, prepared: &Prepared, old: Option<&Table>) -> Self {
         let reuse_upstream = |u: &crate::config::UpstreamConfig| {
             old.and_then(|t| t.upstreams.get(&u.name))
-                .filter(|o| o.config == *u)
+                .filter(|o| o.config == *u && o.tls.as_ref() == prepared.upstream_tls.get(&u.name))
                 .cloned()
         };
         let old_route =
@@ -58,7 +63,10 @@ impl Table {
             .upstreams
             .values()
             .map(|u| {
-                let up = reuse_upstream(u).unwrap_or_else(|| Arc::new(Upstream::new(u.clone())));
+                let up = reuse_upstream(u).unwrap_or_else(|| {
+                    let tls = prepared.upstream_tls.get(&u.name).cloned();
+                    Arc::new(Upstream::new(u.clone(), tls))
+                });
                 (u.name.clone(), up)
             })
             .collect();
@@ -109,6 +117,7 @@ impl Table {
                     admission,
                     retry,
                     metrics,
+                    auth: prepared.route_auth.get(&r.name).cloned(),
                     body_read_timeout: config.server.body_read_timeout,
                 })
             })
@@ -118,6 +127,7 @@ impl Table {
             config: Arc::new(config),
             routes,
             upstreams,
+            auth: prepared.auth.clone(),
         }
     }
 }
@@ -141,4 +151,9 @@ pub struct Shared {
     pub reloading: std::sync::Mutex<()>,
     /// Set once a drain has begun: HTTP/1.1 answers then carry `Connection: close`.
     pub draining: std::sync::atomic::AtomicBool,
+    /// When the drain that has begun must be over (see `reload::apply`).
+    pub drain_deadline: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The listener's certificate, loaded at start and re-read into on reload and when its files
+    /// change (none without `server.tls`).
+    pub server_tls: Option<Arc<crate::tls::ServerTls>>,
 }

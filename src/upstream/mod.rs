@@ -93,17 +93,20 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     pub pool: Pool<Connector>,
     pub connector: Arc<ConnectorState>,
+    /// Built from `config.tls` and the files it names (exactly for `https://` upstreams).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Upstream {
     /// Builds the pool and starts opening its `min_idle` connections in the background.
-    pub fn new(config: UpstreamConfig) -> Self {
+    pub fn new(config: UpstreamConfig, tls: Option<crate::tls::ClientTls>) -> Self {
         let mut connector = Connector::new(
             &config.name,
             &config.host,
             config.port,
             config.pool.connect_timeout,
         );
+        let client = tls;
         if let Some(tls) = &config.tls {
             if tls.insecure_skip_verify {
                 tracing::warn!(
@@ -113,7 +116,12 @@ impl Upstream {
                 );
             }
             connector = connector.with_tls(connector::TlsTarget {
-                connector: tokio_rustls::TlsConnector::from(tls.client.config()),
+                connector: tokio_rustls::TlsConnector::from(
+                    client
+                        .as_ref()
+                        .expect("an https upstream has its TLS client")
+                        .config(),
+                ),
                 name: tls.name.clone(),
             });
         }
@@ -139,6 +147,7 @@ impl Upstream {
             config,
             pool,
             connector: state,
+            tls: client,
         }
     }
 

@@ -325,9 +325,9 @@ impl Gateway {
         } else {
             format!("server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n{text}")
         };
-        let config =
-            breakwater::config::from_yaml(&text, Vec::new()).expect("test config is valid");
-        let running = breakwater::gateway::start(config)
+        let loaded =
+            breakwater::prepare::from_yaml(&text, Vec::new()).expect("test config is valid");
+        let running = breakwater::gateway::start(loaded)
             .await
             .expect("gateway starts");
         Gateway {

@@ -22,6 +22,10 @@ LATENCY_MS = int(os.environ.get("E2E_LATENCY_MS", "200"))
 # One request at a time per worker process, like a model that is not thread-safe.
 _work_lock = threading.Lock()
 
+# How often each x-request-id reached this worker, so a test can tell a request sent twice.
+_seen = {}
+_seen_lock = threading.Lock()
+
 app = FastAPI(title="breakwater-e2e-backend")
 
 _POSITIVE = {"good", "great", "love", "excellent", "happy", "nice", "fast"}
@@ -50,6 +54,9 @@ def sentiment(
     x_breakwater_budget_ms: Optional[str] = Header(default=None),
 ):
     delay = LATENCY_MS if latency_ms is None else latency_ms
+    if x_request_id is not None:
+        with _seen_lock:
+            _seen[x_request_id] = _seen.get(x_request_id, 0) + 1
     with _work_lock:
         time.sleep(delay / 1000.0)
     try:
@@ -61,6 +68,16 @@ def sentiment(
         "request_id": x_request_id,
         "budget_ms": budget,
     }
+
+
+@app.get("/v1/seen")
+def seen():
+    # Per worker process: meaningful with --workers 1.
+    with _seen_lock:
+        return {
+            "seen": dict(_seen),
+            "duplicates": {k: n for k, n in _seen.items() if n > 1},
+        }
 
 
 @app.get("/healthz")
