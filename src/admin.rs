@@ -40,6 +40,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Fails only if another recorder was installed first; then ours just stays unused
             // and /metrics renders nothing, which a test would notice.
             let _ = metrics::set_global_recorder(recorder);
+            crate::observe::describe_metrics();
             metrics::gauge!("breakwater_build_info", "version" => env!("CARGO_PKG_VERSION"))
                 .set(1.0);
             spawn_upkeep(handle.clone());

@@ -134,7 +134,7 @@ impl Circuit {
             *s = State::Open {
                 until: now + self.config.cooldown,
             };
-            tracing::warn!(upstream = %self.upstream, cooldown = ?self.config.cooldown, "circuit opened");
+            tracing::warn!(upstream = %self.upstream, cooldown = %crate::config::units::format_duration(self.config.cooldown), "circuit opened");
             self.publish(true);
         }
     }

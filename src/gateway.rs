@@ -116,7 +116,7 @@ pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running
         // the process.
         tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));
     }
-    tracing::info!(%addr, admin = ?admin_addr, routes = config.routes.len(), "breakwater listening");
+    tracing::info!(%addr, admin = admin_addr.map(tracing::field::display), routes = config.routes.len(), "breakwater listening");
     Ok(Running {
         addr,
         admin_addr,

@@ -374,7 +374,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
             }
         });
         wait_for_signal().await;
-        tracing::info!(timeout = ?drain_timeout, "draining");
+        tracing::info!(timeout = %units::format_duration(drain_timeout), "draining");
         let drain = running.drain(drain_timeout);
         tokio::select! {
             drained = drain => {

@@ -13,8 +13,80 @@ use tokio::time::Instant;
 
 use crate::error::Reason;
 
+/// The kind of a metric family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric family the gateway exports, with the `# HELP` text `/metrics` shows for it
+/// (docs/metrics.md has the details). Described once, when the recorder is installed.
+pub const FAMILIES: &[(&str, Kind, &str)] = &[
+    ("breakwater_requests_total", Kind::Counter,
+        "Requests answered, by route, method and the status sent to the caller (refusals and the gateway's own answers included)."),
+    ("breakwater_request_duration_seconds", Kind::Histogram,
+        "Seconds from the request head's arrival to the last byte of the answer (or its abandonment), refusals included."),
+    ("breakwater_upstream_duration_seconds", Kind::Histogram,
+        "Seconds from handing the request to the upstream pool to the upstream's response head, for answers whose head arrived."),
+    ("breakwater_inflight", Kind::Gauge,
+        "Admission slots in use: requests admitted to the upstream whose answer has not finished relaying."),
+    ("breakwater_concurrency_limit", Kind::Gauge,
+        "The route's current concurrency limit (fixed, or the adaptive limiter's value)."),
+    ("breakwater_queue_depth", Kind::Gauge,
+        "Requests waiting in the route's admission queue for a slot."),
+    ("breakwater_queue_wait_seconds", Kind::Histogram,
+        "Seconds spent in the admission queue by requests that queued, whether the wait ended with a slot or a refusal."),
+    ("breakwater_shed_total", Kind::Counter,
+        "Refusals (503 with Retry-After, or the route's fallback), by reason."),
+    ("breakwater_retries_total", Kind::Counter,
+        "Requests sent to the upstream again, by reason: stale_connection, not_sent, status."),
+    ("breakwater_auth_failures_total", Kind::Counter,
+        "Callers refused by authentication before taking a queue slot: unauthorized (401) or forbidden (403)."),
+    ("breakwater_client_closed_total", Kind::Counter,
+        "Requests whose caller went away before its answer was complete, by the phase the request was in."),
+    ("breakwater_write_timeouts_total", Kind::Counter,
+        "Callers that stopped reading their answer; the connection was closed when the budget ran out."),
+    ("breakwater_upstream_connections", Kind::Gauge,
+        "Connections in the upstream's pool, idle or active, read when /metrics is scraped."),
+    ("breakwater_upstream_connects_total", Kind::Counter,
+        "Attempts to open a new upstream connection, by result: ok, error, timeout."),
+    ("breakwater_upstream_connections_retired_total", Kind::Counter,
+        "Idle pooled connections closed by the gateway just before the peer's idle timeout would close them."),
+    ("breakwater_circuit_open", Kind::Gauge,
+        "1 while the upstream's circuit is open or half-open (probing), 0 otherwise."),
+    ("breakwater_build_info", Kind::Gauge,
+        "Always 1; the version label is the version the binary was built from."),
+    ("breakwater_config_reloads_total", Kind::Counter,
+        "Configuration reload attempts (SIGHUP, POST /reload), by result: ok, error."),
+    ("breakwater_tls_reloads_total", Kind::Counter,
+        "Attempts to load a changed listener certificate, by result: ok, error (the previous one keeps serving)."),
+    ("breakwater_tls_handshake_failures_total", Kind::Counter,
+        "Inbound TLS handshakes that failed (error) or did not finish in time (timeout)."),
+    ("breakwater_connections_refused_total", Kind::Counter,
+        "Connections closed right after accept, by reason: per_source_limit, proxy_protocol."),
+];
+
+/// Gives every family in [`FAMILIES`] its `# HELP` text, in the recorder installed now.
+pub fn describe_metrics() {
+    for (name, kind, help) in FAMILIES {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+    }
+}
+
 /// A route's metric handles, registered once when the route is built so the request path does
 /// not build label sets and look them up on every request.
+///
+/// Requests that match no route share one set under `route="none"` ([`RouteMetrics::unmatched`]).
+/// Such a request is answered before it reaches auth, admission or an upstream, so that set has
+/// only what it can record: `breakwater_requests_total` and `breakwater_request_duration_seconds`,
+/// and a caller gone or stalled (`client_closed`, `write_timeouts`) registered the first time it
+/// happens. The other handles are no-ops that register no series.
 pub struct RouteMetrics {
     pub route: String,
     pub upstream: Option<String>,
@@ -27,10 +99,11 @@ pub struct RouteMetrics {
     shed: Vec<(Reason, Counter)>,
     /// `breakwater_auth_failures_total`: unauthorized, forbidden.
     auth_failures: [Counter; 2],
-    /// `breakwater_client_closed_total`, by the phase the request was in.
-    client_closed: [Counter; 4],
+    /// `breakwater_client_closed_total`, by the phase the request was in (`None`: registered on
+    /// first use).
+    client_closed: [Option<Counter>; 4],
     /// `breakwater_write_timeouts_total`: callers that did not read their answer in time.
-    write_timeouts: Counter,
+    write_timeouts: Option<Counter>,
     requests: RwLock<HashMap<(&'static str, u16), Counter>>,
 }
 
@@ -64,10 +137,12 @@ impl RouteMetrics {
                     "route" => r.clone(), "reason" => reason.as_str())
             }),
             client_closed: Phase::ALL.map(|phase| {
-                metrics::counter!("breakwater_client_closed_total",
-                    "route" => r.clone(), "phase" => phase.as_str())
+                Some(metrics::counter!("breakwater_client_closed_total",
+                    "route" => r.clone(), "phase" => phase.as_str()))
             }),
-            write_timeouts: metrics::counter!("breakwater_write_timeouts_total", "route" => r.clone()),
+            write_timeouts: Some(
+                metrics::counter!("breakwater_write_timeouts_total", "route" => r.clone()),
+            ),
             requests: RwLock::new(HashMap::new()),
         }
     }
@@ -75,8 +150,43 @@ impl RouteMetrics {
     /// The metrics of requests no route matched (`route="none"`).
     pub fn unmatched() -> Arc<RouteMetrics> {
         static NONE: OnceLock<Arc<RouteMetrics>> = OnceLock::new();
-        NONE.get_or_init(|| Arc::new(RouteMetrics::new("none", None)))
-            .clone()
+        NONE.get_or_init(|| {
+            Arc::new(RouteMetrics {
+                route: "none".to_string(),
+                upstream: None,
+                duration: metrics::histogram!("breakwater_request_duration_seconds", "route" => "none"),
+                upstream_duration: Histogram::noop(),
+                queue_wait: Histogram::noop(),
+                inflight: Gauge::noop(),
+                limit: Gauge::noop(),
+                queue_depth: Gauge::noop(),
+                shed: Vec::new(),
+                auth_failures: [Counter::noop(), Counter::noop()],
+                client_closed: [None, None, None, None],
+                write_timeouts: None,
+                requests: RwLock::new(HashMap::new()),
+            })
+        })
+        .clone()
+    }
+
+    fn client_closed(&self, phase: Phase) {
+        match &self.client_closed[phase as usize] {
+            Some(c) => c.increment(1),
+            None => metrics::counter!("breakwater_client_closed_total",
+                "route" => self.route.clone(), "phase" => phase.as_str())
+            .increment(1),
+        }
+    }
+
+    fn write_timeout(&self) {
+        match &self.write_timeouts {
+            Some(c) => c.increment(1),
+            None => {
+                metrics::counter!("breakwater_write_timeouts_total", "route" => self.route.clone())
+                    .increment(1)
+            }
+        }
     }
 
     pub fn shed(&self, reason: Reason) {
@@ -235,13 +345,13 @@ impl RequestRecord {
                 complete,
             } => (self.status, self.reason, None, bytes_out, complete),
             Ending::ClientClosed { phase, bytes_out } => {
-                m.client_closed[phase as usize].increment(1);
+                m.client_closed(phase);
                 // Once a head was sent its status stands; before, 499 says nobody got an answer.
                 let status = self.status.or(Some(CLIENT_CLOSED));
                 (status, Some("client_closed"), Some(phase), bytes_out, false)
             }
             Ending::WriteTimeout { bytes_out } => {
-                m.write_timeouts.increment(1);
+                m.write_timeout();
                 (
                     self.status,
                     Some("write_timeout"),

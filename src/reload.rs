@@ -53,7 +53,11 @@ pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
     metrics::counter!("breakwater_config_reloads_total", "result" => outcome).increment(1);
     match &result {
         Ok(applied) => {
-            tracing::info!(needs_restart = ?applied.needs_restart, "configuration reloaded")
+            tracing::info!(
+                needs_restart =
+                    (!applied.needs_restart.is_empty()).then(|| applied.needs_restart.join(",")),
+                "configuration reloaded"
+            )
         }
         Err(ReloadError::Config(e)) => {
             for p in e.problems() {

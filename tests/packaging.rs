@@ -1,6 +1,8 @@
 //! The container packaging stays in step with the repository: docker/Dockerfile copies only files
-//! that exist and builds with the same command as CI, docker/compose.yaml points at files that
-//! exist, and the compose gateway config passes `breakwater check`. Nothing here needs Docker.
+//! that exist and builds with the same command as CI, its ENTRYPOINT/CMD contract holds, its
+//! default config requires API keys and passes `breakwater check`, .dockerignore keeps target/
+//! out of the build context, docker/compose.yaml points at files that exist, and the compose
+//! gateway config passes `breakwater check`. Nothing here needs Docker.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -91,8 +93,7 @@ fn every_copy_from_the_build_context_exists() {
                 "{kw} {src}: keep the COPY list explicit (no wildcards)"
             );
             let rel = src.trim_start_matches("./").trim_end_matches('/');
-            // There is no .dockerignore at the top level: copying the whole context would pull
-            // in target/ and the rest of the checkout.
+            // Copying the whole context would depend on .dockerignore to keep target/ out.
             assert!(
                 !rel.is_empty() && rel != ".",
                 "{kw} {src}: copy named paths, not the whole build context"
@@ -153,35 +154,232 @@ fn release_build_command_is_the_same_in_the_dockerfile_and_ci() {
     );
 }
 
+/// Where the image keeps its default config.
+const IMAGE_CONFIG: &str = "/etc/breakwater/breakwater.yaml";
+
+fn last(ins: &[(String, String)], kw: &str) -> Option<String> {
+    ins.iter()
+        .rev()
+        .find(|(k, _)| k == kw)
+        .map(|(_, a)| a.clone())
+}
+
+/// An exec-form (JSON array) instruction's words.
+fn exec_form(kw: &str, args: &str) -> Vec<String> {
+    serde_json::from_str(args).unwrap_or_else(|_| {
+        panic!("{kw} must be exec form (a JSON array) so signals reach the gateway: {args}")
+    })
+}
+
+/// The file in the repository that the Dockerfile copies to the image's default config path.
+fn image_default_config() -> String {
+    let sources: Vec<String> = dockerfile()
+        .into_iter()
+        .filter(|(kw, _)| kw == "COPY")
+        .map(|(_, args)| copy_args(&args))
+        .filter(|(flags, words)| {
+            !flags.iter().any(|f| f.starts_with("--from="))
+                && words.last().map(String::as_str) == Some(IMAGE_CONFIG)
+        })
+        .map(|(_, words)| words[0].clone())
+        .collect();
+    assert_eq!(
+        sources.len(),
+        1,
+        "exactly one COPY to {IMAGE_CONFIG}, from the build context: {sources:?}"
+    );
+    sources[0].clone()
+}
+
+/// Environment for the image's default config: what an ECS task definition passes.
+const IMAGE_ENV: [(&str, &str); 1] = [("BREAKWATER_API_KEYS", "0123456789abcdef-one")];
+
+/// Runs the binary as the image would, in an empty working directory (no config/ to find), with
+/// only the given variables of the BREAKWATER family set.
+fn run_like_the_image(args: &[String], env: &[(&str, &str)]) -> std::process::Output {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(GATEWAY_BIN);
+    cmd.current_dir(cwd.path()).args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("BREAKWATER") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("run breakwater");
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > give_up {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "breakwater {args:?} still running after 20 s:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn dockerfile_runs_the_gateway_as_pid_1_with_the_copied_config() {
     let ins = dockerfile();
-    let last = |kw: &str| {
-        ins.iter()
-            .rev()
-            .find(|(k, _)| k == kw)
-            .map(|(_, a)| a.clone())
-    };
-    let cmd = last("CMD").expect("a CMD");
-    let cmd: Vec<String> = serde_json::from_str(&cmd).unwrap_or_else(|_| {
-        panic!("CMD must be exec form (a JSON array) so signals reach the gateway: {cmd}")
-    });
+    // `docker run IMAGE check --config ...` replaces CMD and keeps the binary as ENTRYPOINT.
+    let ep = last(&ins, "ENTRYPOINT").expect("an ENTRYPOINT");
+    assert_eq!(exec_form("ENTRYPOINT", &ep), ["breakwater"]);
+    let cmd = last(&ins, "CMD").expect("a CMD");
     assert_eq!(
-        cmd,
-        ["breakwater", "--config", "/etc/breakwater/breakwater.yaml"]
+        exec_form("CMD", &cmd),
+        ["run", "--config", IMAGE_CONFIG],
+        "CMD is the arguments of the `breakwater` ENTRYPOINT"
     );
-    if let Some(ep) = last("ENTRYPOINT") {
-        assert!(ep.starts_with('['), "ENTRYPOINT must be exec form: {ep}");
-    }
+    // Subcommands given without --config find the same file.
     assert!(
-        ins.iter().any(|(k, a)| k == "COPY"
-            && a.split_whitespace().last() == Some("/etc/breakwater/breakwater.yaml")),
-        "the default config is copied to /etc/breakwater/breakwater.yaml"
+        ins.iter()
+            .any(|(k, a)| k == "ENV" && a == &format!("BREAKWATER_CONFIG={IMAGE_CONFIG}")),
+        "ENV BREAKWATER_CONFIG={IMAGE_CONFIG}"
     );
-    assert_eq!(last("STOPSIGNAL").as_deref(), Some("SIGTERM"));
-    assert!(last("USER").is_some_and(|u| u.starts_with("10001")));
-    let hc = last("HEALTHCHECK").expect("a HEALTHCHECK");
+    image_default_config();
+    assert_eq!(last(&ins, "STOPSIGNAL").as_deref(), Some("SIGTERM"));
+    assert!(last(&ins, "USER").is_some_and(|u| u.starts_with("10001")));
+    let hc = last(&ins, "HEALTHCHECK").expect("a HEALTHCHECK");
     assert!(hc.contains("http://127.0.0.1:9901/healthz"), "{hc}");
+}
+
+#[test]
+fn the_image_default_config_requires_api_keys_and_passes_check() {
+    let source = image_default_config();
+    // config/breakwater.yaml is the local fixture (no auth); docs/operations.md and tests/docs.rs
+    // describe this one as the image's.
+    assert_eq!(source, "config/production.yaml");
+    let local = root().join(&source).display().to_string();
+    // The image's own command line, with `check` for `run` and the file where the test has it.
+    let ins = dockerfile();
+    let mut args: Vec<String> = exec_form("CMD", &last(&ins, "CMD").unwrap());
+    assert_eq!(args[0], "run");
+    args[0] = "check".into();
+    for a in &mut args {
+        if a == IMAGE_CONFIG {
+            *a = local.clone();
+        }
+    }
+    let out = run_like_the_image(&args, &IMAGE_ENV);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "breakwater {args:?} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Authentication on, for every route; admin reachable by a health check and Prometheus.
+    assert!(
+        stdout
+            .contains("auth     api_keys header x-api-key (1 key(s) from env BREAKWATER_API_KEYS)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("auth     none"), "{stdout}");
+    for line in stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("auth "))
+    {
+        assert!(
+            !line.contains("none") && !line.contains("disabled"),
+            "a route without auth: {line}"
+        );
+    }
+    assert!(stdout.contains("admin    listen 0.0.0.0:9901"), "{stdout}");
+
+    // Without the keys it refuses to start rather than run open, naming the variable. (Should it
+    // start after all, it listens on loopback ports of its own and is stopped below.)
+    let loopback = [
+        ("BREAKWATER__SERVER__LISTEN", "127.0.0.1:0"),
+        ("BREAKWATER__ADMIN__LISTEN", "127.0.0.1:0"),
+    ];
+    for keys in [None, Some("")] {
+        let mut run = args.clone();
+        run[0] = "run".into();
+        let mut env = loopback.to_vec();
+        env.extend(keys.map(|k| ("BREAKWATER_API_KEYS", k)));
+        let out = run_like_the_image(&run, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started without API keys ({keys:?})");
+        assert!(
+            stderr.contains("auth.api_keys.keys_env: BREAKWATER_API_KEYS"),
+            "{stderr}"
+        );
+    }
+
+    // `docker run IMAGE check` (no --config) reads the file ENV BREAKWATER_CONFIG names.
+    let mut env = IMAGE_ENV.to_vec();
+    env.push(("BREAKWATER_CONFIG", &local));
+    let out = run_like_the_image(&["check".to_string()], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `.dockerignore` leaves `path` (relative to the context) in the build context. Docker
+/// applies the patterns in order, the last match winning; `!` re-includes. Only the forms the file
+/// uses are understood: `*` and plain paths (a directory covers what is under it).
+fn in_build_context(dockerignore: &str, path: &str) -> bool {
+    let mut included = true;
+    for line in dockerignore.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (include, pattern) = match line.strip_prefix('!') {
+            Some(p) => (true, p),
+            None => (false, line),
+        };
+        let pattern = pattern.trim_start_matches('/').trim_end_matches('/');
+        assert!(
+            pattern == "*" || !pattern.contains(['*', '?', '[']),
+            ".dockerignore: `{line}` is beyond what this test understands"
+        );
+        let matches = pattern == "*" || path == pattern || path.starts_with(&format!("{pattern}/"));
+        if matches {
+            included = include;
+        }
+    }
+    included
+}
+
+#[test]
+fn dockerignore_sends_only_what_the_dockerfile_copies() {
+    let ignore = read(".dockerignore");
+    for big in [
+        "target",
+        "target/debug/breakwater",
+        ".git",
+        "tests/e2e",
+        "docs",
+    ] {
+        assert!(
+            !in_build_context(&ignore, big),
+            ".dockerignore must keep {big} out of the build context"
+        );
+    }
+    for (kw, args) in dockerfile() {
+        if kw != "COPY" && kw != "ADD" {
+            continue;
+        }
+        let (flags, words) = copy_args(&args);
+        if flags.iter().any(|f| f.starts_with("--from=")) {
+            continue;
+        }
+        for src in &words[..words.len() - 1] {
+            let rel = src.trim_start_matches("./").trim_end_matches('/');
+            assert!(
+                in_build_context(&ignore, rel),
+                "the Dockerfile copies {rel}, which .dockerignore leaves out"
+            );
+        }
+    }
 }
 
 /// Paths compose.yaml uses (bind mounts, build context and Dockerfile), resolved against docker/.
@@ -297,6 +495,6 @@ fn compose_gateway_config_passes_check_with_and_without_its_environment() {
         "compose.yaml sets BREAKWATER__ADMIN__LISTEN so Prometheus can scrape: {env:?}"
     );
     check("docker/breakwater.compose.yaml", &env);
-    // The image's default config.
+    // The local fixture README's `cargo run --release` uses (the image ships its own).
     check("config/breakwater.yaml", &[]);
 }

@@ -435,7 +435,7 @@ pub async fn serve<H: Handler>(
             Err(e) => {
                 // Out of file descriptors or memory: back off so the process stays alive and
                 // serves what it already has, rather than spinning or exiting.
-                tracing::error!(error = %e, backoff = ?backoff, "accept failed; backing off");
+                tracing::error!(error = %e, backoff = %crate::config::units::format_duration(backoff), "accept failed; backing off");
                 drop(permit);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
