@@ -5,6 +5,9 @@
 # (apt-get install nginx-light wrk) and a release build (cargo build --release).
 #
 #   bash tests/bench/throughput.sh [duration=10s] [connections=32] [rounds=3]
+#
+# BASELINE=path/to/another/breakwater adds that build as a fourth column, in the same run (to
+# compare a change with the build before it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DUR=${1:-10s}
@@ -16,7 +19,7 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-g
 
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
-BACKEND=18101 NGINX=18102 BW=18103 BW_ADMIN=18104
+BACKEND=18101 NGINX=18102 BW=18103 BW_ADMIN=18104 BASE=18105 BASE_ADMIN=18106
 
 cat >"$WORK/backend.conf" <<NGX
 worker_processes 1;
@@ -73,6 +76,10 @@ YAML
 nginx -c "$WORK/backend.conf" -p "$WORK" &
 nginx -c "$WORK/proxy.conf" -p "$WORK" &
 "$BIN" --config "$WORK/breakwater.yaml" >/dev/null 2>&1 &
+if [ -n "${BASELINE:-}" ]; then
+  sed -e "s/$BW_ADMIN/$BASE_ADMIN/" -e "s/$BW/$BASE/" "$WORK/breakwater.yaml" >"$WORK/baseline.yaml"
+  "$BASELINE" --config "$WORK/baseline.yaml" >/dev/null 2>&1 &
+fi
 sleep 1
 
 run() { # name url
@@ -88,4 +95,5 @@ for r in $(seq "$ROUNDS"); do
   run direct     "http://127.0.0.1:$BACKEND/v1/sentiment"
   run nginx      "http://127.0.0.1:$NGINX/v1/sentiment"
   run breakwater "http://127.0.0.1:$BW/v1/sentiment"
+  if [ -n "${BASELINE:-}" ]; then run baseline "http://127.0.0.1:$BASE/v1/sentiment"; fi
 done
