@@ -220,7 +220,13 @@ impl InFlight {
     /// On h2 closing the connection ends every other stream too, so it waits a little longer:
     /// a stream whose body is still being polled ends itself at its deadline (the relay's own
     /// timer); only a caller that grants no flow-control window at all is cut off this way.
-    pub fn write_by(&self, deadline: Instant) {
+    ///
+    /// `holds_upstream`: the answer holds an admission slot or an upstream connection, so the
+    /// connection's timer is woken to keep the deadline exactly. Otherwise (a small answer read
+    /// whole, the gateway's own answer: only this connection is at stake) the deadline is kept
+    /// at the timer's next wake-up, at the latest the head timeout, which saves a wake-up on
+    /// every ordinary request.
+    pub fn write_by(&self, deadline: Instant, holds_upstream: bool) {
         let a = &self.activity;
         let deadline = if a.h2.load(Ordering::Acquire) {
             deadline + H2_STALL_GRACE
@@ -231,9 +237,10 @@ impl InFlight {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((self.index, deadline));
-        // The timer only needs waking when it is set for later than this (0: being set now).
+        // The timer must be woken when it is not set (or being set now: 0), and, to keep an
+        // exact deadline, when it is set for later than this.
         let at = a.timer_at.load(Ordering::Acquire);
-        if at == 0 || a.ms_of(deadline) < at {
+        if at == 0 || at == NONE || (holds_upstream && a.ms_of(deadline) < at) {
             a.changed.notify_one();
         }
     }

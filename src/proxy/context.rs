@@ -232,12 +232,13 @@ impl RequestContext {
         }
         // An answer that still holds the slot and the connection must be out by the budget's end;
         // one that holds nothing upstream gets a moment more when it is made at the last moment.
-        let write_by = if self.permit.is_some() || self.lease.is_some() {
+        let holds_upstream = self.permit.is_some() || self.lease.is_some();
+        let write_by = if holds_upstream {
             self.deadline()
         } else {
             self.deadline().max(Instant::now() + ANSWER_WRITE_MIN)
         };
-        self.inflight.write_by(write_by);
+        self.inflight.write_by(write_by, holds_upstream);
         let body = RelayBody::new(body, write_by, Box::new(self));
         Response::from_parts(parts, body.boxed_unsync())
     }
