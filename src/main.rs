@@ -26,7 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "An edge gateway that makes overload explicit and fast"
 )]
 struct Cli {
-    /// Config file. Default: config/breakwater.yaml if present, else $BREAKWATER_CONFIG.
+    /// Config file. Default: $BREAKWATER_CONFIG if set, else config/breakwater.yaml.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -125,19 +125,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The flag, then `BREAKWATER_CONFIG`, then the default path: a path someone wrote down wins
+/// over the one the working directory happens to hold.
 fn config_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("BREAKWATER_CONFIG").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
     }
     let local = PathBuf::from("config/breakwater.yaml");
     if local.exists() {
         return Ok(local);
     }
-    if let Some(p) = std::env::var_os("BREAKWATER_CONFIG") {
-        return Ok(PathBuf::from(p));
-    }
     bail!(
-        "no config: pass --config PATH, or create config/breakwater.yaml, or set BREAKWATER_CONFIG"
+        "no config: pass --config PATH, or set BREAKWATER_CONFIG, or create config/breakwater.yaml"
     )
 }
 

@@ -552,6 +552,61 @@ fn check(text: &str) -> (bool, String, String) {
     (out.status.success(), text(out.stdout), text(out.stderr))
 }
 
+/// The file `check` reads, run in a directory that has a `config/breakwater.yaml` of its own.
+fn checked_path(
+    dir: &std::path::Path,
+    flag: Option<&std::path::Path>,
+    env: Option<&std::path::Path>,
+) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    command
+        .current_dir(dir)
+        .arg("check")
+        .env_remove("BREAKWATER_CONFIG");
+    if let Some(f) = flag {
+        command.arg("--config").arg(f);
+    }
+    if let Some(e) = env {
+        command.env("BREAKWATER_CONFIG", e);
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn the_config_path_is_the_flag_then_the_variable_then_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    let text = "upstreams:\n  app:\n    url: \"http://127.0.0.1:8000\"\nroutes:\n  - { name: api, upstream: app }\n";
+    let (default, from_env, from_flag) = (
+        dir.path().join("config/breakwater.yaml"),
+        dir.path().join("env.yaml"),
+        dir.path().join("flag.yaml"),
+    );
+    for f in [&default, &from_env, &from_flag] {
+        std::fs::write(f, text).unwrap();
+    }
+    let ok = |p: &std::path::Path| format!("{}: ok", p.display());
+    assert_eq!(
+        checked_path(dir.path(), None, None),
+        "config/breakwater.yaml: ok"
+    );
+    assert_eq!(
+        checked_path(dir.path(), None, Some(&from_env)),
+        ok(&from_env)
+    );
+    assert_eq!(
+        checked_path(dir.path(), Some(&from_flag), Some(&from_env)),
+        ok(&from_flag)
+    );
+}
+
 #[tokio::test]
 async fn url_credentials_never_reach_check_reload_answers_or_logs() {
     let secret_url = "http://svc:hunter2@127.0.0.1:9/base";
