@@ -10,6 +10,8 @@ mod admin;
 mod auth;
 mod cidr;
 mod describe;
+mod env;
+mod keys;
 mod log;
 mod problems;
 mod raw;
@@ -28,6 +30,7 @@ pub use admin::AdminConfig;
 pub use auth::{ApiKeysConfig, AuthConfig, AuthOrigin, BasicConfig, SecretSource};
 pub use cidr::Cidr;
 pub use describe::{describe, redact_url, redact_url_text};
+pub use env::EnvSources;
 pub use log::{LogConfig, LogFormat};
 pub use route::{
     Concurrency, FallbackConfig, OverloadConfig, QueueConfig, RetryConfig, RouteConfig,
@@ -104,6 +107,9 @@ impl ConfigError {
 pub struct Draft {
     pub config: Config,
     pub problems: Vec<Problem>,
+    /// Which environment variable set which key: problems found later (in the files the
+    /// configuration names) name the variable too.
+    pub env: EnvSources,
 }
 
 impl Draft {
@@ -140,55 +146,51 @@ pub fn from_yaml(
 }
 
 /// Like [`from_yaml`], keeping the configuration when it has problems. Fails outright only when
-/// the text is not YAML of the right shape.
+/// the text is not YAML; unknown keys, bad environment variables and values of the wrong type
+/// are problems like any other, all reported together.
 pub fn draft(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Draft, ConfigError> {
-    let mut builder = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Yaml));
-    let mut overrides: Vec<(String, String)> = env
-        .into_iter()
-        .filter_map(|(k, v)| env_key_to_path(&k).map(|p| (p, v)))
-        .collect();
-    // Sorted so that `routes[0]` exists before `routes[1]` is set.
-    overrides.sort();
-    for (path, value) in overrides {
-        builder = builder
-            .set_override(path.as_str(), value)
-            .map_err(|e| ConfigError::Syntax(format!("environment override {path}: {e}")))?;
-    }
-    let built = builder
+    let mut tree: config::Value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Yaml))
         .build()
+        .and_then(|c| c.try_deserialize())
         .map_err(|e| ConfigError::Syntax(e.to_string()))?;
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(built).map_err(|e| {
-        let path = e.path().to_string();
-        ConfigError::Syntax(format!("{path}: {}", e.into_inner()))
-    })?;
-    Ok(validate::validate(raw))
+    let mut p = problems::Problems(Vec::new());
+    keys::strip_unknown(&mut p, &mut tree, &keys::ROOT, "");
+    let sources = env::apply(&mut p, &mut tree, env);
+    let raw: raw::RawConfig = match serde_path_to_error::deserialize(tree) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // A value of the wrong type stops deserializing: report it with what was found so far.
+            p.add(render_path(e.path()), e.into_inner().to_string());
+            sources.attribute(&mut p.0);
+            return Err(ConfigError::Invalid(p.0));
+        }
+    };
+    let mut draft = validate::validate(raw);
+    p.0.append(&mut draft.problems);
+    sources.attribute(&mut p.0);
+    draft.problems = p.0;
+    draft.env = sources;
+    Ok(draft)
+}
+
+/// `routes[0].budget`, as every other problem names its key.
+fn render_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter().fold(String::new(), |at, s| match s {
+        Segment::Seq { index } => format!("{at}[{index}]"),
+        Segment::Map { key } => keys::join(&at, key),
+        Segment::Enum { variant } => keys::join(&at, variant),
+        Segment::Unknown => keys::join(&at, "?"),
+    })
 }
 
 /// `BREAKWATER__ROUTES__0__BUDGET` → `routes[0].budget`; `None` for unrelated variables.
 pub fn env_key_to_path(key: &str) -> Option<String> {
-    let rest = key.strip_prefix(ENV_PREFIX)?;
-    if rest.is_empty() {
-        return None;
-    }
-    let mut path = String::new();
-    for seg in rest.split("__") {
-        if seg.is_empty() {
-            return None;
-        }
-        if seg.chars().all(|c| c.is_ascii_digit()) {
-            path.push_str(&format!("[{seg}]"));
-        } else {
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(&seg.to_ascii_lowercase());
-        }
-    }
-    Some(path)
+    env::segments(key).map(|s| env::render(&s))
 }
 
 /// The shipped `config/breakwater.yaml` (one catch-all route to uvicorn's default address), which

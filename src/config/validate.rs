@@ -68,5 +68,6 @@ pub fn validate(raw: RawConfig) -> Draft {
             auth,
         },
         problems: p.0,
+        env: EnvSources::default(),
     }
 }
