@@ -45,6 +45,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
 /// Like [`start`], remembering the file the config came from so it can be reloaded.
 pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running, StartError> {
     let Loaded { config, prepared } = loaded;
+    crate::reload::log_warnings(&config);
     let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
         .map_err(|source| StartError::Bind {
             what: "server.listen",

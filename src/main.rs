@@ -258,6 +258,16 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
             (None, _) => println!("         auth none"),
         }
     }
+    let warnings = config::warnings(c);
+    if !warnings.is_empty() {
+        println!(
+            "\n{} warning(s): valid, but probably not what was meant:",
+            warnings.len()
+        );
+        for w in warnings {
+            println!("WARNING  {w}");
+        }
+    }
     Ok(())
 }
 

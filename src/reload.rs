@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::config::ConfigError;
+use crate::config::{self, Config, ConfigError};
 use crate::prepare::{self, Loaded};
 use crate::proxy::Shared;
 
@@ -53,7 +53,8 @@ pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
     metrics::counter!("breakwater_config_reloads_total", "result" => outcome).increment(1);
     match &result {
         Ok(applied) => {
-            tracing::info!(needs_restart = ?applied.needs_restart, "configuration reloaded")
+            tracing::info!(needs_restart = ?applied.needs_restart, "configuration reloaded");
+            log_warnings(&shared.table.load().config);
         }
         Err(ReloadError::Config(e)) => {
             for p in e.problems() {
@@ -68,6 +69,14 @@ pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
         let _ = tls.reload("reload");
     }
     result
+}
+
+/// Logs each of [`config::warnings`] once, at start and after each reload, so that a
+/// self-defeating setting shows up in the logs of the deployment that has it.
+pub fn log_warnings(config: &Config) {
+    for w in config::warnings(config) {
+        tracing::warn!(key = %w.key, warning = %w.message, "configuration warning");
+    }
 }
 
 /// Swaps in `new`. Settings that live in bound sockets or the runtime only take effect on

@@ -607,6 +607,62 @@ fn the_config_path_is_the_flag_then_the_variable_then_the_default() {
     );
 }
 
+#[test]
+fn check_prints_warnings_and_still_succeeds() {
+    let (ok, out, err) = check(
+        "server: { drain_timeout: 5s }\nupstreams:\n  app: { url: \"http://127.0.0.1:8000\" }\nroutes:\n  - { name: api, upstream: app, budget: 12s, caller_timeout: 10s }\n",
+    );
+    assert!(ok, "{out}{err}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("WARNING  ")).collect();
+    assert_eq!(warnings.len(), 2, "{out}");
+    assert!(
+        warnings[0].starts_with(
+            "WARNING  routes[0].budget: `12s` is longer than `routes[0].caller_timeout` (`10s`)"
+        ),
+        "{out}"
+    );
+    assert!(
+        warnings[1].starts_with(
+            "WARNING  server.drain_timeout: `5s` is shorter than the longest route budget (`12s`"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("2 warning(s)"), "{out}");
+}
+
+/// Each warning is logged once at start and once more after each reload.
+#[tokio::test]
+async fn the_binary_logs_configuration_warnings_at_start_and_after_a_reload() {
+    let backend = Backend::start().await;
+    let mut bin = start_binary_logging(&backend.url(), "61s", Stdio::piped()).await;
+    let c = client();
+    signal(&bin.proc.0, "HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&c, bin.admin, "ok").await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Logs go through a background writer that flushes on a clean exit, not on SIGKILL.
+    signal(&bin.proc.0, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bin.proc.0.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut bin.proc.0.stdout.take().unwrap(), &mut out).unwrap();
+    let logged = |key: &str| {
+        out.lines()
+            .filter(|l| {
+                l.contains("configuration warning") && l.contains(&format!("\"key\":\"{key}\""))
+            })
+            .inspect(|l| assert!(l.contains("\"level\":\"WARN\""), "{l}"))
+            .count()
+    };
+    assert_eq!(logged("routes[0].budget"), 2, "{out}");
+    assert_eq!(logged("server.drain_timeout"), 2, "{out}");
+}
+
 #[tokio::test]
 async fn url_credentials_never_reach_check_reload_answers_or_logs() {
     let secret_url = "http://svc:hunter2@127.0.0.1:9/base";

@@ -20,6 +20,7 @@ mod server;
 pub mod units;
 mod upstream;
 mod validate;
+mod warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -37,6 +38,7 @@ pub use route::{
 };
 pub use server::{ServerConfig, ServerTlsConfig};
 pub use upstream::{CircuitConfig, PoolConfig, UpstreamConfig, UpstreamTlsConfig};
+pub use warnings::{warnings, Warning, DATA_ACTION_LIMIT};
 
 /// Environment variables starting with this override keys of the file.
 pub const ENV_PREFIX: &str = "BREAKWATER__";

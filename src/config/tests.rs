@@ -828,3 +828,53 @@ routes:
     let err = load(text, env(&[])).unwrap_err().to_string();
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[test]
+fn self_defeating_settings_are_warnings_not_problems() {
+    let text = r#"
+server: { drain_timeout: 20s }
+upstreams:
+  app: { url: "http://127.0.0.1:8000", pool: { max_connections: 8 } }
+routes:
+  - { name: long, upstream: app, budget: 75s }
+  - { name: action, upstream: app, budget: 12s, caller_timeout: 10s, queue: { max_wait: 15s } }
+  - { name: wide, upstream: app, budget: 5s, concurrency: 32 }
+  - { name: adaptive, upstream: app, budget: 5s, concurrency: { mode: auto, max: 9 } }
+  - { name: slow-caller, upstream: app, budget: 5s, caller_timeout: 90s }
+"#;
+    let c = from_yaml(text, env(&[])).expect("warnings are not problems");
+    let found: Vec<String> = warnings(&c).iter().map(|w| w.to_string()).collect();
+    for (key, text) in [
+        (
+            "routes[0].budget",
+            "`75s` is longer than 60 s, the most a Genesys Cloud data action waits",
+        ),
+        (
+            "routes[1].budget",
+            "`12s` is longer than `routes[1].caller_timeout` (`10s`)",
+        ),
+        (
+            "routes[1].queue.max_wait",
+            "`15s` is longer than the route's budget (`12s`)",
+        ),
+        (
+            "routes[2].concurrency",
+            "`32` is above `upstreams.app.pool.max_connections` (`8`)",
+        ),
+        ("routes[3].concurrency", "`max 9` is above"),
+        ("routes[4].caller_timeout", "`90s` is longer than 60 s"),
+        (
+            "server.drain_timeout",
+            "`20s` is shorter than the longest route budget (`75s`, routes[0] `long`)",
+        ),
+    ] {
+        assert_problem(&found, key, text);
+    }
+    assert_eq!(found.len(), 7, "{found:#?}");
+
+    // Defaults never warn: the queue waits at most the budget, concurrency is the pool's size.
+    for text in [MINIMAL, SHIPPED_DEFAULT] {
+        let c = from_yaml(text, env(&[])).unwrap();
+        assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+    }
+}
