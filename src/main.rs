@@ -371,7 +371,6 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
-        let drain_timeout = loaded.config.server.drain_timeout;
         let running = breakwater::gateway::start_from(loaded, Some(path)).await?;
         let shared = running.shared.clone();
         tokio::spawn(async move {
@@ -386,6 +385,8 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
             }
         });
         wait_for_signal().await;
+        // Read now, not at start: a reload may have changed it.
+        let drain_timeout = running.drain_timeout();
         tracing::info!(timeout = ?drain_timeout, "draining");
         let drain = running.drain(drain_timeout);
         tokio::select! {

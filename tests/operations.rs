@@ -808,6 +808,65 @@ async fn a_reload_waiting_on_its_file_does_not_block_the_runtime() {
     );
 }
 
+/// A reload applies what it can and keeps the rest: `/config` shows what is in force, with the
+/// keys that wait for a restart listed with both values, and `needs_restart` names exactly those.
+#[tokio::test]
+async fn config_shows_what_runs_and_what_waits_for_a_restart() {
+    let backend = Backend::start().await;
+    let yaml = |drain: &str, body_read: &str, max_body: &str, header_read: &str, level: &str| {
+        format!(
+            "server: {{ listen: 127.0.0.1:0, drain_timeout: {drain}, body_read_timeout: {body_read}, max_request_body: {max_body}, header_read_timeout: {header_read} }}\nadmin: {{ listen: 127.0.0.1:0 }}\nlog: {{ level: {level} }}\nupstreams:\n  app:\n    url: \"{}\"\nroutes:\n  - {{ name: api, upstream: app, budget: 3s }}\n",
+            backend.url()
+        )
+    };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml("5s", "10s", "1MiB", "10s", "info")).unwrap();
+    let loaded = breakwater::prepare::load(file.path()).unwrap();
+    let running = breakwater::gateway::start_from(loaded, Some(file.path().to_path_buf()))
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+    let config_url = format!("http://{}/config", running.admin_addr.unwrap());
+    let c = client();
+
+    std::fs::write(file.path(), yaml("6s", "3s", "2KiB", "7s", "debug")).unwrap();
+    let applied = breakwater::reload::reload(shared.clone()).await.unwrap();
+    assert_eq!(
+        applied.needs_restart,
+        ["server.header_read_timeout", "log.level"]
+    );
+    // What a reload applies is in force...
+    assert_eq!(running.drain_timeout(), Duration::from_secs(6));
+    let route = shared.table.load().routes[0].clone();
+    assert_eq!(route.body_read_timeout, Duration::from_secs(3));
+    assert_eq!(route.config.max_request_body, 2048);
+    let v = get(&c, &config_url).await.json();
+    assert_eq!(v["server"]["drain_timeout"], "6s");
+    assert_eq!(v["server"]["body_read_timeout"], "3s");
+    assert_eq!(v["routes"][0]["max_request_body"], "2KiB");
+    // ...and what it cannot apply shows its running value, and waits.
+    assert_eq!(v["server"]["header_read_timeout"], "10s");
+    assert_eq!(v["log"]["level"], "info");
+    assert_eq!(
+        v["pending_restart"],
+        serde_json::json!([
+            { "key": "server.header_read_timeout", "running": "10s", "file": "7s" },
+            { "key": "log.level", "running": "info", "file": "debug" },
+        ])
+    );
+
+    // The file back as it started: nothing waits any more.
+    std::fs::write(file.path(), yaml("6s", "3s", "2KiB", "10s", "info")).unwrap();
+    let applied = breakwater::reload::reload(shared.clone()).await.unwrap();
+    assert!(
+        applied.needs_restart.is_empty(),
+        "{:?}",
+        applied.needs_restart
+    );
+    let v = get(&c, &config_url).await.json();
+    assert_eq!(v["pending_restart"], serde_json::json!([]));
+}
+
 /// A reload during a drain builds new admission state for routes whose limits changed; those
 /// routes still refuse what cannot finish before the drain deadline.
 #[tokio::test]

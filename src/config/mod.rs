@@ -15,6 +15,7 @@ mod keys;
 mod log;
 mod problems;
 mod raw;
+mod restart;
 mod route;
 mod server;
 pub mod units;
@@ -33,6 +34,7 @@ pub use cidr::Cidr;
 pub use describe::{describe, redact_url, redact_url_text};
 pub use env::EnvSources;
 pub use log::{LogConfig, LogFormat};
+pub use restart::{in_force, PendingRestart, RESTART_KEYS};
 pub use route::{
     Concurrency, FallbackConfig, OverloadConfig, QueueConfig, RetryConfig, RouteConfig,
 };
@@ -52,6 +54,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The top-level `auth:` block: every route's default unless the route has its own.
     pub auth: Option<Arc<AuthConfig>>,
+    /// In a running gateway's configuration, the keys whose value in the file differs from the
+    /// one in force until a restart (see [`in_force`]); empty in one read from a file.
+    pub pending_restart: Vec<PendingRestart>,
 }
 
 /// One thing wrong with the configuration, naming the key and the bad value.
