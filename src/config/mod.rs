@@ -152,9 +152,9 @@ pub fn from_yaml(
     draft(text, env)?.finish()
 }
 
-/// Like [`from_yaml`], keeping the configuration when it has problems. Fails outright only when
-/// the text is not YAML; unknown keys, bad environment variables and values of the wrong type
-/// are problems like any other, all reported together.
+/// Like [`from_yaml`], keeping the configuration when it has problems. Fails when the text is not
+/// YAML, and when a value has a type nothing can be made of (`budget: [8s]`): then with that
+/// problem and those found before it (unknown keys, bad environment variables).
 pub fn draft(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
