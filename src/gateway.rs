@@ -45,6 +45,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
 /// Like [`start`], remembering the file the config came from so it can be reloaded.
 pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running, StartError> {
     let Loaded { config, prepared } = loaded;
+    crate::reload::log_warnings(&config);
     let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
         .map_err(|source| StartError::Bind {
             what: "server.listen",
@@ -129,6 +130,11 @@ pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running
 }
 
 impl Running {
+    /// `server.drain_timeout` as it is in force now: a reload may have changed it since start.
+    pub fn drain_timeout(&self) -> Duration {
+        self.shared.table.load().config.server.drain_timeout
+    }
+
     /// Stops accepting, closes idle connections, lets in-flight requests finish, and returns once
     /// every connection has closed or `timeout` has passed. Returns whether it drained fully.
     pub async fn drain(self, timeout: Duration) -> bool {
@@ -156,10 +162,17 @@ impl Running {
     }
 }
 
-/// The running configuration as `GET /config` shows it: [`crate::config::describe`] with how
-/// many API keys each `auth:` block loaded.
+/// The running configuration as `GET /config` shows it: [`crate::config::describe`] of what is in
+/// force, with how many API keys each `auth:` block loaded, and under `pending_restart` each key
+/// whose file value a reload could not apply (`key`, `running`, `file`).
 pub fn describe(table: &Table) -> serde_json::Value {
     let mut v = crate::config::describe(&table.config);
+    v["pending_restart"] = table
+        .config
+        .pending_restart
+        .iter()
+        .map(|p| serde_json::json!({ "key": p.key, "running": p.running, "file": p.file }))
+        .collect();
     let keys_loaded = |at: &mut serde_json::Value, auth: Option<&crate::auth::Authenticator>| {
         if let (Some(a), Some(k)) = (auth, at.get_mut("api_keys").filter(|k| k.is_object())) {
             k["keys_loaded"] = serde_json::json!(a.keys_loaded());

@@ -26,7 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "An edge gateway that makes overload explicit and fast"
 )]
 struct Cli {
-    /// Config file. Default: config/breakwater.yaml if present, else $BREAKWATER_CONFIG.
+    /// Config file. Default: $BREAKWATER_CONFIG if set, else config/breakwater.yaml.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -125,19 +125,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The flag, then `BREAKWATER_CONFIG`, then the default path: a path someone wrote down wins
+/// over the one the working directory happens to hold.
 fn config_path(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("BREAKWATER_CONFIG").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
     }
     let local = PathBuf::from("config/breakwater.yaml");
     if local.exists() {
         return Ok(local);
     }
-    if let Some(p) = std::env::var_os("BREAKWATER_CONFIG") {
-        return Ok(PathBuf::from(p));
-    }
     bail!(
-        "no config: pass --config PATH, or create config/breakwater.yaml, or set BREAKWATER_CONFIG"
+        "no config: pass --config PATH, or set BREAKWATER_CONFIG, or create config/breakwater.yaml"
     )
 }
 
@@ -256,6 +258,16 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
             (None, _) => println!("         auth none"),
         }
     }
+    let warnings = config::warnings(c);
+    if !warnings.is_empty() {
+        println!(
+            "\n{} warning(s): valid, but probably not what was meant:",
+            warnings.len()
+        );
+        for w in warnings {
+            println!("WARNING  {w}");
+        }
+    }
     Ok(())
 }
 
@@ -359,7 +371,6 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
-        let drain_timeout = loaded.config.server.drain_timeout;
         let running = breakwater::gateway::start_from(loaded, Some(path)).await?;
         let shared = running.shared.clone();
         tokio::spawn(async move {
@@ -374,6 +385,8 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
             }
         });
         wait_for_signal().await;
+        // Read now, not at start: a reload may have changed it.
+        let drain_timeout = running.drain_timeout();
         tracing::info!(timeout = %units::format_duration(drain_timeout), "draining");
         let drain = running.drain(drain_timeout);
         tokio::select! {

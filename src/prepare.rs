@@ -53,6 +53,7 @@ pub fn from_yaml(
     // Even a configuration with problems is loaded as far as it goes, so that an unreadable file
     // is reported together with a bad value elsewhere rather than after it is fixed.
     let prepared = build(&draft.config, &env, &mut problems);
+    draft.env.attribute(&mut problems);
     if problems.is_empty() {
         Ok(Loaded {
             config: draft.config,

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::config::ConfigError;
+use crate::config::{self, Config, ConfigError};
 use crate::prepare::{self, Loaded};
 use crate::proxy::Shared;
 
@@ -26,6 +26,8 @@ pub enum ReloadError {
 /// What a successful reload could not apply.
 #[derive(Debug, Default)]
 pub struct Applied {
+    /// Every key whose value in the file differs from the one in force until a restart
+    /// ([`config::RESTART_KEYS`]), whether this reload or an earlier one changed it.
     pub needs_restart: Vec<&'static str>,
 }
 
@@ -57,7 +59,8 @@ pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
                 needs_restart =
                     (!applied.needs_restart.is_empty()).then(|| applied.needs_restart.join(",")),
                 "configuration reloaded"
-            )
+            );
+            log_warnings(&shared.table.load().config);
         }
         Err(ReloadError::Config(e)) => {
             for p in e.problems() {
@@ -74,32 +77,37 @@ pub fn reload_blocking(shared: &Shared) -> Result<Applied, ReloadError> {
     result
 }
 
-/// Swaps in `new`. Settings that live in bound sockets or the runtime only take effect on
-/// restart; they are reported rather than silently ignored.
+/// Logs each of [`config::warnings`] once, at start and after each reload, so that a
+/// self-defeating setting shows up in the logs of the deployment that has it.
+pub fn log_warnings(config: &Config) {
+    for w in config::warnings(config) {
+        tracing::warn!(key = %w.key, warning = %w.message, "configuration warning");
+    }
+}
+
+/// Swaps in `new`. Keys that live in bound sockets, the listener, the runtime or the logger keep
+/// their running values; each whose file value differs is reported rather than silently ignored,
+/// and `GET /config` lists it as pending a restart.
 pub fn apply(shared: &Shared, new: Loaded) -> Applied {
     let Loaded {
         config: new,
         prepared,
     } = new;
     let old = shared.table.load_full();
-    let mut applied = Applied::default();
-    if old.config.server != new.server {
-        applied.needs_restart.push("server");
-    }
-    if old.config.admin != new.admin {
-        applied.needs_restart.push("admin");
-    }
-    if old.config.log != new.log {
-        applied.needs_restart.push("log");
-    }
-    for section in &applied.needs_restart {
+    let new = config::in_force(&old.config, new);
+    let applied = Applied {
+        needs_restart: new.pending_restart.iter().map(|p| p.key).collect(),
+    };
+    for p in &new.pending_restart {
         tracing::warn!(
-            section,
-            "changes to this section take effect after a restart"
+            key = p.key,
+            running = %p.running,
+            file = %p.file,
+            "this key takes effect after a restart"
         );
     }
     // The certificate read for `prepared` only checked the files: the listener keeps the one it
-    // started with (new paths need a restart, reported with the rest of `server`).
+    // started with (new paths need a restart, reported above).
     let table = Arc::new(old.rebuild(new, &prepared));
     shared.table.store(table.clone());
     // A drain that has begun keeps its deadline: routes of the new table (new admission state

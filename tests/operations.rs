@@ -552,6 +552,117 @@ fn check(text: &str) -> (bool, String, String) {
     (out.status.success(), text(out.stdout), text(out.stderr))
 }
 
+/// The file `check` reads, run in a directory that has a `config/breakwater.yaml` of its own.
+fn checked_path(
+    dir: &std::path::Path,
+    flag: Option<&std::path::Path>,
+    env: Option<&std::path::Path>,
+) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    command
+        .current_dir(dir)
+        .arg("check")
+        .env_remove("BREAKWATER_CONFIG");
+    if let Some(f) = flag {
+        command.arg("--config").arg(f);
+    }
+    if let Some(e) = env {
+        command.env("BREAKWATER_CONFIG", e);
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn the_config_path_is_the_flag_then_the_variable_then_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    let text = "upstreams:\n  app:\n    url: \"http://127.0.0.1:8000\"\nroutes:\n  - { name: api, upstream: app }\n";
+    let (default, from_env, from_flag) = (
+        dir.path().join("config/breakwater.yaml"),
+        dir.path().join("env.yaml"),
+        dir.path().join("flag.yaml"),
+    );
+    for f in [&default, &from_env, &from_flag] {
+        std::fs::write(f, text).unwrap();
+    }
+    let ok = |p: &std::path::Path| format!("{}: ok", p.display());
+    assert_eq!(
+        checked_path(dir.path(), None, None),
+        "config/breakwater.yaml: ok"
+    );
+    assert_eq!(
+        checked_path(dir.path(), None, Some(&from_env)),
+        ok(&from_env)
+    );
+    assert_eq!(
+        checked_path(dir.path(), Some(&from_flag), Some(&from_env)),
+        ok(&from_flag)
+    );
+}
+
+#[test]
+fn check_prints_warnings_and_still_succeeds() {
+    let (ok, out, err) = check(
+        "server: { drain_timeout: 5s }\nupstreams:\n  app: { url: \"http://127.0.0.1:8000\" }\nroutes:\n  - { name: api, upstream: app, budget: 12s, caller_timeout: 10s }\n",
+    );
+    assert!(ok, "{out}{err}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("WARNING  ")).collect();
+    assert_eq!(warnings.len(), 2, "{out}");
+    assert!(
+        warnings[0].starts_with(
+            "WARNING  routes[0].budget: `12s` is longer than `routes[0].caller_timeout` (`10s`)"
+        ),
+        "{out}"
+    );
+    assert!(
+        warnings[1].starts_with(
+            "WARNING  server.drain_timeout: `5s` is shorter than the longest route budget (`12s`"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("2 warning(s)"), "{out}");
+}
+
+/// Each warning is logged once at start and once more after each reload.
+#[tokio::test]
+async fn the_binary_logs_configuration_warnings_at_start_and_after_a_reload() {
+    let backend = Backend::start().await;
+    let mut bin = start_binary_logging(&backend.url(), "61s", Stdio::piped()).await;
+    let c = client();
+    signal(&bin.proc.0, "HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&c, bin.admin, "ok").await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Logs go through a background writer that flushes on a clean exit, not on SIGKILL.
+    signal(&bin.proc.0, "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bin.proc.0.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut bin.proc.0.stdout.take().unwrap(), &mut out).unwrap();
+    let logged = |key: &str| {
+        out.lines()
+            .filter(|l| {
+                l.contains("configuration warning") && l.contains(&format!("\"key\":\"{key}\""))
+            })
+            .inspect(|l| assert!(l.contains("\"level\":\"WARN\""), "{l}"))
+            .count()
+    };
+    assert_eq!(logged("routes[0].budget"), 2, "{out}");
+    assert_eq!(logged("server.drain_timeout"), 2, "{out}");
+}
+
 #[tokio::test]
 async fn url_credentials_never_reach_check_reload_answers_or_logs() {
     let secret_url = "http://svc:hunter2@127.0.0.1:9/base";
@@ -695,6 +806,65 @@ async fn a_reload_waiting_on_its_file_does_not_block_the_runtime() {
         "{:?}",
         applied.needs_restart
     );
+}
+
+/// A reload applies what it can and keeps the rest: `/config` shows what is in force, with the
+/// keys that wait for a restart listed with both values, and `needs_restart` names exactly those.
+#[tokio::test]
+async fn config_shows_what_runs_and_what_waits_for_a_restart() {
+    let backend = Backend::start().await;
+    let yaml = |drain: &str, body_read: &str, max_body: &str, header_read: &str, level: &str| {
+        format!(
+            "server: {{ listen: 127.0.0.1:0, drain_timeout: {drain}, body_read_timeout: {body_read}, max_request_body: {max_body}, header_read_timeout: {header_read} }}\nadmin: {{ listen: 127.0.0.1:0 }}\nlog: {{ level: {level} }}\nupstreams:\n  app:\n    url: \"{}\"\nroutes:\n  - {{ name: api, upstream: app, budget: 3s }}\n",
+            backend.url()
+        )
+    };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml("5s", "10s", "1MiB", "10s", "info")).unwrap();
+    let loaded = breakwater::prepare::load(file.path()).unwrap();
+    let running = breakwater::gateway::start_from(loaded, Some(file.path().to_path_buf()))
+        .await
+        .unwrap();
+    let shared = running.shared.clone();
+    let config_url = format!("http://{}/config", running.admin_addr.unwrap());
+    let c = client();
+
+    std::fs::write(file.path(), yaml("6s", "3s", "2KiB", "7s", "debug")).unwrap();
+    let applied = breakwater::reload::reload(shared.clone()).await.unwrap();
+    assert_eq!(
+        applied.needs_restart,
+        ["server.header_read_timeout", "log.level"]
+    );
+    // What a reload applies is in force...
+    assert_eq!(running.drain_timeout(), Duration::from_secs(6));
+    let route = shared.table.load().routes[0].clone();
+    assert_eq!(route.body_read_timeout, Duration::from_secs(3));
+    assert_eq!(route.config.max_request_body, 2048);
+    let v = get(&c, &config_url).await.json();
+    assert_eq!(v["server"]["drain_timeout"], "6s");
+    assert_eq!(v["server"]["body_read_timeout"], "3s");
+    assert_eq!(v["routes"][0]["max_request_body"], "2KiB");
+    // ...and what it cannot apply shows its running value, and waits.
+    assert_eq!(v["server"]["header_read_timeout"], "10s");
+    assert_eq!(v["log"]["level"], "info");
+    assert_eq!(
+        v["pending_restart"],
+        serde_json::json!([
+            { "key": "server.header_read_timeout", "running": "10s", "file": "7s" },
+            { "key": "log.level", "running": "info", "file": "debug" },
+        ])
+    );
+
+    // The file back as it started: nothing waits any more.
+    std::fs::write(file.path(), yaml("6s", "3s", "2KiB", "10s", "info")).unwrap();
+    let applied = breakwater::reload::reload(shared.clone()).await.unwrap();
+    assert!(
+        applied.needs_restart.is_empty(),
+        "{:?}",
+        applied.needs_restart
+    );
+    let v = get(&c, &config_url).await.json();
+    assert_eq!(v["pending_restart"], serde_json::json!([]));
 }
 
 /// A reload during a drain builds new admission state for routes whose limits changed; those

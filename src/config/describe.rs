@@ -145,6 +145,7 @@ pub fn describe(c: &Config) -> Value {
                 },
                 "upstream": r.upstream,
                 "budget": d(r.budget),
+                "caller_timeout": r.caller_timeout.map(d),
                 "max_request_body": format_size(r.max_request_body),
                 "timeout_status": r.timeout_status.as_u16(),
                 "concurrency": concurrency,

@@ -10,14 +10,18 @@ mod admin;
 mod auth;
 mod cidr;
 mod describe;
+mod env;
+mod keys;
 mod log;
 mod problems;
 mod raw;
+mod restart;
 mod route;
 mod server;
 pub mod units;
 mod upstream;
 mod validate;
+mod warnings;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,12 +32,15 @@ pub use admin::AdminConfig;
 pub use auth::{ApiKeysConfig, AuthConfig, AuthOrigin, BasicConfig, SecretSource};
 pub use cidr::Cidr;
 pub use describe::{describe, redact_url, redact_url_text};
+pub use env::EnvSources;
 pub use log::{LogConfig, LogFormat};
+pub use restart::{in_force, PendingRestart, RESTART_KEYS};
 pub use route::{
     Concurrency, FallbackConfig, OverloadConfig, QueueConfig, RetryConfig, RouteConfig,
 };
 pub use server::{ServerConfig, ServerTlsConfig};
 pub use upstream::{CircuitConfig, PoolConfig, UpstreamConfig, UpstreamTlsConfig};
+pub use warnings::{warnings, Warning, DATA_ACTION_LIMIT};
 
 /// Environment variables starting with this override keys of the file.
 pub const ENV_PREFIX: &str = "BREAKWATER__";
@@ -47,6 +54,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The top-level `auth:` block: every route's default unless the route has its own.
     pub auth: Option<Arc<AuthConfig>>,
+    /// In a running gateway's configuration, the keys whose value in the file differs from the
+    /// one in force until a restart (see [`in_force`]); empty in one read from a file.
+    pub pending_restart: Vec<PendingRestart>,
 }
 
 /// One thing wrong with the configuration, naming the key and the bad value.
@@ -104,6 +114,9 @@ impl ConfigError {
 pub struct Draft {
     pub config: Config,
     pub problems: Vec<Problem>,
+    /// Which environment variable set which key: problems found later (in the files the
+    /// configuration names) name the variable too.
+    pub env: EnvSources,
 }
 
 impl Draft {
@@ -139,56 +152,52 @@ pub fn from_yaml(
     draft(text, env)?.finish()
 }
 
-/// Like [`from_yaml`], keeping the configuration when it has problems. Fails outright only when
-/// the text is not YAML of the right shape.
+/// Like [`from_yaml`], keeping the configuration when it has problems. Fails when the text is not
+/// YAML, and when a value has a type nothing can be made of (`budget: [8s]`): then with that
+/// problem and those found before it (unknown keys, bad environment variables).
 pub fn draft(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Draft, ConfigError> {
-    let mut builder = config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Yaml));
-    let mut overrides: Vec<(String, String)> = env
-        .into_iter()
-        .filter_map(|(k, v)| env_key_to_path(&k).map(|p| (p, v)))
-        .collect();
-    // Sorted so that `routes[0]` exists before `routes[1]` is set.
-    overrides.sort();
-    for (path, value) in overrides {
-        builder = builder
-            .set_override(path.as_str(), value)
-            .map_err(|e| ConfigError::Syntax(format!("environment override {path}: {e}")))?;
-    }
-    let built = builder
+    let mut tree: config::Value = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Yaml))
         .build()
+        .and_then(|c| c.try_deserialize())
         .map_err(|e| ConfigError::Syntax(e.to_string()))?;
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(built).map_err(|e| {
-        let path = e.path().to_string();
-        ConfigError::Syntax(format!("{path}: {}", e.into_inner()))
-    })?;
-    Ok(validate::validate(raw))
+    let mut p = problems::Problems(Vec::new());
+    keys::strip_unknown(&mut p, &mut tree, &keys::ROOT, "");
+    let sources = env::apply(&mut p, &mut tree, env);
+    let raw: raw::RawConfig = match serde_path_to_error::deserialize(tree) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // A value of the wrong type stops deserializing: report it with what was found so far.
+            p.add(render_path(e.path()), e.into_inner().to_string());
+            sources.attribute(&mut p.0);
+            return Err(ConfigError::Invalid(p.0));
+        }
+    };
+    let mut draft = validate::validate(raw);
+    p.0.append(&mut draft.problems);
+    sources.attribute(&mut p.0);
+    draft.problems = p.0;
+    draft.env = sources;
+    Ok(draft)
+}
+
+/// `routes[0].budget`, as every other problem names its key.
+fn render_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter().fold(String::new(), |at, s| match s {
+        Segment::Seq { index } => format!("{at}[{index}]"),
+        Segment::Map { key } => keys::join(&at, key),
+        Segment::Enum { variant } => keys::join(&at, variant),
+        Segment::Unknown => keys::join(&at, "?"),
+    })
 }
 
 /// `BREAKWATER__ROUTES__0__BUDGET` → `routes[0].budget`; `None` for unrelated variables.
 pub fn env_key_to_path(key: &str) -> Option<String> {
-    let rest = key.strip_prefix(ENV_PREFIX)?;
-    if rest.is_empty() {
-        return None;
-    }
-    let mut path = String::new();
-    for seg in rest.split("__") {
-        if seg.is_empty() {
-            return None;
-        }
-        if seg.chars().all(|c| c.is_ascii_digit()) {
-            path.push_str(&format!("[{seg}]"));
-        } else {
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(&seg.to_ascii_lowercase());
-        }
-    }
-    Some(path)
+    env::segments(key).map(|s| env::render(&s))
 }
 
 /// The shipped `config/breakwater.yaml` (one catch-all route to uvicorn's default address), which

@@ -1,9 +1,30 @@
 //! The config file exactly as written: every leaf that needs a unit or a cross-check is kept as
 //! text here, so that validation can report every bad value at once instead of stopping at the
 //! first one serde trips over.
+//!
+//! Next to each struct, `KEYS` lists its keys and their shapes: serde cannot list a struct's
+//! fields, and the unknown-key check (`keys`) needs them to report every unknown key at once
+//! instead of stopping at the first. A unit test keeps each list equal to its struct's fields.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
+
+/// What the unknown-key check knows of a value.
+#[derive(Debug)]
+pub enum Shape {
+    /// A value validation reads itself (scalars, and lists of them).
+    Leaf,
+    /// A map with exactly these keys.
+    Keys(&'static [(&'static str, Shape)]),
+    /// A map from names the file chooses (`upstreams`) to values of this shape.
+    Named(&'static Shape),
+    /// A list of values of this shape.
+    List(&'static Shape),
+    /// A value, or a map with these keys (`concurrency: 4`, `concurrency: { mode: auto }`).
+    LeafOr(&'static [(&'static str, Shape)]),
+}
+
+use Shape::{Keys, Leaf, LeafOr, List, Named};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +40,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     pub auth: Option<RawAuth>,
+}
+
+impl RawConfig {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("server", Keys(RawServer::KEYS)),
+        ("admin", Keys(RawAdmin::KEYS)),
+        ("log", Keys(RawLog::KEYS)),
+        ("upstreams", Named(&Keys(RawUpstream::KEYS))),
+        ("routes", List(&Keys(RawRoute::KEYS))),
+        ("auth", Keys(RawAuth::KEYS)),
+    ];
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,12 +73,36 @@ pub struct RawServer {
     pub max_connections_per_source: Option<i64>,
 }
 
+impl RawServer {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("listen", Leaf),
+        ("listen_backlog", Leaf),
+        ("workers", Leaf),
+        ("header_read_timeout", Leaf),
+        ("body_read_timeout", Leaf),
+        ("keepalive_timeout", Leaf),
+        ("max_connections", Leaf),
+        ("max_request_body", Leaf),
+        ("max_header_size", Leaf),
+        ("max_headers", Leaf),
+        ("drain_timeout", Leaf),
+        ("http2", Leaf),
+        ("tls", Keys(RawServerTls::KEYS)),
+        ("proxy_protocol", Leaf),
+        ("max_connections_per_source", Leaf),
+    ];
+}
+
 /// `server.tls`: the listener's certificate chain and private key, as PEM file paths.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServerTls {
     pub cert: Option<String>,
     pub key: Option<String>,
+}
+
+impl RawServerTls {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[("cert", Leaf), ("key", Leaf)];
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,11 +113,23 @@ pub struct RawAdmin {
     pub ready_requires_upstream: Option<bool>,
 }
 
+impl RawAdmin {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("listen", Leaf),
+        ("enabled", Leaf),
+        ("ready_requires_upstream", Leaf),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub format: Option<String>,
     pub level: Option<String>,
+}
+
+impl RawLog {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[("format", Leaf), ("level", Leaf)];
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +144,16 @@ pub struct RawUpstream {
     pub circuit: RawCircuit,
 }
 
+impl RawUpstream {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("url", Leaf),
+        ("preserve_host", Leaf),
+        ("tls", Keys(RawUpstreamTls::KEYS)),
+        ("pool", Keys(RawPool::KEYS)),
+        ("circuit", Keys(RawCircuit::KEYS)),
+    ];
+}
+
 /// `upstreams.<name>.tls`, for `https://` urls.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +163,16 @@ pub struct RawUpstreamTls {
     pub client_cert: Option<String>,
     pub client_key: Option<String>,
     pub insecure_skip_verify: Option<bool>,
+}
+
+impl RawUpstreamTls {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("ca_file", Leaf),
+        ("server_name", Leaf),
+        ("client_cert", Leaf),
+        ("client_key", Leaf),
+        ("insecure_skip_verify", Leaf),
+    ];
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +185,16 @@ pub struct RawPool {
     pub connect_timeout: Option<String>,
 }
 
+impl RawPool {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("max_connections", Leaf),
+        ("min_idle", Leaf),
+        ("idle_timeout", Leaf),
+        ("max_lifetime", Leaf),
+        ("connect_timeout", Leaf),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCircuit {
@@ -107,6 +205,16 @@ pub struct RawCircuit {
     pub probes: Option<i64>,
 }
 
+impl RawCircuit {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("enabled", Leaf),
+        ("consecutive_failures", Leaf),
+        ("window", Leaf),
+        ("cooldown", Leaf),
+        ("probes", Leaf),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
@@ -115,6 +223,7 @@ pub struct RawRoute {
     pub matcher: RawMatch,
     pub upstream: Option<String>,
     pub budget: Option<String>,
+    pub caller_timeout: Option<String>,
     pub max_request_body: Option<String>,
     pub timeout_status: Option<i64>,
     pub concurrency: Option<RawConcurrency>,
@@ -130,12 +239,37 @@ pub struct RawRoute {
     pub auth: Option<RawAuth>,
 }
 
+impl RawRoute {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("name", Leaf),
+        ("match", Keys(RawMatch::KEYS)),
+        ("upstream", Leaf),
+        ("budget", Leaf),
+        ("caller_timeout", Leaf),
+        ("max_request_body", Leaf),
+        ("timeout_status", Leaf),
+        ("concurrency", LeafOr(RawAdaptive::KEYS)),
+        ("queue", Keys(RawQueue::KEYS)),
+        ("overload", Keys(RawOverload::KEYS)),
+        ("fallback", Keys(RawFallback::KEYS)),
+        ("retry", Keys(RawRetry::KEYS)),
+        ("retry_after_max", Leaf),
+        ("idempotent", Leaf),
+        ("auth", Keys(RawAuth::KEYS)),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
     pub path_prefix: Option<String>,
     pub methods: Option<OneOrMany>,
     pub host: Option<String>,
+}
+
+impl RawMatch {
+    pub const KEYS: &'static [(&'static str, Shape)] =
+        &[("path_prefix", Leaf), ("methods", Leaf), ("host", Leaf)];
 }
 
 /// Lists may be written as YAML lists or, from environment variables, as `GET,POST`.
@@ -195,6 +329,15 @@ pub struct RawAdaptive {
     pub initial: Option<i64>,
 }
 
+impl RawAdaptive {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("mode", Leaf),
+        ("min", Leaf),
+        ("max", Leaf),
+        ("initial", Leaf),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawQueue {
@@ -202,11 +345,19 @@ pub struct RawQueue {
     pub max_wait: Option<String>,
 }
 
+impl RawQueue {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[("max_depth", Leaf), ("max_wait", Leaf)];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOverload {
     pub status: Option<i64>,
     pub body: Option<String>,
+}
+
+impl RawOverload {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[("status", Leaf), ("body", Leaf)];
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +368,11 @@ pub struct RawFallback {
     pub content_type: Option<String>,
 }
 
+impl RawFallback {
+    pub const KEYS: &'static [(&'static str, Shape)] =
+        &[("status", Leaf), ("body", Leaf), ("content_type", Leaf)];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
@@ -224,6 +380,15 @@ pub struct RawRetry {
     pub on_status: Option<OneOrMany>,
     pub budget_ratio: Option<f64>,
     pub min_per_second: Option<f64>,
+}
+
+impl RawRetry {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("attempts", Leaf),
+        ("on_status", Leaf),
+        ("budget_ratio", Leaf),
+        ("min_per_second", Leaf),
+    ];
 }
 
 /// `auth:` at the top level (every route's default) or on a route (replacing the default
@@ -238,6 +403,16 @@ pub struct RawAuth {
     pub trusted_proxies: Option<OneOrMany>,
 }
 
+impl RawAuth {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("disabled", Leaf),
+        ("api_keys", Keys(RawApiKeys::KEYS)),
+        ("basic", Keys(RawBasic::KEYS)),
+        ("allow_cidrs", Leaf),
+        ("trusted_proxies", Leaf),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawApiKeys {
@@ -249,6 +424,15 @@ pub struct RawApiKeys {
     pub keys: Option<serde::de::IgnoredAny>,
 }
 
+impl RawApiKeys {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("header", Leaf),
+        ("keys_env", Leaf),
+        ("keys_file", Leaf),
+        ("keys", Leaf),
+    ];
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBasic {
@@ -257,4 +441,13 @@ pub struct RawBasic {
     pub password_file: Option<String>,
     /// Refused like `RawApiKeys::keys`.
     pub password: Option<serde::de::IgnoredAny>,
+}
+
+impl RawBasic {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[
+        ("username", Leaf),
+        ("password_env", Leaf),
+        ("password_file", Leaf),
+        ("password", Leaf),
+    ];
 }

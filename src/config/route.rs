@@ -21,6 +21,9 @@ pub struct RouteConfig {
     pub host: Option<String>,
     pub upstream: String,
     pub budget: Duration,
+    /// How long the caller waits before giving up (a Genesys Cloud data action's timeout), when
+    /// stated: only checked against the budget (see `config::warnings`).
+    pub caller_timeout: Option<Duration>,
     pub max_request_body: u64,
     pub timeout_status: StatusCode,
     pub concurrency: Concurrency,
@@ -164,6 +167,13 @@ pub(super) fn validate(
     };
 
     let budget = p.duration(&format!("{key}.budget"), &r.budget, Duration::from_secs(10));
+    let caller_timeout = r.caller_timeout.as_ref().map(|_| {
+        p.duration(
+            &format!("{key}.caller_timeout"),
+            &r.caller_timeout,
+            Duration::from_secs(60),
+        )
+    });
     let max_request_body = p.size(
         &format!("{key}.max_request_body"),
         &r.max_request_body,
@@ -318,6 +328,7 @@ pub(super) fn validate(
         host,
         upstream,
         budget,
+        caller_timeout,
         max_request_body,
         timeout_status,
         concurrency,

@@ -89,8 +89,139 @@ fn env_key_mapping() {
 fn unknown_keys_are_errors_naming_the_path() {
     let text = MINIMAL.replace("budget: 8s", "budget: 8s\n    budjet: 9s");
     let err = from_yaml(&text, env(&[])).unwrap_err().to_string();
-    assert!(err.contains("routes[0]"), "{err}");
-    assert!(err.contains("budjet"), "{err}");
+    assert!(err.contains("routes[0].budjet: unknown key"), "{err}");
+}
+
+#[test]
+fn every_unknown_key_is_reported_with_its_path_and_a_suggestion_along_with_bad_values() {
+    let text = r#"
+servr: { listen: "127.0.0.1:8080" }
+server: { drain_timout: 5s, header_read_timeout: soon }
+upstreams:
+  analytics:
+    url: "http://127.0.0.1:8000"
+    pool: { max_conections: 8 }
+routes:
+  - name: sentiment
+    match: { path_prefx: /v1 }
+    upstream: analytics
+    budgte: 8s
+    concurency: 4
+    budget: 2
+    zzz_unrelated: 1
+    concurrency: { mode: auto, mxa: 9 }
+"#;
+    let problems = from_yaml(text, env(&[])).unwrap_err().problems();
+    let rendered: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    for line in [
+        "servr: unknown key; did you mean `server`?",
+        "server.drain_timout: unknown key; did you mean `drain_timeout`?",
+        "upstreams.analytics.pool.max_conections: unknown key; did you mean `max_connections`?",
+        "routes[0].match.path_prefx: unknown key; did you mean `path_prefix`?",
+        "routes[0].budgte: unknown key; did you mean `budget`?",
+        "routes[0].concurency: unknown key; did you mean `concurrency`?",
+        "routes[0].concurrency.mxa: unknown key; did you mean `max`?",
+    ] {
+        assert!(
+            rendered.iter().any(|r| r == line),
+            "no {line:?} in:\n{}",
+            rendered.join("\n")
+        );
+    }
+    let unrelated = rendered
+        .iter()
+        .find(|r| r.starts_with("routes[0].zzz_unrelated: unknown key (the keys here are `name`"))
+        .unwrap_or_else(|| panic!("{rendered:?}"));
+    assert!(unrelated.contains("`budget`"), "{unrelated}");
+    // The values are still checked, in the same report.
+    assert_problem(&rendered, "server.header_read_timeout", "soon");
+    assert_problem(&rendered, "routes[0].budget", "missing unit");
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_reported_with_the_unknown_keys() {
+    let text = MINIMAL.replace("budget: 8s", "budget: [8s]\n    budgte: 9s");
+    let rendered: Vec<String> = from_yaml(&text, env(&[]))
+        .unwrap_err()
+        .problems()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_problem(&rendered, "routes[0].budgte", "did you mean `budget`?");
+    assert_problem(&rendered, "routes[0].budget", "invalid type");
+}
+
+#[test]
+fn mistakes_in_environment_variables_are_reported_under_the_variable() {
+    let two_routes = format!("{MINIMAL}  - {{ name: other, upstream: analytics }}\n");
+    let problems = from_yaml(
+        &two_routes,
+        env(&[
+            ("BREAKWATER__ROUTES__0__BUDGTE", "3s"),
+            ("BREAKWATER__ROUTES__3__BUDGET", "2s"),
+            ("BREAKWATER__SERVR__LISTEN", "127.0.0.1:1"),
+            ("BREAKWATER__ROUTES__1__BUDGET", "2"),
+            ("BREAKWATER__ROUTES__1__MATCH__METHODS__0", "GET"),
+            ("BREAKWATER__ROUTES__0__NAME", "fine"),
+        ]),
+    )
+    .unwrap_err()
+    .problems();
+    let rendered: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    for line in [
+        "BREAKWATER__ROUTES__0__BUDGTE: sets `routes[0].budgte`, which is not a key; did you mean BREAKWATER__ROUTES__0__BUDGET?",
+        "BREAKWATER__ROUTES__3__BUDGET: sets `routes[3].budget`, but the file has 2 items in `routes` (`routes[0]` to `routes[1]`); a variable can change a list item the file has, not add one",
+        "BREAKWATER__SERVR__LISTEN: sets `servr`, which is not a key; did you mean BREAKWATER__SERVER__LISTEN?",
+        "BREAKWATER__ROUTES__1__MATCH__METHODS__0: sets `routes[1].match.methods[0]`, but `routes[1].match.methods` is a single value: set `BREAKWATER__ROUTES__1__MATCH__METHODS` itself",
+        "routes[1].budget: `2`: missing unit (write e.g. `250ms`, `2s`, `5m`) (set by BREAKWATER__ROUTES__1__BUDGET)",
+    ] {
+        assert!(
+            rendered.iter().any(|r| r == line),
+            "no {line:?} in:\n{}",
+            rendered.join("\n")
+        );
+    }
+    assert!(
+        !rendered
+            .iter()
+            .any(|r| r.contains("fine") || r.contains("unit value")),
+        "{rendered:?}"
+    );
+
+    // A value of the wrong type from a variable names it too.
+    let rendered: Vec<String> = from_yaml(
+        MINIMAL,
+        env(&[(
+            "BREAKWATER__UPSTREAMS__ANALYTICS__POOL__MAX_CONNECTIONS",
+            "many",
+        )]),
+    )
+    .unwrap_err()
+    .problems()
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    assert_problem(
+        &rendered,
+        "upstreams.analytics.pool.max_connections",
+        "(set by BREAKWATER__UPSTREAMS__ANALYTICS__POOL__MAX_CONNECTIONS)",
+    );
+
+    // No list in the file at all.
+    let rendered: Vec<String> = from_yaml(
+        "upstreams: { a: { url: \"http://127.0.0.1:1\" } }\n",
+        env(&[("BREAKWATER__ROUTES__0__UPSTREAM", "a")]),
+    )
+    .unwrap_err()
+    .problems()
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    assert_problem(
+        &rendered,
+        "BREAKWATER__ROUTES__0__UPSTREAM",
+        "the file has no items in `routes`",
+    );
 }
 
 #[test]
@@ -696,4 +827,54 @@ routes:
     assert!(all.contains("<redacted>@10.0.0.1:8000"), "{all}");
     let err = load(text, env(&[])).unwrap_err().to_string();
     assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn self_defeating_settings_are_warnings_not_problems() {
+    let text = r#"
+server: { drain_timeout: 20s }
+upstreams:
+  app: { url: "http://127.0.0.1:8000", pool: { max_connections: 8 } }
+routes:
+  - { name: long, upstream: app, budget: 75s }
+  - { name: action, upstream: app, budget: 12s, caller_timeout: 10s, queue: { max_wait: 15s } }
+  - { name: wide, upstream: app, budget: 5s, concurrency: 32 }
+  - { name: adaptive, upstream: app, budget: 5s, concurrency: { mode: auto, max: 9 } }
+  - { name: slow-caller, upstream: app, budget: 5s, caller_timeout: 90s }
+"#;
+    let c = from_yaml(text, env(&[])).expect("warnings are not problems");
+    let found: Vec<String> = warnings(&c).iter().map(|w| w.to_string()).collect();
+    for (key, text) in [
+        (
+            "routes[0].budget",
+            "`75s` is longer than 60 s, the most a Genesys Cloud data action waits",
+        ),
+        (
+            "routes[1].budget",
+            "`12s` is longer than `routes[1].caller_timeout` (`10s`)",
+        ),
+        (
+            "routes[1].queue.max_wait",
+            "`15s` is longer than the route's budget (`12s`)",
+        ),
+        (
+            "routes[2].concurrency",
+            "`32` is above `upstreams.app.pool.max_connections` (`8`)",
+        ),
+        ("routes[3].concurrency", "`max 9` is above"),
+        ("routes[4].caller_timeout", "`90s` is longer than 60 s"),
+        (
+            "server.drain_timeout",
+            "`20s` is shorter than the longest route budget (`75s`, routes[0] `long`)",
+        ),
+    ] {
+        assert_problem(&found, key, text);
+    }
+    assert_eq!(found.len(), 7, "{found:#?}");
+
+    // Defaults never warn: the queue waits at most the budget, concurrency is the pool's size.
+    for text in [MINIMAL, SHIPPED_DEFAULT] {
+        let c = from_yaml(text, env(&[])).unwrap();
+        assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+    }
 }

@@ -66,7 +66,9 @@ pub fn validate(raw: RawConfig) -> Draft {
             upstreams,
             routes,
             auth,
+            pending_restart: Vec::new(),
         },
         problems: p.0,
+        env: EnvSources::default(),
     }
 }
