@@ -30,10 +30,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config(port: u16, admin: u16, backend: &str, drain: &str) -> String {
+/// `head`: `server.header_read_timeout`, which needs a restart; `drain`: `server.drain_timeout`,
+/// which a reload applies.
+fn config(port: u16, admin: u16, backend: &str, drain: &str, head: &str) -> String {
     format!(
         r#"
-server: {{ listen: "127.0.0.1:{port}", drain_timeout: {drain} }}
+server: {{ listen: "127.0.0.1:{port}", drain_timeout: {drain}, header_read_timeout: {head} }}
 admin: {{ listen: "127.0.0.1:{admin}" }}
 log: {{ format: json, level: info }}
 upstreams:
@@ -106,7 +108,11 @@ async fn logs_carry_plain_values_and_every_metric_family_is_described() {
     let backend = Backend::start().await;
     let (port, admin) = (free_port(), free_port());
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), config(port, admin, &backend.url(), "5s")).unwrap();
+    std::fs::write(
+        file.path(),
+        config(port, admin, &backend.url(), "5s", "10s"),
+    )
+    .unwrap();
     let proc = Proc(
         Command::new(env!("CARGO_BIN_EXE_breakwater"))
             .arg("run")
@@ -138,10 +144,15 @@ async fn logs_carry_plain_values_and_every_metric_family_is_described() {
     assert_eq!(get(&c, &gw("/api/ok")).await.status, StatusCode::OK);
     assert_eq!(get(&c, &gw("/nowhere")).await.status, StatusCode::NOT_FOUND);
 
-    // A reload that changes nothing, then one that changes `server` (needs a restart).
+    // A reload that changes nothing, then one that changes a key that needs a restart and one
+    // that a reload applies.
     let reload = format!("http://127.0.0.1:{admin}/reload");
     assert_eq!(text(&c, "POST", reload.clone()).await.0, StatusCode::OK);
-    std::fs::write(file.path(), config(port, admin, &backend.url(), "6s")).unwrap();
+    std::fs::write(
+        file.path(),
+        config(port, admin, &backend.url(), "6s", "11s"),
+    )
+    .unwrap();
     let (status, answer) = text(&c, "POST", reload).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
 
@@ -237,10 +248,10 @@ async fn logs_carry_plain_values_and_every_metric_family_is_described() {
     let reloaded = by_message("configuration reloaded");
     assert_eq!(reloaded.len(), 2, "{out}");
     assert!(reloaded[0].get("needs_restart").is_none(), "{out}");
-    assert_eq!(reloaded[1]["needs_restart"], "server");
+    assert_eq!(reloaded[1]["needs_restart"], "server.header_read_timeout");
     let draining = by_message("draining");
     assert_eq!(draining.len(), 1, "{out}");
-    assert_eq!(draining[0]["timeout"], "5s");
+    assert_eq!(draining[0]["timeout"], "6s", "the reloaded drain_timeout");
 }
 
 #[test]
