@@ -182,27 +182,28 @@ impl ConnActivity {
     fn next_action(&self, header_timeout: Duration, keepalive: Duration) -> TimerAction {
         let head = self.head_started.load(Ordering::Acquire);
         if head != NONE && !self.h2.load(Ordering::Acquire) {
-            return TimerAction::HeadDeadline(
-                self.epoch + Duration::from_millis(head) + header_timeout,
-            );
+            return TimerAction::Head(self.epoch + Duration::from_millis(head) + header_timeout);
         }
         if self.inflight.load(Ordering::Acquire) == 0 {
             let idle = self.idle_since.load(Ordering::Acquire);
-            return TimerAction::IdleDeadline(self.epoch + Duration::from_millis(idle) + keepalive);
+            return TimerAction::Idle(self.epoch + Duration::from_millis(idle) + keepalive);
         }
-        match self.earliest_relay() {
-            Some(t) => TimerAction::WriteDeadline(t),
-            None => TimerAction::WaitForChange,
-        }
+        // Requests in flight: the earliest answer that must be out, or, while none has been
+        // registered yet, a look again after `header_timeout`, by when any answer registered
+        // without waking the timer (see `InFlight::write_by`) is checked.
+        let look_again = Instant::now() + header_timeout;
+        TimerAction::Write(
+            self.earliest_relay()
+                .map_or(look_again, |t| t.min(look_again)),
+        )
     }
 }
 
 enum TimerAction {
-    HeadDeadline(Instant),
-    IdleDeadline(Instant),
+    Head(Instant),
+    Idle(Instant),
     /// An answer must have been written by then.
-    WriteDeadline(Instant),
-    WaitForChange,
+    Write(Instant),
 }
 
 /// One request in flight on a connection, counted out when dropped.
@@ -224,8 +225,9 @@ impl InFlight {
     /// `holds_upstream`: the answer holds an admission slot or an upstream connection, so the
     /// connection's timer is woken to keep the deadline exactly. Otherwise (a small answer read
     /// whole, the gateway's own answer: only this connection is at stake) the deadline is kept
-    /// at the timer's next wake-up, at the latest the head timeout, which saves a wake-up on
-    /// every ordinary request.
+    /// at the timer's next wake-up, at the latest `header_read_timeout` after the request
+    /// arrived. Waking the timer means polling the whole connection once more, which every
+    /// ordinary request is spared this way.
     pub fn write_by(&self, deadline: Instant, holds_upstream: bool) {
         let a = &self.activity;
         let deadline = if a.h2.load(Ordering::Acquire) {
@@ -237,10 +239,11 @@ impl InFlight {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((self.index, deadline));
-        // The timer must be woken when it is not set (or being set now: 0), and, to keep an
-        // exact deadline, when it is set for later than this.
+        // While requests are in flight the timer is always set (for the next check at the
+        // latest); it is woken only to keep an exact deadline that comes before it.
+        // (0: being worked out right now, from a stream's own task on h2.)
         let at = a.timer_at.load(Ordering::Acquire);
-        if at == 0 || at == NONE || (holds_upstream && a.ms_of(deadline) < at) {
+        if holds_upstream && (at == 0 || a.ms_of(deadline) < at) {
             a.changed.notify_one();
         }
     }
@@ -663,14 +666,13 @@ async fn serve_connection<S, H: Handler>(
     tokio::pin!(conn);
     let mut closing = false;
     loop {
-        // While the next wake-up is being worked out, any new write deadline wakes the timer.
+        // While the next wake-up is being worked out, an exact write deadline wakes the timer.
         activity.timer_at.store(0, Ordering::Release);
         let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
         let wake_at = match action {
-            TimerAction::WriteDeadline(t) => Some(t),
+            TimerAction::Write(t) => Some(t),
             _ if closing => None,
-            TimerAction::HeadDeadline(t) | TimerAction::IdleDeadline(t) => Some(t),
-            TimerAction::WaitForChange => None,
+            TimerAction::Head(t) | TimerAction::Idle(t) => Some(t),
         };
         activity.timer_at.store(
             wake_at.map_or(NONE, |t| activity.ms_of(t)),
@@ -692,15 +694,15 @@ async fn serve_connection<S, H: Handler>(
             _ = activity.changed.notified() => {}
             _ = timer => {
                 match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
-                    TimerAction::HeadDeadline(t) if t <= Instant::now() => {
+                    TimerAction::Head(t) if t <= Instant::now() => {
                         tracing::debug!(%peer, "request head not received in time; closing");
                         return;
                     }
-                    TimerAction::IdleDeadline(t) if t <= Instant::now() => {
+                    TimerAction::Idle(t) if t <= Instant::now() => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                    TimerAction::WriteDeadline(t) if t <= Instant::now() => {
+                    TimerAction::Write(t) if t <= Instant::now() => {
                         // Dropping the connection drops what its requests hold; they see why.
                         tracing::debug!(%peer, "answer not written within its budget; closing");
                         activity.stalled.store(true, Ordering::Release);
