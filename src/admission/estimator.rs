@@ -1,4 +1,4 @@
-//! A running estimate of a route's upstream service time (sent → last byte), from which the
+//! A running estimate of a route's upstream service time (written on its connection → last byte), from which the
 //! admission queue predicts when each waiter gets a slot.
 //!
 //! - An exponentially weighted mean and mean absolute deviation of completed exchanges, weight

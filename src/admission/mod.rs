@@ -483,7 +483,7 @@ impl Drop for Queued {
 /// What an exchange taught about the upstream's service time, given back with its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sample {
-    /// It completed, or failed after the upstream had it, in this time (sent → end).
+    /// It completed, or failed after the upstream had it, in this time (written → end).
     Took(Duration),
     /// It was cut off while the upstream worked on it (its caller left): the service time is at
     /// least this.

@@ -132,9 +132,12 @@ impl RequestContext {
     }
 
     /// The attempt was answered: its connection is held until the answer's body has been read.
-    pub fn answered(&mut self, lease: Lease) {
+    /// From here on the exchange is timed from `written_at`, when the request went out on its
+    /// connection: waiting for a connection is the gateway's delay, not the upstream's.
+    pub fn answered(&mut self, lease: Lease, written_at: Instant) {
         self.record.upstream_time = self.sent_at.map(|t| t.elapsed());
         self.lease = Some(lease);
+        self.sent_at = Some(written_at);
     }
 
     /// What the current attempt took so far.

@@ -45,11 +45,11 @@ pub async fn send(
             sent_at,
         };
         (req, via) = match result {
-            Ok((resp, lease)) => match attempt.after_answer(ctx, &resp, &mut spent) {
+            Ok(answered) => match attempt.after_answer(ctx, &answered.head, &mut spent) {
                 Some(next) => next,
                 None => {
-                    ctx.answered(lease);
-                    return Ok(resp);
+                    ctx.answered(answered.lease, answered.written_at);
+                    return Ok(answered.head);
                 }
             },
             Err(error) => {

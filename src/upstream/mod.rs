@@ -47,6 +47,16 @@ pub struct SendError {
     pub unsent: Option<Request<RequestBody>>,
 }
 
+/// An attempt the upstream answered.
+pub struct Answered {
+    pub head: Response<Incoming>,
+    /// Holds the connection until the answer's body has been read.
+    pub lease: Lease,
+    /// When the request started going out on its connection: the upstream's service time runs
+    /// from here, not from before the wait for a connection (the gateway's own delay).
+    pub written_at: Instant,
+}
+
 /// Which connection an attempt goes out on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -170,11 +180,7 @@ impl Upstream {
     /// Sends `req` once, on one connection, and returns the response head with the lease that
     /// keeps its connection until the body is relayed. Whether a failed attempt is sent again is
     /// not decided here: see `crate::retry`.
-    pub async fn send(
-        &self,
-        req: Request<RequestBody>,
-        via: Via,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
+    pub async fn send(&self, req: Request<RequestBody>, via: Via) -> Result<Answered, SendError> {
         let no_connection = |why: String, req| SendError {
             failure: SendFailure::NoConnection(why),
             unsent: Some(req),
@@ -206,6 +212,7 @@ impl Upstream {
         }
         conn.clock.set_busy();
         let reused = via == Via::Pool && conn.may_be_stale();
+        let written_at = Instant::now();
         match conn.sender.try_send_request(req).await {
             Ok(resp) => {
                 let conn = lease.conn();
@@ -215,7 +222,11 @@ impl Upstream {
                 if closes(&resp) {
                     conn.clock.mark_closing();
                 }
-                Ok((resp, lease))
+                Ok(Answered {
+                    head: resp,
+                    lease,
+                    written_at,
+                })
             }
             Err(mut e) => {
                 let unsent = e.take_message();
