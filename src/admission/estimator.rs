@@ -1,5 +1,5 @@
-//! A running estimate of a route's upstream service time (written on its connection → last byte), from which the
-//! admission queue predicts when each waiter gets a slot.
+//! A running estimate of a route's upstream service time (written on its connection → last
+//! byte), from which the admission queue predicts when each waiter gets a slot.
 //!
 //! - An exponentially weighted mean and mean absolute deviation of completed exchanges, weight
 //!   1/8 per sample (about the last 16 samples dominate), so a backend that slows down moves the
