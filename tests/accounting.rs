@@ -129,120 +129,156 @@ enum Phase {
     Relaying,
 }
 
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Upstream => "upstream",
+            Phase::Relaying => "relaying",
+        }
+    }
+
+    /// The status a request that ends in this phase is counted with: what was sent, or 499.
+    fn status(self) -> &'static str {
+        match self {
+            Phase::Relaying => "200",
+            _ => "499",
+        }
+    }
+}
+
 const CALLERS: usize = 20;
+
+/// A gateway and backend set up so that `CALLERS` requests reach `phase` and stay there.
+struct Scene {
+    route: String,
+    backend: Backend,
+    gw: Gateway,
+    /// Queued callers wait behind one request the backend holds.
+    blocker: Option<tokio::task::JoinHandle<Answer>>,
+    /// The query that keeps a request in the phase: held by the backend, or streaming its
+    /// answer with the rest held.
+    query: &'static str,
+    phase: Phase,
+}
+
+impl Scene {
+    async fn new(proto: &str, phase: Phase) -> Scene {
+        let route = format!("{proto}_{}", phase.label());
+        let backend = Backend::start().await;
+        let concurrency = if phase == Phase::Queued { 1 } else { CALLERS };
+        let gw = Gateway::start(&config(&route, concurrency), &backend.url()).await;
+        lines();
+        let blocker = match phase {
+            Phase::Queued => {
+                let url = gw.url(&format!("/{route}/b?hold=1"));
+                Some(hold(&client(), &backend, url).await)
+            }
+            _ => None,
+        };
+        let query = match phase {
+            Phase::Queued | Phase::Upstream => "hold=1",
+            Phase::Relaying => "chunks=2&size=200000",
+        };
+        Scene {
+            route,
+            backend,
+            gw,
+            blocker,
+            query,
+            phase,
+        }
+    }
+
+    /// Waits until every caller is queued, or held by the backend (relaying is the caller's to
+    /// see: it has the head).
+    async fn reached(&self) {
+        let admission = self.gw.route(&self.route).admission.clone();
+        match self.phase {
+            Phase::Queued => {
+                eventually("all queued", || admission.snapshot().queued == CALLERS).await
+            }
+            Phase::Upstream => {
+                self.backend
+                    .wait_until("all held", |s| {
+                        s.held.load(std::sync::atomic::Ordering::SeqCst) == CALLERS
+                    })
+                    .await
+            }
+            Phase::Relaying => {}
+        }
+    }
+
+    /// After the callers left: one log line and one count each, every slot back.
+    async fn assert_accounted(&mut self) {
+        let (route, want) = (&self.route, self.phase.label());
+        eventually("20 access-log lines", || {
+            lines_of(route)
+                .iter()
+                .filter(|l| l.get("phase").map(String::as_str) == Some(want))
+                .count()
+                == CALLERS
+        })
+        .await;
+        for line in lines_of(route).iter().filter(|l| l.contains_key("phase")) {
+            assert_eq!(line["reason"], "client_closed", "{line:?}");
+            assert_eq!(line["complete"], "false");
+            assert_eq!(line["status"], self.phase.status(), "{line:?}");
+        }
+        let m = self.gw.metrics().await;
+        let closed = [("route", route.as_str()), ("phase", want)];
+        assert_eq!(
+            sample(&m, "breakwater_client_closed_total", &closed),
+            CALLERS as u64
+        );
+        let counted = [("route", route.as_str()), ("status", self.phase.status())];
+        assert_eq!(
+            sample(&m, "breakwater_requests_total", &counted),
+            CALLERS as u64
+        );
+        if let Some(blocker) = self.blocker.take() {
+            self.backend.release(1);
+            assert_eq!(blocker.await.unwrap().status, StatusCode::OK);
+        }
+        let admission = self.gw.route(route).admission.clone();
+        eventually("every slot back", || {
+            let s = admission.snapshot();
+            s.inflight == 0 && s.queued == 0
+        })
+        .await;
+        let m = self.gw.metrics().await;
+        let of_route = [("route", route.as_str())];
+        assert_eq!(
+            sample(&m, "breakwater_inflight", &of_route),
+            0,
+            "in-flight gauge back to 0"
+        );
+        assert_eq!(sample(&m, "breakwater_queue_depth", &of_route), 0);
+    }
+}
 
 /// 20 callers over HTTP/1.1 (each its own connection) leave in `phase`.
 async fn abandon_h1(phase: Phase) {
-    let route = format!("h1_{phase:?}").to_lowercase();
-    let backend = Backend::start().await;
-    let concurrency = if phase == Phase::Queued { 1 } else { CALLERS };
-    let gw = Gateway::start(&config(&route, concurrency), &backend.url()).await;
-    lines();
-    let c = client();
-    // Queued callers wait behind one request the backend holds.
-    let blocker = match phase {
-        Phase::Queued => Some(hold(&c, &backend, gw.url(&format!("/{route}/b?hold=1"))).await),
-        _ => None,
-    };
-    let query = match phase {
-        Phase::Queued | Phase::Upstream => "hold=1",
-        Phase::Relaying => "chunks=2&size=200000",
-    };
+    let mut scene = Scene::new("h1", phase).await;
     let mut callers = Vec::new();
     for i in 0..CALLERS {
-        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let mut s = TcpStream::connect(scene.gw.addr).await.unwrap();
+        let (route, query) = (&scene.route, scene.query);
         let head = format!("GET /{route}/{i}?{query} HTTP/1.1\r\nhost: gw\r\n\r\n");
         s.write_all(head.as_bytes()).await.unwrap();
         callers.push(s);
     }
-    let admission = gw.route(&route).admission.clone();
-    match phase {
-        Phase::Queued => eventually("all queued", || admission.snapshot().queued == CALLERS).await,
-        Phase::Upstream => {
-            backend
-                .wait_until("all held", |s| {
-                    s.held.load(std::sync::atomic::Ordering::SeqCst) == CALLERS
-                })
-                .await
-        }
-        Phase::Relaying => {
-            // Each caller has the head and the first chunk; the rest is held by the backend.
-            for s in &mut callers {
-                let mut buf = [0u8; 1024];
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-            }
+    scene.reached().await;
+    if phase == Phase::Relaying {
+        // Each caller has the head and the first chunk; the rest is held by the backend.
+        for s in &mut callers {
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         }
     }
     drop(callers);
-    let want = phase_label(phase);
-    eventually("20 access-log lines", || {
-        lines_of(&route)
-            .iter()
-            .filter(|l| l.get("phase").map(String::as_str) == Some(want))
-            .count()
-            == CALLERS
-    })
-    .await;
-    for line in lines_of(&route).iter().filter(|l| l.contains_key("phase")) {
-        assert_eq!(line["reason"], "client_closed", "{line:?}");
-        assert_eq!(line["complete"], "false");
-        let status = if phase == Phase::Relaying {
-            "200"
-        } else {
-            "499"
-        };
-        assert_eq!(line["status"], status, "{line:?}");
-    }
-    let m = gw.metrics().await;
-    assert_eq!(
-        sample(
-            &m,
-            "breakwater_client_closed_total",
-            &[("route", &route), ("phase", want)]
-        ),
-        CALLERS as u64
-    );
-    let status = if phase == Phase::Relaying {
-        "200"
-    } else {
-        "499"
-    };
-    assert_eq!(
-        sample(
-            &m,
-            "breakwater_requests_total",
-            &[("route", &route), ("status", status)]
-        ),
-        CALLERS as u64
-    );
-    if let Some(blocker) = blocker {
-        backend.release(1);
-        assert_eq!(blocker.await.unwrap().status, StatusCode::OK);
-    }
-    eventually("every slot back", || {
-        let s = admission.snapshot();
-        s.inflight == 0 && s.queued == 0
-    })
-    .await;
-    let m = gw.metrics().await;
-    assert_eq!(
-        sample(&m, "breakwater_inflight", &[("route", &route)]),
-        0,
-        "in-flight gauge back to 0"
-    );
-    assert_eq!(
-        sample(&m, "breakwater_queue_depth", &[("route", &route)]),
-        0
-    );
-}
-
-fn phase_label(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Queued => "queued",
-        Phase::Upstream => "upstream",
-        Phase::Relaying => "relaying",
-    }
+    scene.assert_accounted().await;
 }
 
 #[tokio::test]
@@ -283,82 +319,34 @@ fn h2_get(uri: String) -> Request<Empty<Bytes>> {
 /// up, goes idle, and is closed at `keepalive_timeout` (which it only is once all 20 are counted
 /// out of it).
 async fn abandon_h2(phase: Phase) {
-    let route = format!("h2_{phase:?}").to_lowercase();
-    let backend = Backend::start().await;
-    let concurrency = if phase == Phase::Queued { 1 } else { CALLERS };
-    let gw = Gateway::start(&config(&route, concurrency), &backend.url()).await;
-    lines();
-    let c = client();
-    let blocker = match phase {
-        Phase::Queued => Some(hold(&c, &backend, gw.url(&format!("/{route}/b?hold=1"))).await),
-        _ => None,
-    };
-    let query = match phase {
-        Phase::Queued | Phase::Upstream => "hold=1",
-        Phase::Relaying => "chunks=2&size=200000",
-    };
-    let (mut sender, ended) = h2(&gw).await;
+    let mut scene = Scene::new("h2", phase).await;
+    let route = scene.route.clone();
+    let (mut sender, ended) = h2(&scene.gw).await;
     let mut streams = Vec::new();
     for i in 0..CALLERS {
         sender.ready().await.unwrap();
-        let uri = format!("http://gw/{route}/{i}?{query}");
+        let uri = format!("http://gw/{route}/{i}?{}", scene.query);
         streams.push(tokio::spawn(sender.send_request(h2_get(uri))));
     }
-    let admission = gw.route(&route).admission.clone();
-    match phase {
-        Phase::Queued => eventually("all queued", || admission.snapshot().queued == CALLERS).await,
-        Phase::Upstream => {
-            backend
-                .wait_until("all held", |s| {
-                    s.held.load(std::sync::atomic::Ordering::SeqCst) == CALLERS
-                })
-                .await
+    scene.reached().await;
+    if phase == Phase::Relaying {
+        let mut bodies = Vec::new();
+        for s in streams.drain(..) {
+            let resp = s.await.unwrap().unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut body = resp.into_body();
+            let first = body.frame().await.unwrap().unwrap();
+            assert!(first.is_data());
+            bodies.push(body);
         }
-        Phase::Relaying => {
-            let mut bodies = Vec::new();
-            for s in streams.drain(..) {
-                let resp = s.await.unwrap().unwrap();
-                assert_eq!(resp.status(), StatusCode::OK);
-                let mut body = resp.into_body();
-                let first = body.frame().await.unwrap().unwrap();
-                assert!(first.is_data());
-                bodies.push(body);
-            }
-            // Dropping a body resets its stream.
-            drop(bodies);
-        }
+        // Dropping a body resets its stream.
+        drop(bodies);
     }
     // Aborting the tasks drops the response futures: each stream is reset.
     for s in streams {
         s.abort();
     }
-    let want = phase_label(phase);
-    eventually("20 access-log lines", || {
-        lines_of(&route)
-            .iter()
-            .filter(|l| l.get("phase").map(String::as_str) == Some(want))
-            .count()
-            == CALLERS
-    })
-    .await;
-    let m = gw.metrics().await;
-    assert_eq!(
-        sample(
-            &m,
-            "breakwater_client_closed_total",
-            &[("route", &route), ("phase", want)]
-        ),
-        CALLERS as u64
-    );
-    if let Some(blocker) = blocker {
-        backend.release(1);
-        assert_eq!(blocker.await.unwrap().status, StatusCode::OK);
-    }
-    eventually("every slot back", || {
-        let s = admission.snapshot();
-        s.inflight == 0 && s.queued == 0
-    })
-    .await;
+    scene.assert_accounted().await;
     // The connection is still usable, and, once idle, closed by the gateway.
     let resp = sender
         .send_request(h2_get(format!("http://gw/{route}/after")))
