@@ -305,6 +305,20 @@ impl Stack {
             other => panic!("admin /metrics: {other:?}"),
         }
     }
+
+    /// What the pool did: resends, retired connections, connects.
+    async fn pool_metrics(&self) -> Vec<String> {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| {
+                l.starts_with("breakwater_retries_total")
+                    || l.starts_with("breakwater_upstream_connections_retired_total")
+                    || l.starts_with("breakwater_upstream_connects_total")
+            })
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 async fn start_backend(python: &Path, b: &BackendOpts, dir: &Path) -> (Proc, SocketAddr) {
@@ -651,17 +665,7 @@ async fn pooled_connections_closed_by_uvicorn_keepalive_cause_no_errors() {
         let j = assert_sentiment_ok(&a, &what);
         assert_eq!(j["sentiment"], "negative", "{what}: {j}");
     }
-    let pool: Vec<String> = stack
-        .metrics()
-        .await
-        .lines()
-        .filter(|l| {
-            l.starts_with("breakwater_retries_total")
-                || l.starts_with("breakwater_upstream_connections_retired_total")
-                || l.starts_with("breakwater_upstream_connects_total")
-        })
-        .map(str::to_string)
-        .collect();
+    let pool = stack.pool_metrics().await;
     eprintln!("e2e keep-alive: 20/20 served; {pool:?}");
 }
 
@@ -713,17 +717,7 @@ async fn posts_at_uvicorns_keepalive_timer_are_all_answered_and_never_sent_twice
     for id in races {
         assert_eq!(seen["seen"][&id], 1, "{id} in {seen}");
     }
-    let pool: Vec<String> = stack
-        .metrics()
-        .await
-        .lines()
-        .filter(|l| {
-            l.starts_with("breakwater_retries_total")
-                || l.starts_with("breakwater_upstream_connections_retired_total")
-                || l.starts_with("breakwater_upstream_connects_total")
-        })
-        .map(str::to_string)
-        .collect();
+    let pool = stack.pool_metrics().await;
     eprintln!("e2e keep-alive race: 75/75 answered, none twice; {pool:?}");
 }
 
