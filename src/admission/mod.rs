@@ -115,7 +115,7 @@ impl State {
                 self.estimator.record(rtt);
                 let inflight = self.inflight();
                 if let Some(a) = self.adaptive.as_mut() {
-                    a.record(rtt, inflight, std::time::Instant::now());
+                    a.record(rtt, inflight);
                 }
                 // Answers again: each completion doubles a stall cap back towards the limit.
                 if let Some(cap) = self.stall_cap {
@@ -210,7 +210,8 @@ impl Admission {
         let (fixed_limit, adaptive) = match route.concurrency {
             Concurrency::Fixed(n) => (n, None),
             Concurrency::Adaptive { min, max, initial } => {
-                (initial, Some(AdaptiveLimit::new(min, max, initial)))
+                let a = AdaptiveLimit::new(min, max, initial, route.budget);
+                (initial, Some(a))
             }
         };
         let a = Admission {
