@@ -115,6 +115,8 @@ pub async fn run(url: &Uri, plan: &Plan) -> Vec<Arrival> {
 pub const FAST: Duration = Duration::from_millis(100);
 /// A caller that waited longer than this for any answer has waited.
 pub const LONG_WAIT: Duration = Duration::from_secs(1);
+/// Recovered means every arrival answered 2xx for at least this long (not just the last one).
+pub const RECOVERED_FOR: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -131,9 +133,11 @@ pub struct LoadReport {
     pub ok_max: Option<Duration>,
     /// Arrivals in the window, refused fast, and waiting over a second (any outcome).
     pub window: Option<WindowReport>,
-    /// After the slow-down ends: how long until every later arrival is answered 2xx, or `None`
-    /// if that never happened within the run.
+    /// After the slow-down ends: how long until every later arrival is answered 2xx, for at
+    /// least [`RECOVERED_FOR`] of arrivals; `None` if that did not happen within the run.
     pub recovered_after: Option<Option<Duration>>,
+    /// Arrivals after the slow-down ended, and how many of them got a 2xx.
+    pub after: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -197,10 +201,21 @@ impl LoadReport {
             let last_bad = after
                 .iter()
                 .rposition(|a| !matches!(a.outcome.kind, Kind::Ok));
-            match last_bad {
-                None => after.first().map(|a| a.at - end),
-                Some(i) => after.get(i + 1).map(|a| a.at - end),
-            }
+            let first_good = match last_bad {
+                None => after.first(),
+                Some(i) => after.get(i + 1),
+            };
+            let last = arrivals.last().map(|a| a.at).unwrap_or_default();
+            first_good
+                .filter(|a| last.saturating_sub(a.at) >= RECOVERED_FOR)
+                .map(|a| a.at - end)
+        });
+        let after = slow_end.map(|end| {
+            let after = arrivals.iter().filter(|a| a.at >= end);
+            (
+                after.clone().count(),
+                after.filter(|a| matches!(a.outcome.kind, Kind::Ok)).count(),
+            )
         });
         LoadReport {
             arrivals: arrivals.len(),
@@ -217,6 +232,7 @@ impl LoadReport {
             ok_max: oks.last().copied(),
             window,
             recovered_after,
+            after,
         }
     }
 
@@ -244,6 +260,9 @@ impl LoadReport {
                 " window_arrivals={} window_fast_503={} window_waited_over_1s={}",
                 w.arrivals, w.fast_refusals, w.waited
             ));
+        }
+        if let Some((n, ok)) = self.after {
+            s.push_str(&format!(" after_slowdown_ok={ok}/{n}"));
         }
         if let Some(r) = self.recovered_after {
             s.push_str(&format!(
@@ -345,18 +364,23 @@ mod tests {
             arrival(6100, Kind::Timeout, 3000),
             arrival(6200, Kind::Ok, 300),
             arrival(6300, Kind::Ok, 250),
+            arrival(7200, Kind::Ok, 250),
         ];
         let r = LoadReport::of(
             &arrivals,
             Some((Duration::from_millis(4500), Duration::from_secs(6))),
             Some(Duration::from_secs(6)),
         );
-        assert_eq!((r.ok, r.timeouts, r.refused_with_retry_after), (4, 1, 2));
+        assert_eq!((r.ok, r.timeouts, r.refused_with_retry_after), (5, 1, 2));
         let w = r.window.clone().unwrap();
         assert_eq!((w.arrivals, w.fast_refusals, w.waited), (3, 1, 1));
         assert_eq!(r.recovered_after, Some(Some(Duration::from_millis(200))));
         assert_eq!(r.ok_max, Some(Duration::from_millis(1900)));
+        assert_eq!(r.after, Some((4, 3)));
         assert!(r.summary_line().contains("recovered_after_s=0.2"));
-        assert!(timeline(&arrivals).lines().count() == 8);
+        assert!(timeline(&arrivals).lines().count() == 9);
+        // A 2xx only at the very end is not a recovery.
+        let r = LoadReport::of(&arrivals[..6], None, Some(Duration::from_secs(6)));
+        assert_eq!(r.recovered_after, Some(None));
     }
 }

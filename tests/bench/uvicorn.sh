@@ -220,7 +220,7 @@ def load(text):
 cols = {
     "burst": ["2xx", "503+RA", "503 bare", "timeouts", "other", "refusal p50/p99", "max", "goodput"],
     "overload": ["ok", "timeouts", "refused_retry_after", "refused_bare", "other", "refusal_p95_ms", "ok_max_ms"],
-    "slowdown": ["ok", "timeouts", "refused_retry_after", "refused_bare", "window_fast_503", "window_waited_over_1s", "recovered_after_s"],
+    "slowdown": ["ok", "timeouts", "refused_retry_after", "refused_bare", "window_fast_503", "window_waited_over_1s", "after_slowdown_ok", "recovered_after_s"],
 }
 for s in scenarios:
     print(f"\n### {s}\n")
