@@ -42,7 +42,7 @@ enum Command {
     Check,
     /// See the problem and the fix: a burst against a simulated backend, directly and through
     /// Breakwater, side by side. Loopback only, under a minute.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
 }
 
 #[derive(clap::Args)]
@@ -82,6 +82,24 @@ struct BackendShape {
     /// Time each request takes a worker.
     #[arg(long, default_value = "200ms", value_parser = duration)]
     service_time: Duration,
+    /// How connections reach workers: `uvicorn` pins each to the worker that accepted it (skewed
+    /// like uvicorn's shared socket), `free` lets any request use any free worker.
+    #[arg(long, value_enum, default_value_t = demo::Pinning::Uvicorn)]
+    pinning: demo::Pinning,
+    /// Seed for the uvicorn accept model.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl BackendShape {
+    fn options(&self) -> demo::BackendOptions {
+        demo::BackendOptions {
+            workers: self.workers,
+            service_time: self.service_time,
+            pinning: self.pinning,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -103,6 +121,36 @@ enum DemoPart {
         #[arg(long, default_value_t = 20.0)]
         capacity: f64,
     },
+    /// Open-loop load on a URL: callers arrive on a schedule, each on its own connection, and an
+    /// optional slow-down asks the backend for `?latency_ms=` in a time window.
+    Load {
+        /// e.g. http://127.0.0.1:8080/v1/sentiment
+        url: http::Uri,
+        /// Arrivals per second.
+        #[arg(long, default_value_t = 40.0)]
+        rate: f64,
+        #[arg(long, default_value = "10s", value_parser = duration)]
+        duration: Duration,
+        #[arg(long, default_value = "3s", value_parser = duration)]
+        caller_timeout: Duration,
+        /// Arrivals from this time on ask for --slow-latency ...
+        #[arg(long, value_parser = duration, requires_all = ["slow_to", "slow_latency"])]
+        slow_from: Option<Duration>,
+        /// ... until this time.
+        #[arg(long, value_parser = duration)]
+        slow_to: Option<Duration>,
+        #[arg(long, value_parser = duration)]
+        slow_latency: Option<Duration>,
+        /// Count fast refusals and long waits among arrivals from ...
+        #[arg(long, value_parser = duration, requires = "window_to")]
+        window_from: Option<Duration>,
+        /// ... to.
+        #[arg(long, value_parser = duration)]
+        window_to: Option<Duration>,
+        /// Print the outcome per second of arrival.
+        #[arg(long)]
+        timeline: bool,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -114,7 +162,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.config.as_deref()),
         Command::Check => check(cli.config.as_deref()),
-        Command::Demo(args) => demo(args),
+        Command::Demo(args) => demo(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -276,12 +324,13 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         match args.part {
             Some(DemoPart::Backend { listen, backend }) => {
-                let b = demo::SimBackend::start(listen, backend.workers, backend.service_time).await?;
+                let b = demo::SimBackend::start(listen, &backend.options()).await?;
                 println!(
-                    "simulated backend on http://{} ({} workers x {}); Ctrl-C to stop",
+                    "simulated backend on http://{} ({} workers x {}, pinning {:?}); Ctrl-C to stop",
                     b.addr,
                     backend.workers,
-                    units::format_duration(backend.service_time)
+                    units::format_duration(backend.service_time),
+                    backend.pinning,
                 );
                 wait_for_signal().await;
                 Ok(())
@@ -292,6 +341,32 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 print!("{}", demo::report::table(&[(&url.to_string(), &s)], capacity));
                 Ok(())
             }
+            Some(DemoPart::Load {
+                url,
+                rate,
+                duration,
+                caller_timeout,
+                slow_from,
+                slow_to,
+                slow_latency,
+                window_from,
+                window_to,
+                timeline,
+            }) => {
+                let slow = match (slow_from, slow_to, slow_latency) {
+                    (Some(from), Some(to), Some(latency)) => Some(demo::load::Slow { from, to, latency }),
+                    _ => None,
+                };
+                let plan = demo::load::Plan { rate, duration, caller_timeout, latency: None, slow };
+                let arrivals = demo::load::run(&url, &plan).await;
+                if timeline {
+                    print!("{}", demo::load::timeline(&arrivals));
+                }
+                let window = window_from.zip(window_to);
+                let r = demo::load::LoadReport::of(&arrivals, window, plan.slow.as_ref().map(|s| s.to));
+                println!("{}", r.summary_line());
+                Ok(())
+            }
             None => {
                 let opts = demo::DemoOptions {
                     callers: args.shape.callers,
@@ -299,6 +374,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                     budget: args.budget,
                     workers: args.backend.workers,
                     service_time: args.backend.service_time,
+                    pinning: args.backend.pinning,
+                    seed: args.backend.seed,
                     queue_depth: args.queue_depth,
                     warmup: args.warmup,
                 };
@@ -316,6 +393,21 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                     "{:29}  {:>17}  {:>18}",
                     "backend work for callers gone", r.wasted_direct, r.wasted_gateway
                 );
+                let per = |v: &[usize]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("/");
+                println!(
+                    "{:29}  {:>17}  {:>18}",
+                    "requests served per worker",
+                    per(&r.served_direct),
+                    per(&r.served_gateway)
+                );
+                if !r.connections_direct.is_empty() {
+                    println!(
+                        "{:29}  {:>17}  {:>18}",
+                        "connections per worker",
+                        per(&r.connections_direct),
+                        per(&r.connections_gateway)
+                    );
+                }
                 println!("\n{}", demo::verdict(&r, &opts));
                 anyhow::Ok(())
             }

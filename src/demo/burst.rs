@@ -77,7 +77,8 @@ pub async fn call(url: &Uri, n: usize) -> Kind {
     call_timed(url, n).await.0
 }
 
-async fn call_timed(url: &Uri, n: usize) -> (Kind, Option<Duration>) {
+/// One caller, also saying how long the answer took once the request was sent.
+pub async fn call_timed(url: &Uri, n: usize) -> (Kind, Option<Duration>) {
     let mut sent_at = None;
     let kind = exchange(url, n, &mut sent_at).await;
     (kind, sent_at.map(|t: Instant| t.elapsed()))

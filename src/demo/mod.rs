@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod burst;
+pub mod load;
 pub mod report;
 
 use std::io::Write;
@@ -17,7 +18,7 @@ use http::Uri;
 
 use breakwater::config::units::format_duration;
 
-pub use backend::SimBackend;
+pub use backend::{BackendOptions, Pinning, SimBackend};
 pub use report::Summary;
 
 #[derive(Debug, Clone)]
@@ -27,6 +28,9 @@ pub struct DemoOptions {
     pub budget: Duration,
     pub workers: usize,
     pub service_time: Duration,
+    /// How the simulated backend hands connections to its workers.
+    pub pinning: Pinning,
+    pub seed: u64,
     pub queue_depth: usize,
     /// Requests sent through the gateway before the burst, so its estimator has seen the
     /// backend (a gateway in production has; the cold start is described in docs).
@@ -41,6 +45,8 @@ impl Default for DemoOptions {
             budget: Duration::from_secs(2),
             workers: 4,
             service_time: Duration::from_millis(200),
+            pinning: Pinning::Uvicorn,
+            seed: 1,
             queue_depth: 100,
             warmup: 8,
         }
@@ -48,7 +54,17 @@ impl Default for DemoOptions {
 }
 
 impl DemoOptions {
-    /// Requests per second the simulated backend can finish.
+    /// The simulated backend's shape; each backend of a run gets its own seed.
+    pub fn backend(&self, nth: u64) -> BackendOptions {
+        BackendOptions {
+            workers: self.workers,
+            service_time: self.service_time,
+            pinning: self.pinning,
+            seed: self.seed.wrapping_add(nth),
+        }
+    }
+
+    /// Requests per second the simulated backend can finish (all workers busy).
     pub fn capacity(&self) -> f64 {
         self.workers as f64 / self.service_time.as_secs_f64()
     }
@@ -84,6 +100,12 @@ pub struct DemoResult {
     pub gateway: Summary,
     pub wasted_direct: usize,
     pub wasted_gateway: usize,
+    /// Connections each backend worker accepted (empty with the free model).
+    pub connections_direct: Vec<usize>,
+    pub connections_gateway: Vec<usize>,
+    /// Requests each backend worker finished by the end of the burst.
+    pub served_direct: Vec<usize>,
+    pub served_gateway: Vec<usize>,
 }
 
 fn progress(msg: &str) {
@@ -93,14 +115,18 @@ fn progress(msg: &str) {
 
 pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    let model = match opts.pinning {
+        Pinning::Uvicorn => "each connection pinned to the worker that accepted it, like uvicorn",
+        Pinning::Free => "any request gets any free worker (--pinning free)",
+    };
     progress(&format!(
-        "[1/4] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog like uvicorn",
+        "[1/4] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog, {model}",
         opts.workers,
         format_duration(opts.service_time),
         opts.capacity()
     ));
-    let direct_backend = SimBackend::start(any, opts.workers, opts.service_time).await?;
-    let gw_backend = SimBackend::start(any, opts.workers, opts.service_time).await?;
+    let direct_backend = SimBackend::start(any, &opts.backend(0)).await?;
+    let gw_backend = SimBackend::start(any, &opts.backend(1)).await?;
 
     progress(&format!(
         "[2/4] {} callers at once, straight to the backend, each giving up after {}",
@@ -142,11 +168,19 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         .wasted
         .load(std::sync::atomic::Ordering::Relaxed);
     running.drain(Duration::from_secs(2)).await;
+    let landed = |b: &SimBackend| match opts.pinning {
+        Pinning::Uvicorn => b.stats.connections_per_worker(),
+        Pinning::Free => Vec::new(),
+    };
     Ok(DemoResult {
         direct: Summary::of(&direct),
         gateway: Summary::of(&via),
         wasted_direct,
         wasted_gateway,
+        connections_direct: landed(&direct_backend),
+        connections_gateway: landed(&gw_backend),
+        served_direct: direct_backend.stats.served_per_worker(),
+        served_gateway: gw_backend.stats.served_per_worker(),
     })
 }
 
@@ -186,7 +220,11 @@ pub fn verdict(r: &DemoResult, opts: &DemoOptions) -> String {
                 .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                 .unwrap_or_else(|| "-".into()),
             goodput,
-        )
+        ) + if goodput < 90.0 && opts.pinning == Pinning::Uvicorn {
+            " The backend is pinned: the gateway's connections reach fewer workers than its concurrency assumes (see the rows above)."
+        } else {
+            ""
+        }
     } else {
         format!(
             "Verdict: through Breakwater {} callers still timed out and {} refusals lacked Retry-After: the budget ({}) should be below the caller timeout ({}).",

@@ -4,21 +4,28 @@
 # each giving up after 3 s; directly, through HAProxy (maxconn 4, maxqueue 40, timeout queue
 # 1500ms), through NGINX (max_conns=4) and through Breakwater (budget 2s, concurrency 4).
 # Every target gets a fresh backend and the same 8-request warm-up. Loopback only.
+# The simulated backend pins each connection to one worker like uvicorn (PINNING=uvicorn, the
+# default; SEED picks the accept race's seed) or lets any request use any free worker
+# (PINNING=free, the model before the pinning was simulated).
 #
 #   cargo build --release && bash tests/bench/burst.sh [callers=200] [caller_timeout=3s]
+#   PINNING=free bash tests/bench/burst.sh
 # Needs haproxy and nginx-light for their columns (apt-get install haproxy nginx-light).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CALLERS=${1:-200}
 TIMEOUT=${2:-3s}
-BIN=target/release/breakwater
+PINNING=${PINNING:-uvicorn}
+SEED=${SEED:-1}
+BIN=${CARGO_TARGET_DIR:-target}/release/breakwater
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.3; rm -rf "$WORK"' EXIT
 BACKEND=18301 PROXY=18302 ADMIN=18303
 
 start_backend() {
-  "$BIN" demo backend --listen "127.0.0.1:$BACKEND" --workers 4 --service-time 200ms >/dev/null &
+  "$BIN" demo backend --listen "127.0.0.1:$BACKEND" --workers 4 --service-time 200ms \
+    --pinning "$PINNING" --seed "$SEED" >/dev/null &
   BACKEND_PID=$!
   sleep 0.3
 }
