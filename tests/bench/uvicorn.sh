@@ -22,7 +22,9 @@
 #
 # Needs python3 (the venv is made like tests/e2e.rs does: $CARGO_TARGET_DIR/e2e-venv from
 # tests/e2e/requirements.txt) and haproxy (apt-get install haproxy) for its two targets.
-# Raw outputs go to $OUT (default: a temporary directory, printed at the end).
+# Raw outputs go to $OUT (default: a temporary directory, printed at the end). BW_LOG=info keeps
+# Breakwater's access log (JSON lines, one per request, with the refusal reasons) in
+# $OUT/breakwater.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -125,7 +127,7 @@ breakwater_cfg() { # concurrency
   cat <<YAML
 server: { listen: "127.0.0.1:$PROXY" }
 admin: { listen: "127.0.0.1:$ADMIN" }
-log: { format: json, level: warn }
+log: { format: json, level: ${BW_LOG:-warn} }
 upstreams:
   analytics:
     url: "http://127.0.0.1:$UV"
@@ -156,7 +158,7 @@ start_target() {
     direct) URL=http://127.0.0.1:$UV/v1/sentiment ;;
     bw-4|bw-auto)
       breakwater_cfg "$([ "$1" = bw-4 ] && echo 4 || echo auto)" >"$WORK/breakwater.yaml"
-      "$BIN" --config "$WORK/breakwater.yaml" >>"$WORK/breakwater.log" 2>&1 &
+      "$BIN" --config "$WORK/breakwater.yaml" >>"$OUT/breakwater.log" 2>&1 &
       URL=http://127.0.0.1:$PROXY/v1/sentiment
       ;;
     haproxy-4)
