@@ -132,11 +132,14 @@ impl Table {
     }
 }
 
-/// Admission state can carry over when nothing it was built from changed (budgets may change:
-/// each request brings its own deadline).
+/// Admission state can carry over when nothing it was built from changed. A fixed limit does not
+/// depend on the budget (each request brings its own deadline); an adaptive one guards latency
+/// against it, so a new budget starts it afresh.
 fn same_admission(a: &RouteConfig, b: &RouteConfig) -> bool {
+    let adaptive = matches!(a.concurrency, crate::config::Concurrency::Adaptive { .. });
     a.upstream == b.upstream
         && a.concurrency == b.concurrency
+        && (!adaptive || a.budget == b.budget)
         && a.queue.max_depth == b.queue.max_depth
         && a.queue.max_wait == b.queue.max_wait
         && a.retry_after_max == b.retry_after_max
@@ -156,4 +159,35 @@ pub struct Shared {
     /// The listener's certificate, loaded at start and re-read into on reload and when its files
     /// change (none without `server.tls`).
     pub server_tls: Option<Arc<crate::tls::ServerTls>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(concurrency: &str, budget: &str) -> RouteConfig {
+        let yaml = format!(
+            r#"
+upstreams:
+  app: {{ url: "http://127.0.0.1:9" }}
+routes:
+  - name: r
+    match: {{ path_prefix: / }}
+    upstream: app
+    budget: {budget}
+    concurrency: {concurrency}
+    queue: {{ max_wait: 1s }}
+"#
+        );
+        let mut config = crate::config::from_yaml(&yaml, Vec::new()).expect("valid");
+        config.routes.remove(0)
+    }
+
+    #[test]
+    fn a_new_budget_restarts_only_an_adaptive_limit() {
+        assert!(same_admission(&route("4", "2s"), &route("4", "3s")));
+        assert!(same_admission(&route("auto", "2s"), &route("auto", "2s")));
+        assert!(!same_admission(&route("auto", "2s"), &route("auto", "3s")));
+        assert!(!same_admission(&route("4", "2s"), &route("5", "2s")));
+    }
 }
