@@ -150,8 +150,9 @@ impl RetryPolicy {
         b.tokens = (b.tokens + self.config.budget_ratio).min(MAX_TOKENS);
     }
 
-    /// Whether `attempted` is sent again, and how. `expected` is how long another exchange
-    /// should be expected to take, to judge whether it can fit in what is left of the budget.
+    /// Whether `attempted` is sent again, and how. `expected` says how long another exchange
+    /// should be expected to take, to judge whether it can fit in what is left of the budget;
+    /// it is asked only when that matters (most answers are not retried at all).
     /// Records what a resend spends in `spent`.
     pub fn decide(
         &self,
@@ -159,7 +160,7 @@ impl RetryPolicy {
         req: Request<'_>,
         spent: &mut Spent,
         deadline: Instant,
-        expected: Option<Duration>,
+        expected: impl FnOnce() -> Option<Duration>,
     ) -> Decision {
         if !req.can_build() || Instant::now() >= deadline {
             return Decision::GiveUp;
@@ -187,7 +188,7 @@ impl RetryPolicy {
             }
             _ => return Decision::GiveUp,
         };
-        if !self.allow(spent.retries, deadline, expected) {
+        if !self.allow(spent.retries, deadline, expected()) {
             return Decision::GiveUp;
         }
         spent.retries += 1;
@@ -289,7 +290,7 @@ mod tests {
         let bad = Attempted::Answered(StatusCode::BAD_GATEWAY);
         let decide = |r: Request<'_>, a: Attempted| {
             p.on_request();
-            p.decide(a, r, &mut Spent::default(), deadline, None)
+            p.decide(a, r, &mut Spent::default(), deadline, || None)
         };
         let resend = Decision::Resend {
             reason: RetryReason::Status,
@@ -332,7 +333,7 @@ mod tests {
                 req(&Method::GET, false, true),
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             fresh
         );
@@ -342,7 +343,7 @@ mod tests {
                 req(&Method::GET, false, true),
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             Decision::GiveUp,
             "once per request"
@@ -354,7 +355,7 @@ mod tests {
                 req(&Method::POST, false, true),
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             Decision::GiveUp,
             "a POST that may have been processed is not sent again"
@@ -365,7 +366,7 @@ mod tests {
                 req(&Method::POST, true, true),
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             fresh
         );
@@ -376,7 +377,7 @@ mod tests {
                 req(&Method::GET, false, true),
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             Decision::GiveUp,
             "a connection opened for this request was not idled out"
@@ -400,7 +401,7 @@ mod tests {
                 handed_back,
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             Decision::Resend {
                 reason: RetryReason::StaleConnection,
@@ -414,7 +415,7 @@ mod tests {
                 handed_back,
                 &mut spent,
                 deadline,
-                None
+                || None
             ),
             Decision::GiveUp
         );
@@ -425,7 +426,7 @@ mod tests {
                 handed_back,
                 &mut Spent::default(),
                 deadline,
-                None
+                || None
             ),
             Decision::Resend {
                 reason: RetryReason::NotSent,
@@ -438,7 +439,7 @@ mod tests {
                 req(&Method::GET, false, true),
                 &mut Spent::default(),
                 deadline,
-                None
+                || None
             ),
             Decision::GiveUp,
             "failed after it was written"

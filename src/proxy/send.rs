@@ -98,13 +98,13 @@ impl Attempt<'_> {
         } else {
             route.circuit.record_success();
         }
-        let expected = expected(route, self.sent_at.elapsed());
+        let took = self.sent_at.elapsed();
         let decision = route.retry.decide(
             Attempted::Answered(status),
             self.request(ctx, false),
             spent,
             self.deadline,
-            expected,
+            || expected(route, took),
         );
         match (decision, self.replay) {
             // The answer is dropped unread: its connection is closed rather than drained.
@@ -138,7 +138,7 @@ impl Attempt<'_> {
             self.request(ctx, error.unsent.is_some()),
             spent,
             self.deadline,
-            route.admission.expected_service(),
+            || route.admission.expected_service(),
         );
         let again = error.unsent.or_else(|| self.replay.map(Replay::build));
         match (decision, again) {
