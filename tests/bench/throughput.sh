@@ -7,7 +7,9 @@
 #   bash tests/bench/throughput.sh [duration=10s] [connections=32] [rounds=3]
 #
 # BASELINE=path/to/another/breakwater adds that build as a fourth column, in the same run (to
-# compare a change with the build before it).
+# compare a change with the build before it). LOGS=1 has both proxies write an access-log line
+# per request to a file (NGINX's combined format; Breakwater's JSON lines), as every deployment
+# does; by default both have access logs off.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DUR=${1:-10s}
@@ -48,6 +50,7 @@ http {
   keepalive_requests 1000000;
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
   server {
+    $([ -n "${LOGS:-}" ] && echo "access_log $WORK/nginx-access.log;")
     listen 127.0.0.1:$NGINX;
     location / {
       proxy_pass http://backend;
@@ -61,7 +64,7 @@ NGX
 cat >"$WORK/breakwater.yaml" <<YAML
 server: { listen: "127.0.0.1:$BW", workers: 1 }
 admin: { listen: "127.0.0.1:$BW_ADMIN" }
-log: { format: json, level: warn }
+log: { format: json, level: $([ -n "${LOGS:-}" ] && echo info || echo warn) }
 upstreams:
   backend:
     url: "http://127.0.0.1:$BACKEND"
@@ -75,10 +78,10 @@ YAML
 
 nginx -c "$WORK/backend.conf" -p "$WORK" &
 nginx -c "$WORK/proxy.conf" -p "$WORK" &
-"$BIN" --config "$WORK/breakwater.yaml" >/dev/null 2>&1 &
+"$BIN" --config "$WORK/breakwater.yaml" >"$WORK/bw-access.log" 2>&1 &
 if [ -n "${BASELINE:-}" ]; then
   sed -e "s/$BW_ADMIN/$BASE_ADMIN/" -e "s/$BW/$BASE/" "$WORK/breakwater.yaml" >"$WORK/baseline.yaml"
-  "$BASELINE" --config "$WORK/baseline.yaml" >/dev/null 2>&1 &
+  "$BASELINE" --config "$WORK/baseline.yaml" >"$WORK/baseline-access.log" 2>&1 &
 fi
 sleep 1
 
@@ -89,7 +92,7 @@ run() { # name url
     END {printf "%-12s %10s req/s   p50 %8s   p99 %8s\n", name, rps, p50, p99}'
 }
 
-echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)"
+echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, access logs $([ -n "${LOGS:-}" ] && echo on || echo off), $(nproc) cores, $(date -u +%F)"
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
   run direct     "http://127.0.0.1:$BACKEND/v1/sentiment"
