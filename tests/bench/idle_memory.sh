@@ -7,6 +7,8 @@
 #   bash tests/bench/idle_memory.sh [connections=5000]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/common.sh
+. tests/bench/common.sh
 N=${1:-5000}
 BIN=target/release/breakwater
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -17,20 +19,7 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
 BACKEND=18121 NGINX=18122 BW=18123 BW_ADMIN=18124
 
-cat >"$WORK/backend.conf" <<NGX
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server {
-    listen 127.0.0.1:$BACKEND;
-    location / { default_type application/json; return 200 '{"sentiment":"neutral","score":0.5}'; }
-  }
-}
-NGX
+fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 cat >"$WORK/proxy.conf" <<NGX
 worker_processes 1;
 worker_rlimit_nofile $((N * 2 + 1000));

@@ -7,6 +7,8 @@
 #   bash tests/bench/steady_rss.sh [duration_s=60] [connections=200]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/common.sh
+. tests/bench/common.sh
 SECS=${1:-60}
 CONNS=${2:-200}
 BIN=target/release/breakwater
@@ -17,21 +19,7 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
 BACKEND=18111 BW=18113 BW_ADMIN=18114
 
-cat >"$WORK/backend.conf" <<NGX
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$BACKEND;
-    location / { default_type application/json; return 200 '{"sentiment":"neutral","score":0.5}'; }
-  }
-}
-NGX
+fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
 cat >"$WORK/breakwater.yaml" <<YAML
 server: { listen: "127.0.0.1:$BW", workers: 1 }

@@ -12,6 +12,8 @@
 # does; by default both have access logs off.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/common.sh
+. tests/bench/common.sh
 DUR=${1:-10s}
 CONNS=${2:-32}
 ROUNDS=${3:-3}
@@ -23,21 +25,7 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
 BACKEND=18101 NGINX=18102 BW=18103 BW_ADMIN=18104 BASE=18105 BASE_ADMIN=18106
 
-cat >"$WORK/backend.conf" <<NGX
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$BACKEND;
-    location / { default_type application/json; return 200 '{"sentiment":"neutral","score":0.5}'; }
-  }
-}
-NGX
+fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
 cat >"$WORK/proxy.conf" <<NGX
 worker_processes 1;
