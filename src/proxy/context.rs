@@ -95,10 +95,6 @@ impl RequestContext {
         &self.record.request_id
     }
 
-    pub fn arrived(&self) -> Instant {
-        self.record.arrived
-    }
-
     /// The request matched `route`: from now on it runs under the route's budget and counts in
     /// the route's metrics.
     pub fn set_route(&mut self, route: Arc<RouteState>) {
