@@ -70,6 +70,52 @@ struct State {
     /// A cap on the limit while the upstream gives no answers within budgets (see the module
     /// head); `None` when it answers.
     stall_cap: Option<usize>,
+    /// How fast the queue really drains: the time between slot releases while requests wait.
+    drain: DrainRate,
+}
+
+/// The measured interval between slot releases while the queue is not empty. The slot model
+/// assumes every slot works in parallel; a backend whose workers are fewer than the connections
+/// in use (uvicorn pins each connection to one worker process) drains slower than that, and only
+/// the releases themselves show it. A measurement holds for one stretch of queueing: once the
+/// queue empties it is forgotten, so a rate measured during a slow-down cannot keep refusing
+/// arrivals (which would keep the queue empty, and the rate unmeasured) after it.
+#[derive(Debug, Default)]
+struct DrainRate {
+    /// Seconds between releases, exponentially weighted (1/8 per interval).
+    interval: Option<f64>,
+    intervals: u32,
+    /// The last release while the queue was not empty; `None` once it emptied.
+    last: Option<Instant>,
+}
+
+impl DrainRate {
+    /// Intervals seen before the measured rate is trusted.
+    const MIN_INTERVALS: u32 = 8;
+
+    fn released(&mut self, now: Instant, queued: bool) {
+        if !queued {
+            *self = DrainRate::default();
+            return;
+        }
+        if let Some(last) = self.last {
+            let dt = now.duration_since(last).as_secs_f64();
+            self.interval = Some(match self.interval {
+                None => dt,
+                Some(i) => i + (dt - i) / 8.0,
+            });
+            self.intervals = self.intervals.saturating_add(1);
+        }
+        self.last = Some(now);
+    }
+
+    /// How long the queue takes to hand out `position` slots, when that has been measured.
+    fn wait_for(&self, position: usize) -> Option<Duration> {
+        let i = self
+            .interval
+            .filter(|_| self.intervals >= Self::MIN_INTERVALS)?;
+        Some(Duration::from_secs_f64(i * position as f64))
+    }
 }
 
 impl State {
@@ -149,13 +195,19 @@ impl State {
     /// only bring the in-flight count back under a lowered limit free nothing for the queue.
     fn wait_at(&self, position: usize, now: Instant) -> Option<Duration> {
         let mean = self.planning_service(now)?;
-        Some(slot_wait(
+        let modelled = slot_wait(
             &self.finishes(now, mean),
             position,
             self.excess(),
             mean,
             now,
-        ))
+        );
+        // The model is the best case; a queue measured to drain slower waits longer.
+        Some(
+            self.drain
+                .wait_for(position)
+                .map_or(modelled, |measured| measured.max(modelled)),
+        )
     }
 
     fn finishes(&self, now: Instant, mean: Duration) -> Vec<Instant> {
@@ -228,6 +280,7 @@ impl Admission {
                 estimator: Estimator::default(),
                 drain_deadline: None,
                 stall_cap: None,
+                drain: DrainRate::default(),
             }),
         };
         a.publish(&a.lock());
@@ -403,6 +456,8 @@ impl Admission {
     fn release(&self, slot: Slot, sample: Sample) {
         let mut s = self.lock();
         s.learn(sample);
+        let queued = !s.queue.is_empty();
+        s.drain.released(Instant::now(), queued);
         s.running.remove(&slot);
         self.dispatch(&mut s);
         self.publish(&s);
@@ -628,6 +683,46 @@ routes:
             }) => assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}"),
             other => panic!("expected a deadline refusal, got {:?}", reason(&other)),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_that_drains_slower_than_its_slots_promise_is_planned_as_measured() {
+        // Four slots, 200 ms exchanges: the slot model expects a release every 50 ms. The
+        // backend behind them (two workers really serving four pinned connections) releases one
+        // every 100 ms.
+        let a = admission(4);
+        warm(&a, Duration::from_millis(200), 20);
+        let mut running: VecDeque<Permit> = (0..4).map(|_| arrive(&a).unwrap().unwrap()).collect();
+        let mut queued = Vec::new();
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            // One waiter behind the slots all along, so every release counts.
+            let mut fut = Box::pin(a.admit(Instant::now() + Duration::from_secs(30)));
+            if let Some(Ok(p)) = (&mut fut).now_or_never() {
+                running.push_back(p);
+            } else {
+                queued.push(fut);
+            }
+            running
+                .pop_front()
+                .unwrap()
+                .release(Sample::Took(Duration::from_millis(200)));
+            let mut waiting = Vec::new();
+            for mut f in queued.drain(..) {
+                match (&mut f).now_or_never() {
+                    Some(Ok(p)) => running.push_back(p),
+                    Some(Err(e)) => panic!("refused: {e}"),
+                    None => waiting.push(f),
+                }
+            }
+            queued = waiting;
+        }
+        let s = a.lock();
+        let interval = s.drain.interval.unwrap();
+        assert!((interval - 0.1).abs() < 0.01, "measured {interval}");
+        // Position 8 in the queue: the model says 8 × 50 ms; the measured drain, 8 × 100 ms.
+        let wait = s.wait_at(8, Instant::now()).unwrap();
+        assert!(wait >= Duration::from_millis(790), "{wait:?}");
     }
 
     #[tokio::test(start_paused = true)]
