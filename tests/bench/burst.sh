@@ -13,6 +13,8 @@
 # Needs haproxy and nginx-light for their columns (apt-get install haproxy nginx-light).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/common.sh
+. tests/bench/common.sh
 CALLERS=${1:-200}
 TIMEOUT=${2:-3s}
 PINNING=${PINNING:-uvicorn}
@@ -48,21 +50,7 @@ burst direct "http://127.0.0.1:$BACKEND/v1/sentiment"
 stop "$BACKEND_PID"
 
 if command -v haproxy >/dev/null; then
-  cat >"$WORK/haproxy.cfg" <<CFG
-global
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  timeout queue 1500ms
-frontend fe
-  bind 127.0.0.1:$PROXY
-  default_backend be
-backend be
-  server s1 127.0.0.1:$BACKEND maxconn 4 maxqueue 40
-CFG
+  haproxy_cfg "  server s1 127.0.0.1:$BACKEND maxconn 4 maxqueue 40" >"$WORK/haproxy.cfg"
   start_backend
   haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 & PROXY_PID=$!
   sleep 0.5

@@ -20,3 +20,23 @@ http {
 }
 NGX
 }
+
+# Writes an HAProxy config: one frontend on 127.0.0.1:$PROXY, one backend with the given
+# `server` lines, a 1.5 s queue timeout.   haproxy_cfg "  server s1 ..." > FILE
+haproxy_cfg() {
+  cat <<CFG
+global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  timeout queue 1500ms
+frontend fe
+  bind 127.0.0.1:$PROXY
+  default_backend be
+backend be
+$*
+CFG
+}

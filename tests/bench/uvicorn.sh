@@ -27,6 +27,8 @@
 # $OUT/breakwater.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/common.sh
+. tests/bench/common.sh
 ROOT=$PWD
 ROUNDS=${1:-2}
 SCENARIOS=${2:-"burst overload slowdown"}
@@ -103,24 +105,6 @@ warm() { # 8 requests, 4 at a time, each on its own connection (like burst.sh an
     wait $pids || true
   done
   sleep 0.5
-}
-
-haproxy_cfg() { # servers...
-  cat <<CFG
-global
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  timeout queue 1500ms
-frontend fe
-  bind 127.0.0.1:$PROXY
-  default_backend be
-backend be
-$*
-CFG
 }
 
 breakwater_cfg() { # concurrency
