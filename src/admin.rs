@@ -173,7 +173,7 @@ fn readiness(shared: &Shared) -> Response<Full<Bytes>> {
         let mut waiting: Vec<&str> = table
             .upstreams
             .iter()
-            .filter(|(_, u)| !u.connector.ever_connected())
+            .filter(|(_, u)| !u.ever_connected())
             .map(|(n, _)| n.as_str())
             .collect();
         if !waiting.is_empty() {
@@ -210,9 +210,14 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
 fn publish_pool_gauges(shared: &Shared) {
     let table = shared.table.load();
     for (name, up) in &table.upstreams {
-        let state = up.pool.state();
-        let idle = state.idle_connections as f64;
-        let active = (state.connections - state.idle_connections) as f64;
+        let (mut idle, mut all) = (0u32, 0u32);
+        for e in &up.endpoints {
+            let state = e.pool.state();
+            idle += state.idle_connections;
+            all += state.connections;
+        }
+        let active = (all - idle) as f64;
+        let idle = idle as f64;
         metrics::gauge!("breakwater_upstream_connections", "upstream" => name.clone(), "state" => "idle").set(idle);
         metrics::gauge!("breakwater_upstream_connections", "upstream" => name.clone(), "state" => "active").set(active);
     }

@@ -1,7 +1,10 @@
-//! Circuit breaking per upstream: after `consecutive_failures` connect failures or 5xx answers in
-//! a row (within `window`), refuse at once with `circuit_open` for `cooldown`, then let `probes`
-//! requests through; one success closes the circuit, one failure opens it again.
+//! Circuit breaking per upstream endpoint: after `consecutive_failures` connect failures, 5xx
+//! answers or exchanges with no answer within their budget in a row (within `window`), the
+//! endpoint is ejected for `cooldown`, then `probes` requests go to it; one success brings it
+//! back, one failure ejects it again. The upstream (`crate::upstream`) turns the endpoints'
+//! states into its capacity, and refuses with `circuit_open` only when every endpoint is out.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,27 +30,49 @@ enum State {
 
 pub struct Circuit {
     upstream: String,
+    endpoint: String,
     config: CircuitConfig,
     state: Mutex<State>,
+    /// Mirrors `state` being `Closed`, so the common case is read without the lock.
+    closed: AtomicBool,
+}
+
+/// How a circuit stands for choosing its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Takes any number of requests.
+    Closed,
+    /// Takes this many probes now.
+    Probing(u32),
+    /// Ejected until this moment.
+    Ejected(Instant),
 }
 
 impl Circuit {
-    pub fn new(upstream: &str, config: &CircuitConfig) -> Self {
+    pub fn new(upstream: &str, endpoint: &str, config: &CircuitConfig) -> Self {
         let c = Circuit {
             upstream: upstream.to_string(),
+            endpoint: endpoint.to_string(),
             config: config.clone(),
             state: Mutex::new(State::Closed {
                 failures: 0,
                 first_failure: None,
             }),
+            closed: AtomicBool::new(true),
         };
         c.publish(false);
         c
     }
 
     fn publish(&self, open: bool) {
-        metrics::gauge!("breakwater_circuit_open", "upstream" => self.upstream.clone())
-            .set(if open { 1.0 } else { 0.0 });
+        metrics::gauge!("breakwater_endpoint_ejected",
+            "upstream" => self.upstream.clone(), "endpoint" => self.endpoint.clone())
+        .set(if open { 1.0 } else { 0.0 });
+        if open {
+            metrics::counter!("breakwater_endpoint_ejections_total",
+                "upstream" => self.upstream.clone(), "endpoint" => self.endpoint.clone())
+            .increment(1);
+        }
     }
 
     pub fn is_open(&self) -> bool {
@@ -57,9 +82,30 @@ impl Circuit {
         )
     }
 
+    /// Whether (and how much) the endpoint can be sent to at `now`, without taking a probe.
+    pub fn standing(&self, now: Instant) -> Standing {
+        if !self.config.enabled || self.closed.load(Ordering::Acquire) {
+            return Standing::Closed;
+        }
+        match &*self.state.lock().unwrap_or_else(|p| p.into_inner()) {
+            State::Closed { .. } => Standing::Closed,
+            State::Open { until } if now < *until => Standing::Ejected(*until),
+            State::Open { .. } => Standing::Probing(self.config.probes),
+            State::HalfOpen { since, probes_sent } => {
+                if now.duration_since(*since) >= self.config.cooldown {
+                    Standing::Probing(self.config.probes)
+                } else if *probes_sent < self.config.probes {
+                    Standing::Probing(self.config.probes - probes_sent)
+                } else {
+                    Standing::Ejected(*since + self.config.cooldown)
+                }
+            }
+        }
+    }
+
     /// Lets a request through, or refuses it while the circuit is open.
     pub fn check(&self) -> Result<(), ProxyError> {
-        if !self.config.enabled {
+        if !self.config.enabled || self.closed.load(Ordering::Acquire) {
             return Ok(());
         }
         let now = Instant::now();
@@ -93,25 +139,32 @@ impl Circuit {
         }
     }
 
-    pub fn record_success(&self) {
+    /// Records a success; true when it brought the endpoint back.
+    pub fn record_success(&self) -> bool {
         if !self.config.enabled {
-            return;
+            return false;
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let State::Closed { failures: 0, .. } = *s {
+            return false;
+        }
         let was_open = !matches!(*s, State::Closed { .. });
         *s = State::Closed {
             failures: 0,
             first_failure: None,
         };
+        self.closed.store(true, Ordering::Release);
         if was_open {
-            tracing::info!(upstream = %self.upstream, "circuit closed");
+            tracing::info!(upstream = %self.upstream, endpoint = %self.endpoint, "endpoint back in service (circuit closed)");
             self.publish(false);
         }
+        was_open
     }
 
-    pub fn record_failure(&self) {
+    /// Records a failure; true when it ejected the endpoint.
+    pub fn record_failure(&self) -> bool {
         if !self.config.enabled {
-            return;
+            return false;
         }
         let now = Instant::now();
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,13 +187,15 @@ impl Circuit {
             *s = State::Open {
                 until: now + self.config.cooldown,
             };
-            tracing::warn!(upstream = %self.upstream, cooldown = %crate::config::units::format_duration(self.config.cooldown), "circuit opened");
+            self.closed.store(false, Ordering::Release);
+            tracing::warn!(upstream = %self.upstream, endpoint = %self.endpoint, cooldown = %crate::config::units::format_duration(self.config.cooldown), "endpoint ejected (circuit opened)");
             self.publish(true);
         }
+        open
     }
 }
 
-fn refused(retry_after: Duration) -> ProxyError {
+pub fn refused(retry_after: Duration) -> ProxyError {
     ProxyError::Refused {
         reason: Reason::CircuitOpen,
         retry_after,
@@ -163,7 +218,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_closes_after_a_good_probe() {
-        let c = Circuit::new("u", &cfg());
+        let c = Circuit::new("u", "e", &cfg());
         c.record_failure();
         c.record_failure();
         c.record_success();
@@ -185,7 +240,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failed_probe_reopens() {
-        let c = Circuit::new("u", &cfg());
+        let c = Circuit::new("u", "e", &cfg());
         for _ in 0..3 {
             c.record_failure();
         }
@@ -197,7 +252,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_outside_the_window_do_not_add_up() {
-        let c = Circuit::new("u", &cfg());
+        let c = Circuit::new("u", "e", &cfg());
         c.record_failure();
         c.record_failure();
         tokio::time::advance(Duration::from_secs(11)).await;

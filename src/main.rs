@@ -240,10 +240,23 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
         None => println!("auth     none (routes without their own auth: block are open)"),
     }
     for u in c.upstreams.values() {
+        let shown = u
+            .endpoints
+            .iter()
+            .map(|e| match e.concurrency {
+                Some(n) => format!("{} (concurrency {n})", config::redact_url(&e.url)),
+                None => config::redact_url(&e.url),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let balance = if u.endpoints.len() > 1 {
+            format!("  balance {}", u.balance.as_str())
+        } else {
+            String::new()
+        };
         println!(
-            "upstream {}  {}  pool max {} min_idle {} idle_timeout {} max_lifetime {} connect_timeout {}",
+            "upstream {}  {shown}{balance}  pool max {} min_idle {} idle_timeout {} max_lifetime {} connect_timeout {}",
             u.name,
-            config::redact_url(&u.url),
             u.pool.max_connections,
             u.pool.min_idle,
             units::format_duration(u.pool.idle_timeout),
@@ -262,10 +275,12 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
                 }
                 _ => "no client cert".to_string(),
             };
-            println!(
-                "         tls verify {roots}  name {}  {client}",
-                t.server_name.as_deref().unwrap_or(&u.host)
-            );
+            let name = match &t.server_name {
+                Some(n) => n.clone(),
+                None if u.endpoints.len() > 1 => "each endpoint's host".to_string(),
+                None => u.endpoints[0].host.clone(),
+            };
+            println!("         tls verify {roots}  name {name}  {client}");
             if t.insecure_skip_verify {
                 println!(
                     "         WARNING: upstream {} certificate verification is disabled (tls.insecure_skip_verify); anyone on the path can impersonate it",

@@ -55,7 +55,19 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("breakwater_upstream_connections_retired_total", Kind::Counter,
         "Idle pooled connections closed by the gateway just before the peer's idle timeout would close them."),
     ("breakwater_circuit_open", Kind::Gauge,
-        "1 while the upstream's circuit is open or half-open (probing), 0 otherwise."),
+        "1 while no endpoint of the upstream takes requests beyond probes (every one ejected or probing), 0 otherwise."),
+    ("breakwater_upstream_endpoints", Kind::Gauge,
+        "The upstream's endpoints, by state: in_service (taking requests or probes) or ejected."),
+    ("breakwater_upstream_capacity", Kind::Gauge,
+        "Requests the upstream's endpoints in service take at once: the sum of their concurrency (+Inf when one has none). Caps each route's limit."),
+    ("breakwater_endpoint_inflight", Kind::Gauge,
+        "Requests holding a slot at the endpoint: sent and not yet relayed to the end."),
+    ("breakwater_endpoint_requests_total", Kind::Counter,
+        "Attempts sent to the endpoint (resends included)."),
+    ("breakwater_endpoint_ejected", Kind::Gauge,
+        "1 while the endpoint is ejected by its circuit (cooling down or probing), 0 otherwise."),
+    ("breakwater_endpoint_ejections_total", Kind::Counter,
+        "Times the endpoint was ejected after consecutive failures (connect failures, 5xx, no answer within the budget)."),
     ("breakwater_build_info", Kind::Gauge,
         "Always 1; the version label is the version the binary was built from."),
     ("breakwater_config_reloads_total", Kind::Counter,
@@ -298,6 +310,8 @@ pub struct RequestRecord {
     pub upstream_time: Option<Duration>,
     /// What went wrong upstream, for the log only.
     pub detail: Option<String>,
+    /// The upstream endpoint (`host:port`) the request last went to.
+    pub endpoint: Option<Arc<str>>,
 }
 
 impl RequestRecord {
@@ -332,6 +346,7 @@ impl RequestRecord {
             queue_wait: None,
             upstream_time: None,
             detail: None,
+            endpoint: None,
         }
     }
 
@@ -392,6 +407,7 @@ impl RequestRecord {
             total_ms = millis(total),
             queue_ms = ms(self.queue_wait),
             upstream_ms = ms(self.upstream_time),
+            endpoint = self.endpoint.as_deref(),
             bytes_in = self.bytes_in,
             bytes_out,
             complete,

@@ -7,6 +7,9 @@
 //!   written (any method), or — for an idempotent method, or any method on a route declared
 //!   `idempotent` — it was closed after the request was written and before any answer (the
 //!   keep-alive race: the peer closed the idle connection as the request went out).
+//! - **Other endpoint** (`other_endpoint`, needs no `retry.attempts`, once per request): nothing
+//!   reached the endpoint it went to (no connection, or one that failed before a byte was
+//!   written) and the upstream has another endpoint in service; it goes there.
 //! - **Not sent** (`not_sent`, under the route's `retry` settings): no connection could be had,
 //!   or a fresh connection failed before a byte was written.
 //! - **Status** (`status`, under the route's `retry` settings): the upstream answered one of
@@ -44,6 +47,8 @@ struct Budget {
 pub enum RetryReason {
     /// A pooled connection the peer had closed.
     StaleConnection,
+    /// Nothing reached the endpoint it went to; another endpoint takes it.
+    OtherEndpoint,
     /// No connection could be had, or a fresh connection died before the request was written.
     NotSent,
     /// The upstream answered an opted-in status.
@@ -54,6 +59,7 @@ impl RetryReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RetryReason::StaleConnection => "stale_connection",
+            RetryReason::OtherEndpoint => "other_endpoint",
             RetryReason::NotSent => "not_sent",
             RetryReason::Status => "status",
         }
@@ -82,7 +88,7 @@ impl From<&SendFailure> for Attempted {
             SendFailure::ClosedBeforeAnswer { reused, .. } => {
                 Attempted::ClosedBeforeAnswer { reused: *reused }
             }
-            SendFailure::Failed(_) => Attempted::Failed,
+            SendFailure::Failed(_) | SendFailure::TimedOut => Attempted::Failed,
         }
     }
 }
@@ -97,6 +103,8 @@ pub struct Request<'a> {
     pub replayable: bool,
     /// The failed attempt handed the request back unwritten.
     pub handed_back: bool,
+    /// Another endpoint than the one the attempt went to is in service.
+    pub other_endpoint: bool,
 }
 
 impl Request<'_> {
@@ -116,6 +124,8 @@ pub struct Spent {
     pub retries: u32,
     /// Whether the one stale-connection resend was used.
     pub stale: bool,
+    /// Whether the one move to another endpoint was used.
+    pub moved: bool,
 }
 
 /// Send again (how, and why), or give up.
@@ -175,6 +185,14 @@ impl RetryPolicy {
             return Decision::Resend {
                 reason: RetryReason::StaleConnection,
                 via: Via::Fresh,
+            };
+        }
+        if attempted == (Attempted::NotSent { stale: false }) && req.other_endpoint && !spent.moved
+        {
+            spent.moved = true;
+            return Decision::Resend {
+                reason: RetryReason::OtherEndpoint,
+                via: Via::Pool,
             };
         }
         let reason = match attempted {
@@ -280,6 +298,7 @@ mod tests {
             route_idempotent,
             replayable,
             handed_back: false,
+            other_endpoint: false,
         }
     }
 
@@ -393,6 +412,7 @@ mod tests {
             route_idempotent: false,
             replayable: false,
             handed_back: true,
+            other_endpoint: false,
         };
         let mut spent = Spent::default();
         assert_eq!(
@@ -443,6 +463,53 @@ mod tests {
             ),
             Decision::GiveUp,
             "failed after it was written"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_nothing_reached_moves_to_another_endpoint_once() {
+        // No retries configured: the move needs none, and happens once.
+        let p = policy(0, 0.2, 1.0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let post = Request {
+            method: &Method::POST,
+            route_idempotent: false,
+            replayable: true,
+            handed_back: true,
+            other_endpoint: true,
+        };
+        let refused = Attempted::NotSent { stale: false };
+        let mut spent = Spent::default();
+        assert_eq!(
+            p.decide(refused, post, &mut spent, deadline, || None),
+            Decision::Resend {
+                reason: RetryReason::OtherEndpoint,
+                via: Via::Pool
+            }
+        );
+        assert_eq!(
+            p.decide(refused, post, &mut spent, deadline, || None),
+            Decision::GiveUp
+        );
+        // With a single endpoint in service there is nowhere to move to.
+        let alone = Request {
+            other_endpoint: false,
+            ..post
+        };
+        assert_eq!(
+            p.decide(refused, alone, &mut Spent::default(), deadline, || None),
+            Decision::GiveUp
+        );
+        // Written and lost is not "nothing reached it".
+        assert_eq!(
+            p.decide(
+                Attempted::ClosedBeforeAnswer { reused: false },
+                post,
+                &mut Spent::default(),
+                deadline,
+                || None
+            ),
+            Decision::GiveUp
         );
     }
 }

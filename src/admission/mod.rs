@@ -72,6 +72,8 @@ struct State {
     stall_cap: Option<usize>,
     /// How fast the queue really drains: the time between slot releases while requests wait.
     drain: DrainRate,
+    /// The upstream whose endpoints in service cap the limit (see `crate::upstream`).
+    upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 /// The measured interval between slot releases while the queue is not empty. The slot model
@@ -129,7 +131,10 @@ impl State {
 
     fn limit(&self) -> usize {
         let base = self.base_limit();
-        self.stall_cap.map_or(base, |cap| cap.min(base))
+        let capped = self.stall_cap.map_or(base, |cap| cap.min(base));
+        self.upstream
+            .as_ref()
+            .map_or(capped, |u| capped.min(u.capacity()))
     }
 
     /// The service time to plan the queue with: the estimate, or, when every running exchange
@@ -281,6 +286,7 @@ impl Admission {
                 drain_deadline: None,
                 stall_cap: None,
                 drain: DrainRate::default(),
+                upstream: None,
             }),
         };
         a.publish(&a.lock());
@@ -317,6 +323,24 @@ impl Admission {
         self.publish(&s);
     }
 
+    /// Caps the limit with `upstream`'s capacity from now on, following it as its endpoints
+    /// leave and return.
+    pub fn attach(self: &Arc<Self>, upstream: &Arc<crate::upstream::Upstream>) {
+        upstream.watch(self);
+        let mut s = self.lock();
+        s.upstream = Some(upstream.clone());
+        self.dispatch(&mut s);
+        self.publish(&s);
+    }
+
+    /// The upstream's capacity changed: a larger one serves the queue now, and with none left
+    /// the queue is refused at once.
+    pub fn capacity_changed(&self) {
+        let mut s = self.lock();
+        self.dispatch(&mut s);
+        self.publish(&s);
+    }
+
     /// A pessimistic estimate of one exchange's length, once one has been seen.
     pub fn expected_service(&self) -> Option<Duration> {
         self.lock().service_high(Instant::now())
@@ -340,6 +364,10 @@ impl Admission {
                 let slot = s.grant(now);
                 self.publish(&s);
                 return Ok(self.permit(slot));
+            }
+            if s.limit() == 0 {
+                // Every endpoint is ejected: nothing will free a slot before one is probed.
+                return Err(self.refuse(&s, Reason::CircuitOpen));
             }
             let position = s.queue.len() + 1;
             if s.queue.len() >= self.max_depth {
@@ -465,6 +493,12 @@ impl Admission {
 
     fn dispatch(&self, s: &mut State) {
         let now = Instant::now();
+        if s.limit() == 0 {
+            for w in s.queue.drain(..) {
+                let _ = w.tx.send(Err(Reason::CircuitOpen));
+            }
+            return;
+        }
         while s.inflight() < s.limit() {
             let Some(w) = s.queue.pop_front() else { break };
             if w.deadline <= now {

@@ -102,10 +102,8 @@ pub fn describe(c: &Config) -> Value {
         .upstreams
         .values()
         .map(|u| {
-            (
-                u.name.clone(),
-                json!({
-                    "url": redact_url(&u.url),
+            let mut shown = json!({
+                    "balance": u.balance.as_str(),
                     "preserve_host": u.preserve_host,
                     "tls": u.tls.as_ref().map(describe_upstream_tls),
                     "pool": {
@@ -122,8 +120,17 @@ pub fn describe(c: &Config) -> Value {
                         "cooldown": d(u.circuit.cooldown),
                         "probes": u.circuit.probes,
                     },
-                }),
-            )
+            });
+            if u.listed {
+                shown["endpoints"] = u
+                    .endpoints
+                    .iter()
+                    .map(|e| json!({ "url": redact_url(&e.url), "concurrency": e.concurrency }))
+                    .collect();
+            } else {
+                shown["url"] = json!(redact_url(&u.endpoints[0].url));
+            }
+            (u.name.clone(), shown)
         })
         .collect();
     let routes: Vec<Value> = c

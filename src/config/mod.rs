@@ -39,7 +39,9 @@ pub use route::{
     Concurrency, FallbackConfig, OverloadConfig, QueueConfig, RetryConfig, RouteConfig,
 };
 pub use server::{ServerConfig, ServerTlsConfig};
-pub use upstream::{CircuitConfig, PoolConfig, UpstreamConfig, UpstreamTlsConfig};
+pub use upstream::{
+    Balance, CircuitConfig, EndpointConfig, PoolConfig, UpstreamConfig, UpstreamTlsConfig,
+};
 pub use warnings::{warnings, Warning, DATA_ACTION_LIMIT};
 
 /// Environment variables starting with this override keys of the file.

@@ -136,6 +136,8 @@ impl RawLog {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub url: Option<String>,
+    pub endpoints: Option<Vec<RawEndpoint>>,
+    pub balance: Option<String>,
     pub preserve_host: Option<bool>,
     pub tls: Option<RawUpstreamTls>,
     #[serde(default)]
@@ -147,11 +149,25 @@ pub struct RawUpstream {
 impl RawUpstream {
     pub const KEYS: &'static [(&'static str, Shape)] = &[
         ("url", Leaf),
+        ("endpoints", List(&Keys(RawEndpoint::KEYS))),
+        ("balance", Leaf),
         ("preserve_host", Leaf),
         ("tls", Keys(RawUpstreamTls::KEYS)),
         ("pool", Keys(RawPool::KEYS)),
         ("circuit", Keys(RawCircuit::KEYS)),
     ];
+}
+
+/// `upstreams.<name>.endpoints[]`: one server of the upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    pub url: Option<String>,
+    pub concurrency: Option<i64>,
+}
+
+impl RawEndpoint {
+    pub const KEYS: &'static [(&'static str, Shape)] = &[("url", Leaf), ("concurrency", Leaf)];
 }
 
 /// `upstreams.<name>.tls`, for `https://` urls.

@@ -192,9 +192,13 @@ pub(super) fn validate(
         }
     };
 
+    // Unset, a route takes what its upstream can hold: its endpoints' limits, else its pools.
     let pool_cap = upstreams
         .get(&upstream)
-        .map(|u| u.pool.max_connections as usize)
+        .map(|u| {
+            u.capacity()
+                .unwrap_or(u.pool.max_connections as usize * u.endpoints.len())
+        })
         .unwrap_or(64);
     let ckey = format!("{key}.concurrency");
     let concurrency = match &r.concurrency {

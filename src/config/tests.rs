@@ -63,8 +63,8 @@ fn env_overrides_any_key_including_list_items() {
         ]),
     )
     .unwrap();
-    assert_eq!(c.upstreams["analytics"].host, "10.1.2.3");
-    assert_eq!(c.upstreams["analytics"].port, 9000);
+    assert_eq!(c.upstreams["analytics"].endpoints[0].host, "10.1.2.3");
+    assert_eq!(c.upstreams["analytics"].endpoints[0].port, 9000);
     assert_eq!(c.server.max_connections, 42);
     assert_eq!(c.routes[0].budget, Duration::from_secs(3));
     assert_eq!(c.routes[0].methods, vec![Method::GET, Method::POST]);
@@ -321,7 +321,10 @@ fn overload_and_fallback_bodies_must_be_json() {
 #[test]
 fn shipped_default_is_valid() {
     let c = from_yaml(SHIPPED_DEFAULT, env(&[])).unwrap();
-    assert_eq!(c.upstreams["app"].authority(), "127.0.0.1:8000");
+    assert_eq!(
+        c.upstreams["app"].endpoints[0].authority(),
+        "127.0.0.1:8000"
+    );
 }
 
 const KEY_A: &str = "key-a-0123456789abcdef";
@@ -709,10 +712,11 @@ fn https_upstreams_default_to_443_and_the_public_roots() {
     );
     let c = from_yaml(&text, env(&[])).unwrap();
     let u = &c.upstreams["a"];
-    assert_eq!((u.host.as_str(), u.port), ("api.example.com", 443));
+    let e = &u.endpoints[0];
+    assert_eq!((e.host.as_str(), e.port), ("api.example.com", 443));
     let tls = u.tls.as_ref().expect("https means TLS");
     assert!(tls.ca_file.is_none() && !tls.insecure_skip_verify);
-    assert_eq!(tls.name.to_str(), "api.example.com");
+    assert_eq!(e.tls_name.as_ref().unwrap().to_str(), "api.example.com");
     let v = describe(&c);
     assert_eq!(v["upstreams"]["a"]["tls"]["insecure_skip_verify"], false);
     assert_eq!(
@@ -733,9 +737,16 @@ fn https_upstreams_default_to_443_and_the_public_roots() {
         "    url: https://10.0.0.5:8443\n    tls: { server_name: internal.example.com }",
     );
     let c = from_yaml(&text, env(&[])).unwrap();
-    assert_eq!(c.upstreams["a"].port, 8443);
-    let tls = c.upstreams["a"].tls.as_ref().unwrap();
-    assert_eq!(tls.name.to_str(), "internal.example.com");
+    assert_eq!(c.upstreams["a"].endpoints[0].port, 8443);
+    assert!(c.upstreams["a"].tls.is_some());
+    assert_eq!(
+        c.upstreams["a"].endpoints[0]
+            .tls_name
+            .as_ref()
+            .unwrap()
+            .to_str(),
+        "internal.example.com"
+    );
 }
 
 #[test]
@@ -877,4 +888,73 @@ routes:
         let c = from_yaml(text, env(&[])).unwrap();
         assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
     }
+}
+
+#[test]
+fn endpoints_parse_with_their_limits_and_the_route_takes_their_sum() {
+    let text = with_server(
+        "  listen: 127.0.0.1:0",
+        "    endpoints:\n      - { url: \"http://127.0.0.1:8001/api\", concurrency: 1 }\n      - { url: \"http://127.0.0.1:8002/api/\", concurrency: 2 }\n    balance: round_robin",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    let u = &c.upstreams["a"];
+    assert!(u.listed);
+    assert_eq!(u.balance, Balance::RoundRobin);
+    assert_eq!(u.base_path, "/api");
+    assert_eq!(u.capacity(), Some(3));
+    let ports: Vec<u16> = u.endpoints.iter().map(|e| e.port).collect();
+    assert_eq!(ports, [8001, 8002]);
+    assert_eq!(c.routes[0].concurrency, Concurrency::Fixed(3));
+    let shown = describe(&c);
+    assert_eq!(
+        shown["upstreams"]["a"]["endpoints"][1]["url"],
+        "http://127.0.0.1:8002/api/"
+    );
+    assert_eq!(shown["upstreams"]["a"]["endpoints"][1]["concurrency"], 2);
+    assert!(shown["upstreams"]["a"].get("url").is_none());
+
+    // An endpoint without a limit leaves the upstream unbounded: the pools cap the route.
+    let text = with_server(
+        "  listen: 127.0.0.1:0",
+        "    endpoints: [{ url: \"http://10.0.0.1:80\", concurrency: 1 }, { url: \"http://10.0.0.2:80\" }]\n    pool: { max_connections: 8 }",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    assert_eq!(c.upstreams["a"].capacity(), None);
+    assert_eq!(c.routes[0].concurrency, Concurrency::Fixed(16));
+}
+
+#[test]
+fn endpoint_problems_are_all_reported_with_their_keys() {
+    let problems = problems_of(&with_server(
+        "  listen: 127.0.0.1:0",
+        "    endpoints:\n      - { url: \"http://127.0.0.1:8001\", concurrency: 0 }\n      - { url: \"https://127.0.0.1:8002\" }\n      - { url: \"http://127.0.0.1:8003/other\" }\n      - { url: \"http://127.0.0.1:8001\" }\n      - { concurrency: 2 }\n    balance: fastest",
+    ));
+    assert_problem(&problems, "upstreams.a.endpoints[0].concurrency", "`0`");
+    assert_problem(&problems, "upstreams.a.endpoints[4].url", "missing");
+    assert_problem(&problems, "upstreams.a.balance", "`fastest`");
+    assert_problem(&problems, "upstreams.a.endpoints[1].url", "scheme differs");
+    assert_problem(&problems, "upstreams.a.endpoints[2].url", "path differs");
+    assert_problem(&problems, "upstreams.a.endpoints[3].url", "listed twice");
+
+    let problems = problems_of(&with_server(
+        "  listen: 127.0.0.1:0",
+        "    url: http://127.0.0.1:8000\n    endpoints: [{ url: \"http://127.0.0.1:8001\" }]",
+    ));
+    assert_problem(&problems, "upstreams.a.endpoints", "together with `url`");
+    let problems = problems_of(&with_server("  listen: 127.0.0.1:0", "    endpoints: []"));
+    assert_problem(&problems, "upstreams.a.endpoints", "empty");
+}
+
+#[test]
+fn an_endpoint_list_can_come_from_the_environment() {
+    let text = with_server(
+        "  listen: 127.0.0.1:0",
+        "    endpoints: [{ url: \"http://127.0.0.1:8001\", concurrency: 1 }]",
+    );
+    let c = from_yaml(
+        &text,
+        env(&[("BREAKWATER__UPSTREAMS__A__ENDPOINTS__0__CONCURRENCY", "3")]),
+    )
+    .unwrap();
+    assert_eq!(c.upstreams["a"].endpoints[0].concurrency, Some(3));
 }

@@ -1,5 +1,6 @@
-//! `upstreams.<name>`: where requests go, the pool that holds connections to it, its circuit
-//! breaker and, for `https://` urls, how its certificate is checked.
+//! `upstreams.<name>`: where requests go (one `url`, or several `endpoints` with their own limits),
+//! the pool that holds connections to each, the circuit breaker that ejects a failing endpoint
+//! and, for `https://` urls, how certificates are checked.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,14 +8,18 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 
 use super::problems::{path_value, Problems};
-use super::raw::{RawUpstream, RawUpstreamTls};
+use super::raw::{RawEndpoint, RawUpstream, RawUpstreamTls};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
-    pub url: http::Uri,
-    pub host: String,
-    pub port: u16,
+    /// Where requests go: the one `url`, or each of `endpoints`. Never empty.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Written as `endpoints:` rather than `url:` (how `/config` shows it).
+    pub listed: bool,
+    pub balance: Balance,
+    /// Path shared by the endpoints' urls, prepended to every forwarded path ("" when none).
+    pub base_path: String,
     pub preserve_host: bool,
     /// Set exactly for `https://` urls.
     pub tls: Option<UpstreamTlsConfig>,
@@ -29,8 +34,6 @@ pub struct UpstreamTlsConfig {
     pub ca_file: Option<PathBuf>,
     /// The name sent as SNI and checked against the certificate, instead of the url's host.
     pub server_name: Option<String>,
-    /// The name actually checked: `server_name`, else the url's host.
-    pub name: ServerName<'static>,
     /// Client certificate chain and key presented to the upstream (mTLS).
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
@@ -38,8 +41,21 @@ pub struct UpstreamTlsConfig {
     pub insecure_skip_verify: bool,
 }
 
-impl UpstreamConfig {
-    /// `host:port` as the Host header and the resolver want it.
+/// One server of an upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    pub url: http::Uri,
+    pub host: String,
+    pub port: u16,
+    /// At most this many requests at a time (none: only the pool and the routes limit it).
+    pub concurrency: Option<usize>,
+    /// For `https://`: the name its certificate is checked against and sent as SNI
+    /// (`tls.server_name`, else the url's host).
+    pub tls_name: Option<ServerName<'static>>,
+}
+
+impl EndpointConfig {
+    /// `host:port` as the Host header, the resolver and metric labels want it.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -47,10 +63,30 @@ impl UpstreamConfig {
             format!("{}:{}", self.host, self.port)
         }
     }
+}
 
-    /// Path of the URL, prepended to every forwarded path ("" when the URL has none).
-    pub fn base_path(&self) -> &str {
-        self.url.path().trim_end_matches('/')
+/// How a request picks among the endpoints with a free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// The endpoint with the fewest requests in flight; ties broken at random.
+    LeastOutstanding,
+    /// Each in turn.
+    RoundRobin,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastOutstanding => "least_outstanding",
+            Balance::RoundRobin => "round_robin",
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The endpoints' limits added up, when every endpoint has one.
+    pub fn capacity(&self) -> Option<usize> {
+        self.endpoints.iter().map(|e| e.concurrency).sum()
     }
 }
 
@@ -138,55 +174,107 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         probes: p.count(&format!("{ckey}.probes"), u.circuit.probes, 1, 1, 1000) as u32,
     };
 
-    let Some(url_text) = &u.url else {
-        p.add(
-            format!("{key}.url"),
-            "missing: every upstream needs a url like `http://10.0.0.5:8000`",
-        );
-        return None;
-    };
-    // Problems show the url without its credentials or query.
-    let shown = super::redact_url_text(url_text);
-    let url: http::Uri = match url_text.parse() {
-        Ok(u) => u,
-        Err(e) => {
-            p.add(format!("{key}.url"), format!("`{shown}`: not a URL ({e})"));
-            return None;
-        }
-    };
-    let https = match url.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
+    let balance = match u.balance.as_deref() {
+        None | Some("least_outstanding") => Balance::LeastOutstanding,
+        Some("round_robin") => Balance::RoundRobin,
         Some(other) => {
             p.add(
-                format!("{key}.url"),
-                format!("`{shown}`: scheme `{other}` is not supported; use http:// or https://"),
+                format!("{key}.balance"),
+                format!("`{other}`: must be `least_outstanding` or `round_robin`"),
+            );
+            Balance::LeastOutstanding
+        }
+    };
+    let listed = u.endpoints.is_some();
+    let single = RawEndpoint::default();
+    let written: Vec<(String, &RawEndpoint)> = match (&u.url, &u.endpoints) {
+        (Some(_), Some(_)) => {
+            p.add(
+                format!("{key}.endpoints"),
+                "set together with `url`: give one url, or a list of endpoints",
             );
             return None;
         }
-        None => {
+        (None, None) => {
             p.add(
                 format!("{key}.url"),
-                format!("`{shown}`: missing scheme; write `http://host:port` or `https://host`"),
+                "missing: every upstream needs a url like `http://10.0.0.5:8000` (or `endpoints`)",
             );
             return None;
         }
+        (None, Some(list)) if list.is_empty() => {
+            p.add(
+                format!("{key}.endpoints"),
+                "empty: list at least one endpoint",
+            );
+            return None;
+        }
+        (None, Some(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (format!("{key}.endpoints[{i}]"), e))
+            .collect(),
+        (Some(_), None) => vec![(key.clone(), &single)],
     };
-    let Some(host) = url.host().filter(|h| !h.is_empty()) else {
-        p.add(format!("{key}.url"), format!("`{shown}`: missing host"));
-        return None;
-    };
-    if url.query().is_some() {
-        p.add(
-            format!("{key}.url"),
-            format!("`{shown}`: a query string is not allowed in an upstream url"),
-        );
+    let mut parsed = Vec::new();
+    for (ekey, raw) in &written {
+        let (url_key, text) = match (listed, &raw.url) {
+            (false, _) => (format!("{key}.url"), u.url.as_ref()),
+            (true, t) => (format!("{ekey}.url"), t.as_ref()),
+        };
+        let Some(text) = text else {
+            p.add(
+                url_key,
+                "missing: every endpoint needs a url like `http://127.0.0.1:8001`",
+            );
+            continue;
+        };
+        let concurrency = raw.concurrency.map(|_| {
+            p.count(
+                &format!("{ekey}.concurrency"),
+                raw.concurrency,
+                1,
+                1,
+                100_000,
+            ) as usize
+        });
+        if let Some(e) = endpoint_url(p, &url_key, text) {
+            parsed.push((url_key, e, concurrency));
+        }
     }
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let (first_key, first, _) = parsed.first()?;
+    let https = first.scheme_str() == Some("https");
+    let base_path = first.path().trim_end_matches('/').to_string();
+    for (k, url, _) in &parsed[1..] {
+        if url.scheme_str() != first.scheme_str() {
+            p.add(
+                k,
+                format!(
+                    "`{}`: scheme differs from {first_key}; every endpoint speaks the same protocol",
+                    super::redact_url(url)
+                ),
+            );
+        }
+        if url.path().trim_end_matches('/') != base_path {
+            p.add(
+                k,
+                format!(
+                    "`{}`: path differs from {first_key}; every endpoint serves the same paths",
+                    super::redact_url(url)
+                ),
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (k, url, _) in &parsed {
+        if !seen.insert(url.authority().map(|a| a.as_str().to_ascii_lowercase())) {
+            p.add(k, format!("`{}`: listed twice", super::redact_url(url)));
+        }
+    }
+    if parsed.len() != written.len() {
+        return None;
+    }
+    let shown = super::redact_url(first);
     let tls = match (&u.tls, https) {
         (Some(_), false) => {
             p.add(
@@ -195,18 +283,56 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
             );
             None
         }
-        (raw, true) => validate_tls(p, &format!("{key}.tls"), raw.as_ref(), &host),
+        (raw, true) => validate_tls(p, &format!("{key}.tls"), raw.as_ref()),
         (None, false) => None,
     };
     if https && tls.is_none() {
         // Its problems are reported; the upstream is not usable without them fixed.
         return None;
     }
+    let mut endpoints = Vec::new();
+    for (k, url, concurrency) in parsed {
+        let host = url
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls_name = match &tls {
+            None => None,
+            Some(t) => {
+                let name = t.server_name.as_deref().unwrap_or(&host);
+                match server_name(name) {
+                    Ok(n) => Some(n),
+                    Err(e) if t.server_name.is_some() => {
+                        p.add(format!("{key}.tls.server_name"), e);
+                        return None;
+                    }
+                    Err(e) => {
+                        p.add(
+                            format!("{key}.tls.server_name"),
+                            format!("missing, and the host of {k} {e}"),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        endpoints.push(EndpointConfig {
+            url,
+            host,
+            port,
+            concurrency,
+            tls_name,
+        });
+    }
     Some(UpstreamConfig {
         name: name.to_string(),
-        host,
-        port,
-        url,
+        endpoints,
+        listed,
+        balance,
+        base_path,
         preserve_host: u.preserve_host.unwrap_or(false),
         tls,
         pool,
@@ -214,11 +340,51 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
     })
 }
 
+/// One endpoint's url: http or https, a host, no query.
+fn endpoint_url(p: &mut Problems, key: &str, text: &str) -> Option<http::Uri> {
+    // Problems show the url without its credentials or query.
+    let shown = super::redact_url_text(text);
+    let url: http::Uri = match text.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            p.add(key, format!("`{shown}`: not a URL ({e})"));
+            return None;
+        }
+    };
+    match url.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => {
+            p.add(
+                key,
+                format!("`{shown}`: scheme `{other}` is not supported; use http:// or https://"),
+            );
+            return None;
+        }
+        None => {
+            p.add(
+                key,
+                format!("`{shown}`: missing scheme; write `http://host:port` or `https://host`"),
+            );
+            return None;
+        }
+    }
+    if url.host().is_none_or(str::is_empty) {
+        p.add(key, format!("`{shown}`: missing host"));
+        return None;
+    }
+    if url.query().is_some() {
+        p.add(
+            key,
+            format!("`{shown}`: a query string is not allowed in an upstream url"),
+        );
+    }
+    Some(url)
+}
+
 fn validate_tls(
     p: &mut Problems,
     key: &str,
     t: Option<&RawUpstreamTls>,
-    host: &str,
 ) -> Option<UpstreamTlsConfig> {
     let empty = RawUpstreamTls::default();
     let t = t.unwrap_or(&empty);
@@ -249,24 +415,12 @@ fn validate_tls(
             "`true`: nothing is verified, so ca_file would be ignored; set only one of them",
         );
     }
-    let name = match &t.server_name {
-        Some(name) => server_name(name)
-            .map_err(|e| p.add(format!("{key}.server_name"), e))
-            .ok(),
-        None => server_name(host)
-            .map_err(|e| {
-                p.add(
-                    format!("{key}.server_name"),
-                    format!("missing, and the url's host {e}"),
-                )
-            })
-            .ok(),
-    };
-    let name = name.filter(|_| p.0.len() == before)?;
+    if p.0.len() != before {
+        return None;
+    }
     Some(UpstreamTlsConfig {
         ca_file,
         server_name: t.server_name.clone(),
-        name,
         client_cert,
         client_key,
         insecure_skip_verify: insecure,

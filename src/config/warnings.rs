@@ -73,8 +73,20 @@ pub fn warnings(c: &Config) -> Vec<Warning> {
                 ),
             );
         }
-        if let Some(up) = c.upstreams.get(&r.upstream) {
-            let pool = up.pool.max_connections as usize;
+        // Endpoints with limits of their own cap the route at run time; only a pool can be
+        // outgrown unnoticed.
+        if let Some(up) = c
+            .upstreams
+            .get(&r.upstream)
+            .filter(|u| u.capacity().is_none())
+        {
+            let endpoints = up.endpoints.len();
+            let pool = up.pool.max_connections as usize * endpoints;
+            let over = if endpoints > 1 {
+                format!(" × {endpoints} endpoints")
+            } else {
+                String::new()
+            };
             let (shown, most) = match &r.concurrency {
                 Concurrency::Fixed(n) => (n.to_string(), *n),
                 Concurrency::Adaptive { max, .. } => (format!("max {max}"), *max),
@@ -83,8 +95,8 @@ pub fn warnings(c: &Config) -> Vec<Warning> {
                 warn(
                     format!("{key}.concurrency"),
                     format!(
-                        "`{shown}` is above `upstreams.{}.pool.max_connections` (`{pool}`): requests beyond {pool} in flight wait for a pool connection inside their budget instead of in the route's queue, where they are bounded and refused early",
-                        up.name
+                        "`{shown}` is above `upstreams.{}.pool.max_connections` (`{}`{over}): requests beyond {pool} in flight wait for a pool connection inside their budget instead of in the route's queue, where they are bounded and refused early",
+                        up.name, up.pool.max_connections
                     ),
                 );
             }

@@ -132,6 +132,7 @@ impl RequestContext {
     /// connection: waiting for a connection is the gateway's delay, not the upstream's.
     pub fn answered(&mut self, lease: Lease, written_at: Instant) {
         self.record.upstream_time = self.sent_at.map(|t| t.elapsed());
+        self.record.endpoint = Some(lease.endpoint().label.clone());
         self.lease = Some(lease);
         self.sent_at = Some(written_at);
     }

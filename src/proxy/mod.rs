@@ -3,8 +3,8 @@
 //!
 //! 1. [`request`]: the target normalised and routed, the caller authenticated, the body read
 //!    (small) or readied to stream (large);
-//! 2. admission ([`crate::circuit`], [`crate::admission`]): a slot, a place in the queue, or a
-//!    refusal;
+//! 2. admission (the upstream's endpoints' health, [`crate::admission`]): a slot, a place in the
+//!    queue, or a refusal;
 //! 3. [`request::rewrite`]: headers and target for the upstream;
 //! 4. [`send`]: one attempt at a time, the resend policy ([`crate::retry`]) after each failure;
 //! 5. [`relay`]: the answer read whole (small) or streamed, inside the context.
@@ -89,7 +89,7 @@ async fn journey(
         crate::auth::authenticate(auth, req.headers_mut(), ctx.conn.peer)?;
     }
     let received = request::read_body(ctx, &route, req).await?;
-    route.circuit.check()?;
+    route.upstream.check()?;
     ctx.admit(&route).await?;
     let (outgoing, replay) = request::rewrite(ctx, &route, received.parts, received.body)?;
     let resp = send::send(ctx, &route, outgoing, replay, &received.check).await?;

@@ -149,10 +149,11 @@ pub fn rewrite(
             .map(str::to_string)
     });
     let up = &route.upstream.config;
-    let upstream_host = if up.preserve_host {
-        original_host.clone().unwrap_or_else(|| up.authority())
-    } else {
-        up.authority()
+    // With several endpoints and the host not preserved, the upstream sets each endpoint's own.
+    let first: &str = &route.upstream.endpoints[0].label;
+    let upstream_host = match &original_host {
+        Some(h) if up.preserve_host => h.as_str(),
+        _ => first,
     };
     forward::request_headers(
         &mut parts.headers,
@@ -162,10 +163,10 @@ pub fn rewrite(
             original_host: original_host.as_deref(),
             request_id: ctx.request_id(),
             remaining: ctx.deadline().saturating_duration_since(Instant::now()),
-            upstream_host: &upstream_host,
+            upstream_host,
         },
     );
-    parts.uri = upstream_uri(up.base_path(), &parts.uri)?;
+    parts.uri = upstream_uri(&up.base_path, &parts.uri)?;
     parts.version = http::Version::HTTP_11;
     Ok(match body {
         OutBody::Buffered(bytes) => {

@@ -28,16 +28,15 @@ pub async fn send(
     route.retry.on_request();
     let mut spent = Spent::default();
     let (mut req, mut via) = (first, Via::Pool);
+    // The endpoint the last failed attempt went to: the next one goes elsewhere if it can.
+    let mut avoid = None;
     loop {
         set_budget_header(req.headers_mut(), deadline);
         let sent_at = ctx.sending();
-        let attempt = route.upstream.send(req, via);
-        let Ok(result) = tokio::time::timeout_at(deadline, attempt).await else {
-            // Dropping the attempt dropped its connection mid-exchange, which closes it: the
-            // backend learns the caller is gone rather than working on for nobody.
-            ctx.release_slot(ctx.sample_timed_out());
-            return Err(ProxyError::BudgetExhausted);
-        };
+        let result = route
+            .upstream
+            .send(req, via, deadline, avoid.as_ref())
+            .await;
         let attempt = Attempt {
             route,
             replay: replay.as_ref(),
@@ -46,12 +45,20 @@ pub async fn send(
         };
         (req, via) = match result {
             Ok(answered) => match attempt.after_answer(ctx, &answered.head, &mut spent) {
-                Some(next) => next,
+                Some(next) => {
+                    avoid = Some(answered.lease.endpoint().clone());
+                    next
+                }
                 None => {
                     ctx.answered(answered.lease, answered.written_at);
                     return Ok(answered.head);
                 }
             },
+            Err(error) if matches!(error.failure, SendFailure::TimedOut) => {
+                ctx.record.endpoint = error.endpoint.as_ref().map(|e| e.label.clone());
+                ctx.release_slot(ctx.sample_timed_out());
+                return Err(ProxyError::BudgetExhausted);
+            }
             Err(error) => {
                 // A streamed request body that failed because of the caller is the caller's
                 // answer, whatever the upstream made of it.
@@ -61,6 +68,7 @@ pub async fn send(
                     ctx.release_slot(Sample::Nothing);
                     return Err(failure);
                 }
+                avoid = error.endpoint.clone();
                 attempt.after_failure(ctx, error, &mut spent)?
             }
         };
@@ -76,12 +84,18 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    fn request<'r>(&self, ctx: &'r RequestContext, handed_back: bool) -> crate::retry::Request<'r> {
+    fn request<'r>(
+        &self,
+        ctx: &'r RequestContext,
+        handed_back: bool,
+        other_endpoint: bool,
+    ) -> crate::retry::Request<'r> {
         crate::retry::Request {
             method: &ctx.record.method,
             route_idempotent: self.route.config.idempotent,
             replayable: self.replay.is_some(),
             handed_back,
+            other_endpoint,
         }
     }
 
@@ -93,15 +107,10 @@ impl Attempt<'_> {
         spent: &mut Spent,
     ) -> Option<(Request<RequestBody>, Via)> {
         let (route, status) = (self.route, resp.status());
-        if status.is_server_error() {
-            route.circuit.record_failure();
-        } else {
-            route.circuit.record_success();
-        }
         let took = self.sent_at.elapsed();
         let decision = route.retry.decide(
             Attempted::Answered(status),
-            self.request(ctx, false),
+            self.request(ctx, false, false),
             spent,
             self.deadline,
             || expected(route, took),
@@ -125,17 +134,14 @@ impl Attempt<'_> {
     ) -> Result<(Request<RequestBody>, Via), ProxyError> {
         let route = self.route;
         let attempted = Attempted::from(&error.failure);
-        // A pooled connection the peer had closed says nothing about the upstream's health.
-        let stale = matches!(
-            attempted,
-            Attempted::NotSent { stale: true } | Attempted::ClosedBeforeAnswer { reused: true }
-        );
-        if !stale {
-            route.circuit.record_failure();
-        }
+        ctx.record.endpoint = error.endpoint.as_ref().map(|e| e.label.clone());
+        let other_endpoint = error
+            .endpoint
+            .as_ref()
+            .is_some_and(|e| route.upstream.has_other(e));
         let decision = route.retry.decide(
             attempted,
-            self.request(ctx, error.unsent.is_some()),
+            self.request(ctx, error.unsent.is_some(), other_endpoint),
             spent,
             self.deadline,
             || route.admission.expected_service(),
@@ -163,7 +169,9 @@ fn give_up(ctx: &mut RequestContext, failure: SendFailure) -> ProxyError {
             ctx.release_slot(Sample::Nothing);
             ProxyError::UpstreamUnavailable(e.to_string())
         }
-        e @ (SendFailure::ClosedBeforeAnswer { .. } | SendFailure::Failed(_)) => {
+        e @ (SendFailure::ClosedBeforeAnswer { .. }
+        | SendFailure::Failed(_)
+        | SendFailure::TimedOut) => {
             ctx.release_slot(ctx.sample_took());
             ProxyError::Upstream(e.to_string())
         }

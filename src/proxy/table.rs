@@ -7,7 +7,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::admission::Admission;
-use crate::circuit::Circuit;
 use crate::config::{Config, RouteConfig};
 use crate::prepare::Prepared;
 use crate::routing::Router;
@@ -17,7 +16,6 @@ use crate::upstream::Upstream;
 pub struct RouteState {
     pub config: Arc<RouteConfig>,
     pub upstream: Arc<Upstream>,
-    pub circuit: Arc<Circuit>,
     pub admission: Arc<Admission>,
     pub retry: Arc<crate::retry::RetryPolicy>,
     pub metrics: Arc<crate::observe::RouteMetrics>,
@@ -52,39 +50,29 @@ impl Table {
     }
 
     fn build(config: Config, prepared: &Prepared, old: Option<&Table>) -> Self {
-        let reuse_upstream = |u: &crate::config::UpstreamConfig| {
-            old.and_then(|t| t.upstreams.get(&u.name))
-                .filter(|o| o.config == *u && o.tls.as_ref() == prepared.upstream_tls.get(&u.name))
-                .cloned()
-        };
+        let old_upstream = |name: &str| old.and_then(|t| t.upstreams.get(name));
         let old_route =
             |r: &RouteConfig| old.and_then(|t| t.routes.iter().find(|o| o.config.name == r.name));
         let upstreams: HashMap<String, Arc<Upstream>> = config
             .upstreams
             .values()
             .map(|u| {
-                let up = reuse_upstream(u).unwrap_or_else(|| {
-                    let tls = prepared.upstream_tls.get(&u.name).cloned();
-                    Arc::new(Upstream::new(u.clone(), tls))
+                let tls = prepared.upstream_tls.get(&u.name);
+                let unchanged = old_upstream(&u.name)
+                    .filter(|o| o.config == *u && o.tls.as_ref() == tls)
+                    .cloned();
+                let up = unchanged.unwrap_or_else(|| {
+                    // Endpoints whose settings did not change are kept, with their health and
+                    // their requests in flight.
+                    let up = Arc::new(Upstream::rebuild(
+                        u.clone(),
+                        tls.cloned(),
+                        old_upstream(&u.name).map(|o| &**o),
+                    ));
+                    up.watch_returns();
+                    up
                 });
                 (u.name.clone(), up)
-            })
-            .collect();
-        let circuits: HashMap<String, Arc<Circuit>> = config
-            .upstreams
-            .values()
-            .map(|u| {
-                let kept = old.and_then(|t| {
-                    t.routes
-                        .iter()
-                        .find(|r| {
-                            r.upstream.config.name == u.name
-                                && r.upstream.config.circuit == u.circuit
-                        })
-                        .map(|r| r.circuit.clone())
-                });
-                let c = kept.unwrap_or_else(|| Arc::new(Circuit::new(&u.name, &u.circuit)));
-                (u.name.clone(), c)
             })
             .collect();
         let route_configs: Vec<Arc<RouteConfig>> =
@@ -110,10 +98,11 @@ impl Table {
                     .filter(|o| o.config.retry == r.retry)
                     .map(|o| o.retry.clone())
                     .unwrap_or_else(|| Arc::new(crate::retry::RetryPolicy::new(&r.retry)));
+                let upstream = upstreams[&r.upstream].clone();
+                admission.attach(&upstream);
                 Arc::new(RouteState {
                     config: r.clone(),
-                    upstream: upstreams[&r.upstream].clone(),
-                    circuit: circuits[&r.upstream].clone(),
+                    upstream,
                     admission,
                     retry,
                     metrics,

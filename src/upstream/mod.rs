@@ -1,21 +1,36 @@
-//! Upstreams: a bb8 pool of warm keep-alive connections per upstream, and the one call that
-//! sends a request over it once.
+//! Upstreams: one or more endpoints (servers), each with a bb8 pool of warm keep-alive
+//! connections, its own in-flight limit and its own health; and the one call that sends a request
+//! once, to the endpoint the balancing picks.
+//!
+//! The upstream's capacity — what its routes' admission may let through — is the sum of the
+//! limits of the endpoints that are in service (an endpoint without a limit makes it unbounded),
+//! kept up to date as endpoints are ejected and come back, and pushed to the admission of every
+//! route that uses it so its queue follows at once.
 
 mod connector;
+mod endpoint;
 mod idle;
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use metrics::Gauge;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use connector::{ConnectError, Connector, ConnectorState, UpstreamConn};
+pub use endpoint::{Endpoint, EndpointSlot};
 
+use crate::admission::Admission;
 use crate::body::RequestBody;
-use crate::config::UpstreamConfig;
+use crate::circuit::Standing;
+use crate::config::{Balance, UpstreamConfig};
+use crate::error::ProxyError;
 
 /// Why one attempt failed, told apart by what the upstream can have seen of the request: that is
 /// what decides whether it may be sent again (`crate::retry`).
@@ -39,12 +54,17 @@ pub enum SendFailure {
     /// Any other failure after the request was written.
     #[error("{0}")]
     Failed(hyper::Error),
+    /// No answer's head within the request's budget (or no endpoint slot came free in it).
+    #[error("no answer within the budget")]
+    TimedOut,
 }
 
-/// A failed attempt; `unsent` holds the request when hyper handed it back unwritten.
+/// A failed attempt; `unsent` holds the request when hyper handed it back unwritten, `endpoint`
+/// the endpoint it went to (none when it never got one).
 pub struct SendError {
     pub failure: SendFailure,
     pub unsent: Option<Request<RequestBody>>,
+    pub endpoint: Option<Arc<Endpoint>>,
 }
 
 /// An attempt the upstream answered.
@@ -67,9 +87,15 @@ pub enum Via {
     Fresh,
 }
 
-/// A connection lent to one exchange. Give it back with [`Lease::release`] once the response
-/// body has been relayed to the end; dropped any other way, the connection is closed.
-pub enum Lease {
+/// A connection and an endpoint slot lent to one exchange. Give it back with [`Lease::release`]
+/// once the response body has been relayed to the end; dropped any other way, the connection is
+/// closed. The slot is given back either way.
+pub struct Lease {
+    held: Held,
+    slot: EndpointSlot,
+}
+
+enum Held {
     Pooled(PooledConnection<'static, Connector>),
     /// Opened outside the pool to retry a request whose pooled connection was dead; offered to
     /// the pool when done.
@@ -79,19 +105,26 @@ pub enum Lease {
     },
 }
 
-impl Lease {
+impl Held {
     fn conn(&mut self) -> &mut UpstreamConn {
         match self {
-            Lease::Pooled(c) => c,
-            Lease::Fresh { conn, .. } => conn,
+            Held::Pooled(c) => c,
+            Held::Fresh { conn, .. } => conn,
         }
+    }
+}
+
+impl Lease {
+    /// The endpoint serving the exchange.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        self.slot.endpoint()
     }
 
     pub fn release(mut self, reusable: bool) {
-        let conn = self.conn();
+        let conn = self.held.conn();
         conn.clock.went_idle(reusable);
         conn.served = conn.served.saturating_add(1);
-        if let Lease::Fresh { conn, pool } = self {
+        if let Held::Fresh { conn, pool } = self.held {
             if reusable {
                 let _ = pool.add(conn);
             }
@@ -101,104 +134,415 @@ impl Lease {
 
 pub struct Upstream {
     pub config: UpstreamConfig,
-    pub pool: Pool<Connector>,
-    pub connector: Arc<ConnectorState>,
+    pub endpoints: Vec<Arc<Endpoint>>,
     /// Built from `config.tls` and the files it names (exactly for `https://` upstreams).
     pub tls: Option<crate::tls::ClientTls>,
+    /// The Host header each endpoint is sent, when the host is not preserved and the endpoints
+    /// differ (a single endpoint's is set when the request is rewritten).
+    hosts: Option<Vec<HeaderValue>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+    /// What the endpoints in service take together (`usize::MAX`: unbounded); see the module
+    /// head. Recomputed whenever an endpoint leaves or returns.
+    capacity: AtomicUsize,
+    /// Admissions of the routes using this upstream, told when `capacity` changes.
+    watchers: Mutex<Vec<Weak<Admission>>>,
+    /// Woken when an endpoint returns, for requests waiting for an endpoint slot.
+    changed: Notify,
+    gauges: Gauges,
+}
+
+struct Gauges {
+    circuit_open: Gauge,
+    in_service: Gauge,
+    ejected: Gauge,
+    capacity: Gauge,
 }
 
 impl Upstream {
-    /// Builds the pool and starts opening its `min_idle` connections in the background.
+    /// Builds the endpoints' pools and starts opening their `min_idle` connections.
     pub fn new(config: UpstreamConfig, tls: Option<crate::tls::ClientTls>) -> Self {
-        let mut connector = Connector::new(
-            &config.name,
-            &config.host,
-            config.port,
-            config.pool.connect_timeout,
-        );
-        let client = tls;
-        if let Some(tls) = &config.tls {
-            if tls.insecure_skip_verify {
+        Upstream::rebuild(config, tls, None)
+    }
+
+    /// Builds the upstream for a reloaded `config`, keeping from `old` every endpoint whose
+    /// settings did not change (its pool, its warm connections, its health and its requests in
+    /// flight). Removed endpoints finish what they have in flight and close.
+    pub fn rebuild(
+        config: UpstreamConfig,
+        tls: Option<crate::tls::ClientTls>,
+        old: Option<&Upstream>,
+    ) -> Self {
+        if let Some(t) = &config.tls {
+            if t.insecure_skip_verify {
                 tracing::warn!(
                     upstream = %config.name,
                     "tls.insecure_skip_verify is set: the upstream's certificate is NOT verified; \
                      anyone on the path can impersonate it"
                 );
             }
-            connector = connector.with_tls(connector::TlsTarget {
-                connector: tokio_rustls::TlsConnector::from(
-                    client
-                        .as_ref()
-                        .expect("an https upstream has its TLS client")
-                        .config(),
-                ),
-                name: tls.name.clone(),
-            });
         }
-        let state = connector.state.clone();
-        let p = &config.pool;
-        let pool = Pool::builder()
-            .max_size(p.max_connections)
-            .min_idle(Some(p.min_idle))
-            .idle_timeout(Some(p.idle_timeout))
-            .max_lifetime(Some(p.max_lifetime))
-            // Waiting for a connection is bounded by the request's own budget; this only stops a
-            // waiter from outliving any sensible budget.
-            .connection_timeout(Duration::from_secs(120))
-            .retry_connection(false)
-            .test_on_check_out(true)
-            // The most recently used idle connection is the furthest from the peer's idle
-            // timer, so the least likely to be closed as a request goes out on it.
-            .queue_strategy(bb8::QueueStrategy::Lifo)
-            .reaper_rate(reaper_rate(p.idle_timeout))
-            .error_sink(Box::new(connector::QuietErrors))
-            .build_unchecked(connector);
-        Upstream {
+        let keep = old.filter(|o| {
+            o.config.pool == config.pool
+                && o.config.circuit == config.circuit
+                && o.config.tls == config.tls
+                && o.tls == tls
+        });
+        let endpoints: Vec<Arc<Endpoint>> = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                keep.and_then(|o| o.endpoints.iter().find(|k| k.config == *e))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(&config, e, tls.as_ref())))
+            })
+            .collect();
+        let hosts = (!config.preserve_host && endpoints.len() > 1).then(|| {
+            endpoints
+                .iter()
+                .map(|e| HeaderValue::from_str(&e.label).expect("an authority is a header value"))
+                .collect()
+        });
+        let name = config.name.clone();
+        let up = Upstream {
             config,
-            pool,
-            connector: state,
-            tls: client,
+            endpoints,
+            tls,
+            hosts,
+            next: AtomicUsize::new(0),
+            capacity: AtomicUsize::new(usize::MAX),
+            watchers: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+            gauges: Gauges {
+                circuit_open: metrics::gauge!("breakwater_circuit_open", "upstream" => name.clone()),
+                in_service: metrics::gauge!("breakwater_upstream_endpoints", "upstream" => name.clone(), "state" => "in_service"),
+                ejected: metrics::gauge!("breakwater_upstream_endpoints", "upstream" => name.clone(), "state" => "ejected"),
+                capacity: metrics::gauge!("breakwater_upstream_capacity", "upstream" => name),
+            },
+        };
+        up.recompute();
+        up
+    }
+
+    /// Kept endpoints may arrive ejected: their return must be watched by this upstream too.
+    /// Called once the upstream is shared.
+    pub fn watch_returns(self: &Arc<Self>) {
+        let now = Instant::now();
+        for e in &self.endpoints {
+            if let Standing::Ejected(until) = e.health.standing(now) {
+                self.wake_at(until);
+            }
         }
     }
 
-    /// Waits (at most `limit`) until the pool holds its `min_idle` connections, so the first
-    /// burst does not pay for connects. Returns whether it got there.
+    /// Tells `admission` whenever this upstream's capacity changes.
+    pub fn watch(&self, admission: &Arc<Admission>) {
+        let mut w = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        w.retain(|a| a.strong_count() > 0);
+        if !w
+            .iter()
+            .any(|a| std::ptr::eq(a.as_ptr(), Arc::as_ptr(admission)))
+        {
+            w.push(Arc::downgrade(admission));
+        }
+    }
+
+    /// What the endpoints in service take together right now (`usize::MAX`: no bound).
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Whether any endpoint has ever been connected to (readiness can wait for it).
+    pub fn ever_connected(&self) -> bool {
+        self.endpoints.iter().any(|e| e.connector.ever_connected())
+    }
+
+    /// Refuses at once (`circuit_open`) while every endpoint is ejected; Retry-After is when the
+    /// first one is probed again.
+    pub fn check(&self) -> Result<(), ProxyError> {
+        if self.capacity() > 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut back = None::<Instant>;
+        for e in &self.endpoints {
+            match e.health.standing(now) {
+                Standing::Ejected(until) => back = Some(back.map_or(until, |b| b.min(until))),
+                _ => return Ok(()),
+            }
+        }
+        let wait = back.map_or(Duration::ZERO, |b| b.saturating_duration_since(now));
+        Err(crate::circuit::refused(wait))
+    }
+
+    /// Waits (at most `limit`) until every endpoint's pool holds its `min_idle` connections, so
+    /// the first burst does not pay for connects. Returns whether it got there.
     pub async fn warm_up(&self, limit: Duration) -> bool {
-        let want = self.config.pool.min_idle;
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.pool.state().idle_connections >= want {
-                return true;
+        let all = self.endpoints.iter().map(|e| e.warm_up(limit));
+        futures_util::future::join_all(all)
+            .await
+            .into_iter()
+            .all(|warm| warm)
+    }
+
+    /// Sends `req` once: to an endpoint with a free slot (avoiding `avoid`, the endpoint a
+    /// previous attempt failed on, when another will do), on one connection, with the answer's
+    /// head due by `deadline`. Returns the head with the lease that keeps its connection and
+    /// endpoint slot until the body is relayed. The endpoint's health learns from the outcome;
+    /// whether a failed attempt is sent again is not decided here (see `crate::retry`).
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+        via: Via,
+        deadline: Instant,
+        avoid: Option<&Arc<Endpoint>>,
+    ) -> Result<Answered, SendError> {
+        let slot = match self.reserve(avoid, deadline).await {
+            Ok(slot) => slot,
+            Err(failure) => {
+                return Err(SendError {
+                    failure,
+                    unsent: Some(req),
+                    endpoint: None,
+                })
             }
-            if Instant::now() >= deadline {
-                return false;
+        };
+        let endpoint = slot.endpoint().clone();
+        if let Some(hosts) = &self.hosts {
+            if let Some(i) = self
+                .endpoints
+                .iter()
+                .position(|e| Arc::ptr_eq(e, &endpoint))
+            {
+                req.headers_mut()
+                    .insert(http::header::HOST, hosts[i].clone());
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let attempt = self.exchange(&endpoint, req, via);
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Err(_) => {
+                // Dropping the attempt dropped its connection mid-exchange, which closes it: the
+                // backend learns the caller is gone rather than working on for nobody.
+                self.failed(&endpoint);
+                Err(SendError {
+                    failure: SendFailure::TimedOut,
+                    unsent: None,
+                    endpoint: Some(endpoint),
+                })
+            }
+            Ok(Ok((head, held, written_at))) => {
+                if head.status().is_server_error() {
+                    self.failed(&endpoint);
+                } else {
+                    self.succeeded(&endpoint);
+                }
+                Ok(Answered {
+                    head,
+                    lease: Lease { held, slot },
+                    written_at,
+                })
+            }
+            Ok(Err(mut e)) => {
+                // A pooled connection the peer had closed says nothing about the endpoint.
+                let stale = matches!(
+                    e.failure,
+                    SendFailure::NotWritten { reused: true, .. }
+                        | SendFailure::ClosedBeforeAnswer { reused: true, .. }
+                );
+                if !stale {
+                    self.failed(&endpoint);
+                }
+                e.endpoint = Some(endpoint);
+                Err(e)
+            }
         }
     }
 
-    /// Sends `req` once, on one connection, and returns the response head with the lease that
-    /// keeps its connection until the body is relayed. Whether a failed attempt is sent again is
-    /// not decided here: see `crate::retry`.
-    pub async fn send(&self, req: Request<RequestBody>, via: Via) -> Result<Answered, SendError> {
+    /// Whether another endpoint than `e` could take a request now.
+    pub fn has_other(&self, e: &Arc<Endpoint>) -> bool {
+        let now = Instant::now();
+        self.endpoints
+            .iter()
+            .any(|o| !Arc::ptr_eq(o, e) && o.capacity(now) > 0)
+    }
+
+    /// An endpoint slot, waiting while every endpoint in service is at its limit (routes sharing
+    /// the upstream share its endpoints). Fails at once when every endpoint is ejected.
+    async fn reserve(
+        &self,
+        avoid: Option<&Arc<Endpoint>>,
+        deadline: Instant,
+    ) -> Result<EndpointSlot, SendFailure> {
+        loop {
+            if let Some(slot) = self.pick(avoid) {
+                return Ok(slot);
+            }
+            let now = Instant::now();
+            let out = |e: &Arc<Endpoint>| matches!(e.health.standing(now), Standing::Ejected(_));
+            if self.endpoints.iter().all(out) {
+                return Err(SendFailure::NoConnection(
+                    "every endpoint of the upstream is ejected".into(),
+                ));
+            }
+            // Registered before looking again, so a slot freed in between is not missed.
+            let mut waits: Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> = self
+                .endpoints
+                .iter()
+                .map(|e| Box::pin(e.freed.notified()))
+                .chain(std::iter::once(Box::pin(self.changed.notified())))
+                .collect();
+            for w in &mut waits {
+                w.as_mut().enable();
+            }
+            if let Some(slot) = self.pick(avoid) {
+                return Ok(slot);
+            }
+            let any = futures_util::future::select_all(waits);
+            if tokio::time::timeout_at(deadline, any).await.is_err() {
+                return Err(SendFailure::TimedOut);
+            }
+        }
+    }
+
+    /// The endpoint to send to, with its slot taken: among those in service with a free slot,
+    /// the one with the fewest requests outstanding (ties at random) or the next in turn.
+    fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<EndpointSlot> {
+        let n = self.endpoints.len();
+        if n == 1 {
+            return take(&self.endpoints[0]);
+        }
+        let now = Instant::now();
+        let start = match self.config.balance {
+            Balance::LeastOutstanding => fastrand::usize(..n),
+            Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        // First without the endpoint to avoid, then with it when nothing else is in service.
+        for pass in 0..2 {
+            let mut best: Option<(&Arc<Endpoint>, usize)> = None;
+            for k in 0..n {
+                let e = &self.endpoints[(start + k) % n];
+                if pass == 0 && avoid.is_some_and(|a| Arc::ptr_eq(a, e)) {
+                    continue;
+                }
+                if !e.has_room() || e.capacity(now) == 0 {
+                    continue;
+                }
+                let outstanding = e.outstanding();
+                if best.is_none_or(|(_, b)| outstanding < b) {
+                    best = Some((e, outstanding));
+                }
+                if self.config.balance == Balance::RoundRobin {
+                    break;
+                }
+            }
+            if let Some(slot) = best.and_then(|(e, _)| take(e)) {
+                return Some(slot);
+            }
+            // Back to the endpoint that failed only when no other is in service; one that is
+            // merely busy is waited for.
+            if avoid.is_none_or(|a| self.has_other(a)) {
+                break;
+            }
+        }
+        None
+    }
+
+    fn failed(self: &Arc<Self>, e: &Arc<Endpoint>) {
+        if e.health.record_failure() {
+            self.recompute();
+            if let Standing::Ejected(until) = e.health.standing(Instant::now()) {
+                self.wake_at(until);
+            }
+        }
+    }
+
+    fn succeeded(&self, e: &Arc<Endpoint>) {
+        if e.health.record_success() {
+            self.recompute();
+        }
+    }
+
+    /// Recomputes the capacity once an ejected endpoint's cooldown is over (it takes probes).
+    fn wake_at(self: &Arc<Self>, at: Instant) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(up) = weak.upgrade() {
+                up.recompute();
+            }
+        });
+    }
+
+    /// Recomputes the capacity from the endpoints' states, publishes it, and tells the routes'
+    /// admissions and any request waiting for an endpoint.
+    fn recompute(&self) {
+        let now = Instant::now();
+        let mut capacity = 0usize;
+        let mut ejected = 0;
+        let mut probing_only = true;
+        for e in &self.endpoints {
+            match e.health.standing(now) {
+                Standing::Ejected(_) => ejected += 1,
+                Standing::Closed => probing_only = false,
+                Standing::Probing(_) => {}
+            }
+            capacity = capacity.saturating_add(e.capacity(now));
+        }
+        let before = self.capacity.swap(capacity, Ordering::AcqRel);
+        let g = &self.gauges;
+        g.circuit_open.set(if probing_only { 1.0 } else { 0.0 });
+        g.ejected.set(ejected as f64);
+        g.in_service.set((self.endpoints.len() - ejected) as f64);
+        g.capacity.set(if capacity == usize::MAX {
+            f64::INFINITY
+        } else {
+            capacity as f64
+        });
+        if before == capacity {
+            return;
+        }
+        let watchers: Vec<Arc<Admission>> = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for a in watchers {
+            a.capacity_changed();
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// One exchange on one connection to `endpoint`.
+    async fn exchange(
+        &self,
+        endpoint: &Endpoint,
+        req: Request<RequestBody>,
+        via: Via,
+    ) -> Result<(Response<Incoming>, Held, Instant), SendError> {
         let no_connection = |why: String, req| SendError {
             failure: SendFailure::NoConnection(why),
             unsent: Some(req),
+            endpoint: None,
         };
-        let mut lease = match via {
-            Via::Pool => match self.acquire().await {
-                Ok(c) => Lease::Pooled(c),
+        let mut held = match via {
+            Via::Pool => match endpoint.acquire().await {
+                Ok(c) => Held::Pooled(c),
                 Err(why) => return Err(no_connection(why, req)),
             },
-            Via::Fresh => match self.pool.dedicated_connection().await {
-                Ok(conn) => Lease::Fresh {
+            Via::Fresh => match endpoint.dedicated().await {
+                Ok(conn) => Held::Fresh {
                     conn,
-                    pool: self.pool.clone(),
+                    pool: endpoint.pool.clone(),
                 },
-                Err(e) => return Err(no_connection(e.to_string(), req)),
+                Err(why) => return Err(no_connection(why, req)),
             },
         };
-        let conn = lease.conn();
+        let conn = held.conn();
         if via == Via::Fresh {
             if let Err(error) = conn.sender.ready().await {
                 return Err(SendError {
@@ -207,6 +551,7 @@ impl Upstream {
                         reused: false,
                     },
                     unsent: Some(req),
+                    endpoint: None,
                 });
             }
         }
@@ -215,18 +560,14 @@ impl Upstream {
         let written_at = Instant::now();
         match conn.sender.try_send_request(req).await {
             Ok(resp) => {
-                let conn = lease.conn();
+                let conn = held.conn();
                 if let Some(timer) = idle::announced(resp.headers()) {
-                    self.connector.idle_timer.observe(timer);
+                    endpoint.connector.idle_timer.observe(timer);
                 }
                 if closes(&resp) {
                     conn.clock.mark_closing();
                 }
-                Ok(Answered {
-                    head: resp,
-                    lease,
-                    written_at,
-                })
+                Ok((resp, held, written_at))
             }
             Err(mut e) => {
                 let unsent = e.take_message();
@@ -238,38 +579,22 @@ impl Upstream {
                 } else {
                     SendFailure::Failed(error)
                 };
-                Err(SendError { failure, unsent })
+                Err(SendError {
+                    failure,
+                    unsent,
+                    endpoint: None,
+                })
             }
         }
     }
+}
 
-    /// A connection from the pool; fails at once when connecting is failing and nothing is open
-    /// that could come back.
-    async fn acquire(&self) -> Result<PooledConnection<'static, Connector>, String> {
-        let get = self.pool.get_owned();
-        tokio::pin!(get);
-        loop {
-            let failed = self.connector.failed.notified();
-            tokio::pin!(failed);
-            failed.as_mut().enable();
-            tokio::select! {
-                got = &mut get => {
-                    return got.map_err(|e| match self.connector.last_failure() {
-                        Some((_, err)) => err.to_string(),
-                        None => e.to_string(),
-                    });
-                }
-                _ = &mut failed => {
-                    if self.pool.state().connections == 0 {
-                        let why = self.connector.last_failure()
-                            .map(|(_, e)| e.to_string())
-                            .unwrap_or_else(|| "connect failed".into());
-                        return Err(why);
-                    }
-                }
-            }
-        }
+/// `e`'s slot, when its circuit lets a request through (taking a probe when it is probing).
+fn take(e: &Arc<Endpoint>) -> Option<EndpointSlot> {
+    if !e.has_room() || e.health.check().is_err() {
+        return None;
     }
+    e.try_reserve()
 }
 
 /// The upstream said it closes the connection after this answer.
@@ -303,10 +628,4 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-/// How often idle connections are checked for `idle_timeout`: often enough that one is closed
-/// well before a load balancer that idles out a little later than we do.
-fn reaper_rate(idle_timeout: Duration) -> Duration {
-    (idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(5))
 }

@@ -8,11 +8,17 @@
 #   haproxy-4    HAProxy maxconn 4 maxqueue 40, timeout queue 1500ms, in front of the 4 workers
 #   ideal        four single-worker uvicorns on four ports behind HAProxy, maxconn 1 each,
 #                balance leastconn (timeout queue 1500ms): one endpoint per worker
+#   bw-endpoints the same four single-worker uvicorns as one Breakwater upstream with four
+#                endpoints, `concurrency: 1` each (the route takes their sum; budget 2s, queue
+#                100 / 2s): the recommended layout
 #
 # Scenarios (every caller on its own connection, each giving up after 3 s):
 #   burst        200 callers at once after the 8-request warm-up     (breakwater demo burst)
 #   overload     40 req/s for 10 s, open loop: 2x what the backend can do   (breakwater demo load)
 #   slowdown     10 req/s for 12 s; arrivals in 3-6 s ask for ?latency_ms=3000
+#   kill         (four-port targets only) 16 req/s for 14 s; the uvicorn on the second port is
+#                killed at 3 s and started again at 8 s. For bw-endpoints the upstream's
+#                capacity and the route's limit are sampled every 250 ms.
 #
 # Every (round, scenario, target) gets fresh backends and proxies, so abandoned work from one run
 # never slows the next. Loopback only (127.0.0.1, ports 18400-18420); about 4 minutes a round.
@@ -32,7 +38,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 ROUNDS=${1:-2}
 SCENARIOS=${2:-"burst overload slowdown"}
-TARGETS=${3:-"direct bw-4 bw-auto haproxy-4 ideal"}
+TARGETS=${3:-"direct bw-4 bw-auto haproxy-4 ideal bw-endpoints"}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN=$TARGET_DIR/release/breakwater
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -72,10 +78,12 @@ PY=$(cd "$VENV/bin" && pwd)/python
 
 # --- processes ---------------------------------------------------------------------------------
 start_uvicorn() { # port workers
+  # The group's pid, by port, so one backend can be killed on its own.
   setsid env E2E_LATENCY_MS=200 PYTHONDONTWRITEBYTECODE=1 "$PY" -m uvicorn app:app \
     --app-dir "$ROOT/tests/e2e" --host 127.0.0.1 --port "$1" --workers "$2" \
     --log-level warning >>"$WORK/uvicorn-$1.log" 2>&1 &
   echo $! >>"$GROUPS_FILE"
+  echo $! >"$WORK/group-$1"
 }
 wait_uvicorn() { # port workers: until /healthz has answered from every worker (at most 20 s)
   local pids="" i
@@ -107,21 +115,33 @@ warm() { # 8 requests, 4 at a time, each on its own connection (like burst.sh an
   sleep 0.5
 }
 
-breakwater_cfg() { # concurrency
+breakwater_cfg() { # concurrency ("endpoints": four single-worker ports, the route unset)
+  if [ "$1" = endpoints ]; then
+    upstream="    endpoints:
+      - { url: \"http://127.0.0.1:$UV1\", concurrency: 1 }
+      - { url: \"http://127.0.0.1:$UV2\", concurrency: 1 }
+      - { url: \"http://127.0.0.1:$UV3\", concurrency: 1 }
+      - { url: \"http://127.0.0.1:$UV4\", concurrency: 1 }
+    pool: { max_connections: 8, min_idle: 1 }"
+    concurrency=""
+  else
+    upstream="    url: \"http://127.0.0.1:$UV\"
+    pool: { max_connections: 8, min_idle: 4 }"
+    concurrency="    concurrency: $1"
+  fi
   cat <<YAML
 server: { listen: "127.0.0.1:$PROXY" }
 admin: { listen: "127.0.0.1:$ADMIN" }
 log: { format: json, level: ${BW_LOG:-warn} }
 upstreams:
   analytics:
-    url: "http://127.0.0.1:$UV"
-    pool: { max_connections: 8, min_idle: 4 }
+$upstream
 routes:
   - name: sentiment
     match: { path_prefix: /v1/sentiment, methods: [POST] }
     upstream: analytics
     budget: 2s
-    concurrency: $1
+$concurrency
     queue: { max_depth: 100, max_wait: 2s }
 YAML
 }
@@ -129,7 +149,7 @@ YAML
 # Starts the target's backends and proxy; sets URL.
 start_target() {
   case $1 in
-    ideal)
+    ideal|bw-endpoints)
       for p in $UV1 $UV2 $UV3 $UV4; do start_uvicorn "$p" 1; done
       for p in $UV1 $UV2 $UV3 $UV4; do wait_uvicorn "$p" 1; done
       ;;
@@ -140,8 +160,9 @@ start_target() {
   esac
   case $1 in
     direct) URL=http://127.0.0.1:$UV/v1/sentiment ;;
-    bw-4|bw-auto)
-      breakwater_cfg "$([ "$1" = bw-4 ] && echo 4 || echo auto)" >"$WORK/breakwater.yaml"
+    bw-4|bw-auto|bw-endpoints)
+      case $1 in bw-4) c=4 ;; bw-auto) c=auto ;; *) c=endpoints ;; esac
+      breakwater_cfg "$c" >"$WORK/breakwater.yaml"
       "$BIN" --config "$WORK/breakwater.yaml" >>"$OUT/breakwater.log" 2>&1 &
       URL=http://127.0.0.1:$PROXY/v1/sentiment
       ;;
@@ -163,8 +184,28 @@ start_target() {
   for _ in $(seq 50); do curl -s -o /dev/null --max-time 1 "${URL%/v1/sentiment}/healthz" && break; sleep 0.1; done
 }
 
+# Samples the upstream's capacity and the route's limit every 250 ms for $1 seconds.
+sample_capacity() {
+  local t0 i
+  t0=$(date +%s.%N)
+  for i in $(seq $(( $1 * 4 ))); do
+    cap=$(curl -s --max-time 1 "http://127.0.0.1:$ADMIN/metrics" | sed -n 's/^breakwater_upstream_capacity{upstream="analytics"} //p')
+    lim=$(curl -s --max-time 1 "http://127.0.0.1:$ADMIN/metrics" | sed -n 's/^breakwater_concurrency_limit{route="sentiment"} //p')
+    printf 'capacity t=%.2f capacity=%s limit=%s\n' "$(awk "BEGIN { print $(date +%s.%N) - $t0 }")" "$cap" "$lim"
+    sleep 0.25
+  done
+}
+
 run_scenario() { # scenario url
   case $1 in
+    kill)
+      (sleep 3; g=$(cat "$WORK/group-$UV2"); echo "kill t=3 uvicorn :$UV2"; kill -KILL -- "-$g" 2>/dev/null || true
+       sleep 5; echo "restart t=8 uvicorn :$UV2"; start_uvicorn "$UV2" 1) &
+      if [ "$TARGET" = bw-endpoints ]; then sample_capacity 14 >"$WORK/capacity" & fi
+      "$BIN" demo load "$2" --rate 16 --duration 14s --caller-timeout 3s --timeline
+      wait
+      [ -f "$WORK/capacity" ] && cat "$WORK/capacity" && rm -f "$WORK/capacity"
+      ;;
     burst) "$BIN" demo burst "$2" --callers 200 --caller-timeout 3s --capacity 20 ;;
     overload) "$BIN" demo load "$2" --rate 40 --duration 10s --caller-timeout 3s ;;
     slowdown)
@@ -179,6 +220,8 @@ for round in $(seq "$ROUNDS"); do
     for target in $TARGETS; do
       f=$OUT/$scenario.$target.$round.txt
       echo "== round $round, $scenario, $target   ($(uptime | sed 's/.*load average/load average/'))"
+      case $scenario in kill) case $target in ideal|bw-endpoints) ;; *) continue ;; esac ;; esac
+      TARGET=$target
       start_target "$target"
       warm "$URL"
       run_scenario "$scenario" "$URL" | tee "$f"
@@ -207,6 +250,7 @@ cols = {
     "burst": ["2xx", "503+RA", "503 bare", "timeouts", "other", "refusal p50/p99", "max", "goodput"],
     "overload": ["ok", "timeouts", "refused_retry_after", "refused_bare", "other", "refusal_p95_ms", "ok_max_ms"],
     "slowdown": ["ok", "timeouts", "refused_retry_after", "refused_bare", "window_fast_503", "window_waited_over_1s", "after_slowdown_ok", "recovered_after_s"],
+    "kill": ["ok", "timeouts", "refused_retry_after", "refused_bare", "other", "refusal_p95_ms", "ok_max_ms"],
 }
 for s in scenarios:
     print(f"\n### {s}\n")

@@ -75,7 +75,18 @@ impl Backend {
     }
 
     pub async fn with(opts: BackendOptions) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), opts)
+    }
+
+    /// A backend on a given address (one that was down, coming back).
+    pub async fn at(addr: SocketAddr) -> Backend {
+        Backend::serve(
+            TcpListener::bind(addr).await.unwrap(),
+            BackendOptions::default(),
+        )
+    }
+
+    fn serve(listener: TcpListener, opts: BackendOptions) -> Backend {
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(BackendStats::default());
         let release = Arc::new(Semaphore::new(0));

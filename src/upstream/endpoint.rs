@@ -1,0 +1,198 @@
+//! One server of an upstream: its pool of keep-alive connections, how many requests it has in
+//! flight against its own `concurrency`, and its health (a circuit of its own).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8::{Pool, PooledConnection};
+use metrics::{Counter, Gauge};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::connector::{ConnectorState, QuietErrors, TlsTarget};
+use super::{Connector, UpstreamConn};
+use crate::circuit::{Circuit, Standing};
+use crate::config::{EndpointConfig, UpstreamConfig};
+
+pub struct Endpoint {
+    pub config: EndpointConfig,
+    /// `host:port`: the endpoint in metrics, logs and `/config`.
+    pub label: Arc<str>,
+    pub pool: Pool<Connector>,
+    pub connector: Arc<ConnectorState>,
+    pub health: Circuit,
+    /// Idle connections the pool keeps open.
+    min_idle: u32,
+    /// Requests holding a slot here: from being sent until their answer is relayed.
+    outstanding: AtomicUsize,
+    /// Woken whenever a slot here is given back.
+    pub(super) freed: Notify,
+    inflight: Gauge,
+    requests: Counter,
+}
+
+impl Endpoint {
+    /// Builds the endpoint's pool and starts opening its idle connections in the background.
+    pub fn new(
+        up: &UpstreamConfig,
+        config: &EndpointConfig,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> Self {
+        let label: Arc<str> = Arc::from(config.authority());
+        let mut connector =
+            Connector::new(&up.name, &config.host, config.port, up.pool.connect_timeout);
+        if let (Some(client), Some(name)) = (tls, &config.tls_name) {
+            connector = connector.with_tls(TlsTarget {
+                connector: tokio_rustls::TlsConnector::from(client.config()),
+                name: name.clone(),
+            });
+        }
+        let state = connector.state.clone();
+        let p = &up.pool;
+        // An endpoint that takes one request at a time has no use for more idle connections
+        // than that.
+        let min_idle = config
+            .concurrency
+            .map_or(p.min_idle, |c| p.min_idle.min(c as u32));
+        let pool = Pool::builder()
+            .max_size(p.max_connections)
+            .min_idle(Some(min_idle))
+            .idle_timeout(Some(p.idle_timeout))
+            .max_lifetime(Some(p.max_lifetime))
+            // Waiting for a connection is bounded by the request's own budget; this only stops a
+            // waiter from outliving any sensible budget.
+            .connection_timeout(Duration::from_secs(120))
+            .retry_connection(false)
+            .test_on_check_out(true)
+            // The most recently used idle connection is the furthest from the peer's idle
+            // timer, so the least likely to be closed as a request goes out on it.
+            .queue_strategy(bb8::QueueStrategy::Lifo)
+            .reaper_rate(reaper_rate(p.idle_timeout))
+            .error_sink(Box::new(QuietErrors))
+            .build_unchecked(connector);
+        let labels = [
+            ("upstream", up.name.clone()),
+            ("endpoint", label.to_string()),
+        ];
+        Endpoint {
+            config: config.clone(),
+            health: Circuit::new(&up.name, &label, &up.circuit),
+            label,
+            min_idle,
+            pool,
+            connector: state,
+            outstanding: AtomicUsize::new(0),
+            freed: Notify::new(),
+            inflight: metrics::gauge!("breakwater_endpoint_inflight", &labels),
+            requests: metrics::counter!("breakwater_endpoint_requests_total", &labels),
+        }
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    pub(super) fn has_room(&self) -> bool {
+        self.config
+            .concurrency
+            .is_none_or(|c| self.outstanding() < c)
+    }
+
+    /// How many more requests this endpoint takes at `now` (`usize::MAX`: no limit of its own).
+    pub(super) fn capacity(&self, now: Instant) -> usize {
+        let limit = self.config.concurrency.unwrap_or(usize::MAX);
+        match self.health.standing(now) {
+            Standing::Closed => limit,
+            Standing::Probing(n) => limit.min(n as usize),
+            Standing::Ejected(_) => 0,
+        }
+    }
+
+    /// Takes one of the endpoint's slots, if it has one free.
+    pub(super) fn try_reserve(self: &Arc<Self>) -> Option<EndpointSlot> {
+        let limit = self.config.concurrency.unwrap_or(usize::MAX);
+        self.outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        self.inflight.increment(1.0);
+        self.requests.increment(1);
+        Some(EndpointSlot(self.clone()))
+    }
+
+    /// Waits (at most `limit`) until the pool holds its idle connections.
+    pub async fn warm_up(&self, limit: Duration) -> bool {
+        let want = self.min_idle;
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.pool.state().idle_connections >= want {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A connection from the pool; fails at once when connecting is failing and nothing is open
+    /// that could come back.
+    pub(super) async fn acquire(&self) -> Result<PooledConnection<'static, Connector>, String> {
+        let get = self.pool.get_owned();
+        tokio::pin!(get);
+        loop {
+            let failed = self.connector.failed.notified();
+            tokio::pin!(failed);
+            failed.as_mut().enable();
+            tokio::select! {
+                got = &mut get => {
+                    return got.map_err(|e| match self.connector.last_failure() {
+                        Some((_, err)) => err.to_string(),
+                        None => e.to_string(),
+                    });
+                }
+                _ = &mut failed => {
+                    if self.pool.state().connections == 0 {
+                        let why = self.connector.last_failure()
+                            .map(|(_, e)| e.to_string())
+                            .unwrap_or_else(|| "connect failed".into());
+                        return Err(why);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A connection opened for one attempt, outside the pool (see `Via::Fresh`).
+    pub(super) async fn dedicated(&self) -> Result<UpstreamConn, String> {
+        self.pool
+            .dedicated_connection()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A request's slot at one endpoint; given back when dropped.
+pub struct EndpointSlot(Arc<Endpoint>);
+
+impl EndpointSlot {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for EndpointSlot {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.0.inflight.decrement(1.0);
+        self.0.freed.notify_waiters();
+    }
+}
+
+/// How often idle connections are checked for `idle_timeout`: often enough that one is closed
+/// well before a load balancer that idles out a little later than we do.
+fn reaper_rate(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(5))
+}

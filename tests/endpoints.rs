@@ -1,0 +1,291 @@
+//! Upstream endpoints: one upstream balanced over several in-process backends, each endpoint with
+//! its own limit and health; the route's admission following the endpoints in service; reloads
+//! that add and remove endpoints under requests in flight.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use breakwater::circuit::Standing;
+use common::*;
+use tokio::time::Instant;
+
+/// An upstream `app` over `urls`, each `concurrency: 1`, and one route `r` to it.
+fn config(urls: &[String], circuit: &str, extra: &str) -> String {
+    let endpoints: String = urls
+        .iter()
+        .map(|u| format!("      - {{ url: \"{u}\", concurrency: 1 }}\n"))
+        .collect();
+    format!(
+        "upstreams:\n  app:\n    endpoints:\n{endpoints}    pool: {{ min_idle: 0 }}\n    circuit: {circuit}\n{extra}routes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n    budget: 10s\n"
+    )
+}
+
+fn stats_of(backends: &[Backend], f: impl Fn(&common::BackendStats) -> usize) -> Vec<usize> {
+    backends.iter().map(|b| f(&b.stats)).collect()
+}
+
+#[tokio::test]
+async fn each_request_goes_to_a_free_endpoint_and_admission_holds_the_rest() {
+    let backends = vec![
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let urls: Vec<String> = backends.iter().map(Backend::url).collect();
+    let gw = Gateway::start(&config(&urls, "{}", ""), "").await;
+    let route = gw.route("r");
+    assert_eq!(route.upstream.capacity(), 4);
+    assert_eq!(
+        route.admission.snapshot().limit,
+        4,
+        "capped by the endpoints"
+    );
+
+    let c = client();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(tokio::spawn(hold(c.clone(), gw.url("/x?hold=1"))));
+    }
+    // Four go out, one to each endpoint; the fifth waits in the route's queue, not at a
+    // backend.
+    for b in &backends {
+        b.wait_until("one request held at each endpoint", |s| {
+            s.held.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    }
+    let snap = route.admission.snapshot();
+    assert_eq!((snap.inflight, snap.queued), (4, 1));
+    for b in &backends {
+        b.release(2);
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        stats_of(&backends, |s| s.max_inflight.load(Ordering::SeqCst)),
+        [1, 1, 1, 1]
+    );
+    assert_eq!(
+        stats_of(&backends, |s| s.requests.load(Ordering::SeqCst))
+            .iter()
+            .sum::<usize>(),
+        5
+    );
+}
+
+async fn hold(c: TestClient, url: String) -> Answer {
+    get(&c, &url).await
+}
+
+/// A loopback address nothing listens on.
+fn dead_address() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_is_ejected_and_the_others_answer_everything() {
+    let live = vec![
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let dead = dead_address();
+    let mut urls: Vec<String> = live.iter().map(Backend::url).collect();
+    urls.insert(1, format!("http://{dead}"));
+    let circuit = "{ consecutive_failures: 2, cooldown: 60s }";
+    // Its own upstream name: the metrics recorder is shared by the tests in this binary.
+    let yaml = config(&urls, circuit, "")
+        .replace("app", "spare")
+        .replace("name: r\n", "name: r-dead\n");
+    let gw = Gateway::start(&yaml, "").await;
+    let route = gw.route("r-dead");
+    let c = client();
+    // POSTs: nothing reached the dead endpoint, so each goes to another endpoint.
+    for _ in 0..30 {
+        let a = post(&c, &gw.url("/x"), b"{}").await;
+        assert_eq!(a.status, 200, "{:?}", a.reason());
+    }
+    let dead_endpoint = &route.upstream.endpoints[1];
+    assert!(matches!(
+        dead_endpoint.health.standing(Instant::now()),
+        Standing::Ejected(_)
+    ));
+    assert_eq!(route.upstream.capacity(), 3);
+    assert_eq!(route.admission.snapshot().limit, 3);
+    assert!(
+        stats_of(&live, |s| s.completed.load(Ordering::SeqCst))
+            .iter()
+            .all(|&n| n > 0),
+        "every live endpoint served"
+    );
+    let metrics = gw.metrics().await;
+    let label = format!("upstream=\"spare\",endpoint=\"{dead}\"");
+    assert!(
+        metrics.contains(&format!("breakwater_endpoint_ejected{{{label}}} 1")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("breakwater_upstream_capacity{upstream=\"spare\"} 3"));
+    assert!(
+        metrics.contains("breakwater_retries_total{route=\"r-dead\",reason=\"other_endpoint\"}")
+    );
+}
+
+#[tokio::test]
+async fn an_ejected_endpoint_rejoins_once_it_answers_again() {
+    let live = Backend::start().await;
+    let down = dead_address();
+    let urls = vec![live.url(), format!("http://{down}")];
+    let circuit = "{ consecutive_failures: 1, cooldown: 200ms }";
+    let gw = Gateway::start(&config(&urls, circuit, ""), "").await;
+    let route = gw.route("r");
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while route.upstream.capacity() == 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead endpoint was never tried"
+        );
+        assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+    }
+    let back = Backend::at(down).await;
+    // Probed after its cooldown; a good probe brings it back at full capacity.
+    while back.count(|s| &s.completed) == 0 || route.upstream.capacity() < 2 {
+        assert!(Instant::now() < deadline, "the endpoint never rejoined");
+        assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(route.admission.snapshot().limit, 2);
+}
+
+#[tokio::test]
+async fn every_endpoint_ejected_is_refused_at_once_with_retry_after() {
+    let urls = vec![
+        format!("http://{}", dead_address()),
+        format!("http://{}", dead_address()),
+    ];
+    let circuit = "{ consecutive_failures: 1, cooldown: 60s }";
+    let gw = Gateway::start(&config(&urls, circuit, ""), "").await;
+    let c = client();
+    // The first request finds both endpoints refusing connections.
+    let first = post(&c, &gw.url("/x"), b"{}").await;
+    first.assert_refusal("upstream_unavailable");
+    let then = post(&c, &gw.url("/x"), b"{}").await;
+    then.assert_refusal("circuit_open");
+    let retry_after: u64 = then.header("retry-after").unwrap().parse().unwrap();
+    // What is left of the cooldown, capped by the route's retry_after_max (30 s).
+    assert!((20..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(gw.route("r").upstream.capacity(), 0);
+}
+
+#[tokio::test]
+async fn round_robin_takes_turns_and_each_endpoint_gets_its_own_host() {
+    let backends = vec![Backend::start().await, Backend::start().await];
+    let urls: Vec<String> = backends.iter().map(Backend::url).collect();
+    let gw = Gateway::start(&config(&urls, "{}", "    balance: round_robin\n"), "").await;
+    let c = client();
+    for _ in 0..6 {
+        assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+    }
+    assert_eq!(
+        stats_of(&backends, |s| s.requests.load(Ordering::SeqCst)),
+        [3, 3]
+    );
+    for b in &backends {
+        for (_, headers) in b.stats.headers.lock().unwrap().iter() {
+            assert_eq!(headers["host"], b.addr.to_string().as_str());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reload_adds_and_removes_endpoints_under_requests_in_flight() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let c_backend = Backend::start().await;
+    let gw = Gateway::start(&config(&[a.url(), b.url()], "{}", ""), "").await;
+    let shared = gw.running.as_ref().unwrap().shared.clone();
+    let client = client();
+    let on_a_and_b: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(hold(client.clone(), gw.url("/x?hold=1"))))
+        .collect();
+    a.wait_until("held at a", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    b.wait_until("held at b", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    let kept_b = Arc::clone(&gw.route("r").upstream.endpoints[1]);
+
+    // a leaves, c joins; b is kept with its request in flight.
+    let text = format!(
+        "server:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n{}",
+        config(&[b.url(), c_backend.url()], "{}", "")
+    );
+    let loaded = breakwater::prepare::from_yaml(&text, Vec::new()).unwrap();
+    breakwater::reload::apply(&shared, loaded);
+    let route = gw.route("r");
+    assert!(Arc::ptr_eq(&route.upstream.endpoints[0], &kept_b));
+    assert_eq!(kept_b.outstanding(), 1);
+    // The request still at a keeps its route slot until it is done; then, b being busy, the
+    // next request goes to c.
+    a.release(1);
+    let to_c = tokio::spawn(hold(client.clone(), gw.url("/x")));
+    c_backend
+        .wait_until("a request at c", |s| {
+            s.completed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    assert_eq!(to_c.await.unwrap().status, 200);
+    b.release(1);
+    for h in on_a_and_b {
+        assert_eq!(h.await.unwrap().status, 200, "in flight across the reload");
+    }
+    assert_eq!(a.count(|s| &s.requests), 1, "a gets nothing new");
+}
+
+#[tokio::test]
+async fn a_request_refused_by_one_endpoint_waits_for_a_busy_one_rather_than_failing() {
+    let live = Backend::start().await;
+    let dead = dead_address();
+    let urls = vec![live.url(), format!("http://{dead}")];
+    // The dead endpoint stays in service throughout: every request may be sent to it.
+    let circuit = "{ consecutive_failures: 100 }";
+    // Its own route name: the metrics recorder is shared by the tests in this binary.
+    let yaml = config(&urls, circuit, "").replace("name: r\n", "name: r-wait\n");
+    let gw = Gateway::start(&yaml, "").await;
+    let c = client();
+    let held = tokio::spawn(hold(c.clone(), gw.url("/x?hold=1")));
+    live.wait_until("held at the live endpoint", |s| {
+        s.held.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The live endpoint is busy, so this goes to the dead one, is refused there, and waits for
+    // the live one instead of going back to the dead one.
+    let waiting = tokio::spawn({
+        let (c, url) = (c.clone(), gw.url("/x"));
+        async move { post(&c, &url, b"{}").await }
+    });
+    let upstream = gw.route("r-wait").upstream.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream.endpoints[1].health.is_open() || !dead_was_tried(&gw).await {
+        assert!(
+            Instant::now() < deadline,
+            "the dead endpoint was never tried"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    live.release(1);
+    assert_eq!(held.await.unwrap().status, 200);
+    let a = waiting.await.unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.reason());
+}
+
+async fn dead_was_tried(gw: &Gateway) -> bool {
+    gw.metrics()
+        .await
+        .contains("breakwater_retries_total{route=\"r-wait\",reason=\"other_endpoint\"}")
+}
