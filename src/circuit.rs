@@ -1,7 +1,7 @@
-//! Circuit breaking per upstream endpoint: after `consecutive_failures` connect failures, 5xx
-//! answers or exchanges with no answer within their budget in a row (within `window`), the
-//! endpoint is ejected for `cooldown`, then `probes` requests go to it; one success brings it
-//! back, one failure ejects it again. The upstream (`crate::upstream`) turns the endpoints'
+//! Circuit breaking per upstream endpoint: after `consecutive_failures` failures in a row (within
+//! `window`; the upstream says what counts: connect failures, 5xx answers, no answer within the
+//! budget while another endpoint answered), the endpoint is ejected for `cooldown`, then
+//! `probes` requests go to it; one success brings it back, one failure ejects it again. The upstream (`crate::upstream`) turns the endpoints'
 //! states into its capacity, and refuses with `circuit_open` only when every endpoint is out.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -67,7 +67,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     ("breakwater_endpoint_ejected", Kind::Gauge,
         "1 while the endpoint is ejected by its circuit (cooling down or probing), 0 otherwise."),
     ("breakwater_endpoint_ejections_total", Kind::Counter,
-        "Times the endpoint was ejected after consecutive failures (connect failures, 5xx, no answer within the budget)."),
+        "Times the endpoint was ejected after consecutive failures (connect failures, 5xx, no answer within the budget while another endpoint answered)."),
     ("breakwater_build_info", Kind::Gauge,
         "Always 1; the version label is the version the binary was built from."),
     ("breakwater_config_reloads_total", Kind::Counter,

@@ -830,3 +830,88 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     );
     assert_eq!(status.code(), Some(0), "gateway exit status after SIGTERM");
 }
+
+/// The recommended layout: one single-worker uvicorn per port, each an endpoint with
+/// `concurrency: 1`. A burst keeps every worker busy, and no worker ever holds two requests (one
+/// working, one queued inside it), which a pool of connections to one `--workers 4` port cannot
+/// promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_endpoint_per_worker_keeps_every_worker_busy_and_never_queues_inside_one() {
+    let python = python();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = BackendOpts {
+        workers: 1,
+        latency_ms: 200,
+        keep_alive_s: 5,
+    };
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        workers.push(start_backend(&python, &opts, dir.path()).await);
+    }
+    let endpoints: String = workers
+        .iter()
+        .map(|(_, addr)| format!("      - {{ url: \"http://{addr}\", concurrency: 1 }}\n"))
+        .collect();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let yaml = format!(
+        r#"server: {{ listen: "{addr}" }}
+admin: {{ listen: "{admin}" }}
+log: {{ format: json, level: warn }}
+upstreams:
+  app:
+    endpoints:
+{endpoints}    pool: {{ min_idle: 1 }}
+routes:
+  - name: sentiment
+    match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
+    upstream: app
+    budget: 8s
+"#
+    );
+    let config = dir.path().join("endpoints.yaml");
+    fs::write(&config, yaml).unwrap();
+    let mut cmd = Command::new(GATEWAY_BIN);
+    cmd.arg("--config").arg(&config);
+    let mut gateway = Proc::spawn("breakwater", &mut cmd, false, dir.path().join("gw.log"));
+    let start = Instant::now();
+    while !matches!(raw_get(admin, "/healthz").await, Ok((200, _))) {
+        assert!(gateway.exited().is_none(), "gateway exited");
+        assert!(start.elapsed() < START_TIMEOUT, "gateway did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 24 at once: six rounds of four, about 1.2 s of work, well inside the budget.
+    let c = client();
+    let url = format!("http://{addr}/v1/sentiment");
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move { post_text(&c, &url, &format!("call {i}: good"), &[]).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let a = t
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_sentiment_ok(&a, &format!("request {i}"));
+    }
+    let mut served = Vec::new();
+    for (_, worker) in &workers {
+        let seen = match raw_get(*worker, "/v1/seen").await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            other => panic!("/v1/seen: {other:?}"),
+        };
+        assert_eq!(
+            seen["max_active"], 1,
+            "a request queued inside {worker}: {seen}"
+        );
+        assert_eq!(seen["duplicates"], serde_json::json!({}), "{seen}");
+        served.push(seen["seen"].as_object().unwrap().len());
+    }
+    eprintln!("e2e endpoints: requests per worker {served:?}");
+    assert!(served.iter().all(|&n| n > 0), "an idle worker: {served:?}");
+    assert_eq!(served.iter().sum::<usize>(), 24);
+    drop(gateway);
+}

@@ -289,3 +289,79 @@ async fn dead_was_tried(gw: &Gateway) -> bool {
         .await
         .contains("breakwater_retries_total{route=\"r-wait\",reason=\"other_endpoint\"}")
 }
+
+#[tokio::test]
+async fn an_endpoint_that_never_answers_is_ejected_while_the_others_answer() {
+    let live = Backend::start().await;
+    // Accepts connections, reads nothing, answers nothing.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let urls = vec![live.url(), format!("http://{hang_addr}")];
+    let circuit = "{ consecutive_failures: 2, cooldown: 60s }";
+    let yaml = config(&urls, circuit, "").replace("budget: 10s", "budget: 300ms");
+    let gw = Gateway::start(&yaml, "").await;
+    let route = gw.route("r");
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Two at a time: one goes to each endpoint, so the live one answers while the other hangs.
+    while !route.upstream.endpoints[1].health.is_open() {
+        assert!(
+            Instant::now() < deadline,
+            "the hanging endpoint was never ejected"
+        );
+        let pair = [
+            tokio::spawn(hold(c.clone(), gw.url("/x"))),
+            tokio::spawn(hold(c.clone(), gw.url("/x"))),
+        ];
+        for p in pair {
+            let a = p.await.unwrap();
+            assert!(
+                // Requests that time out also teach admission to refuse what cannot finish.
+                a.status == 200 || matches!(a.reason(), Some("budget_exhausted" | "deadline")),
+                "{:?} {:?}",
+                a.status,
+                a.reason()
+            );
+        }
+    }
+    assert_eq!(route.upstream.capacity(), 1);
+    // Only the live endpoint is sent to now; once admission has seen it answer again, every
+    // request is served.
+    let mut served = 0;
+    while served < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "served only {served} after the ejection"
+        );
+        let a = get(&c, &gw.url("/x")).await;
+        match a.status.as_u16() {
+            200 => served += 1,
+            _ => assert_eq!(a.reason(), Some("deadline")),
+        }
+    }
+    holder.abort();
+}
+
+#[tokio::test]
+async fn a_single_endpoint_is_not_ejected_for_answers_that_come_too_late() {
+    // A backend slow everywhere is the stall cap's to handle; ejecting its only endpoint would
+    // add a cooldown to its recovery.
+    let slow = Backend::start().await;
+    let circuit = "{ consecutive_failures: 1, cooldown: 60s }";
+    let yaml = config(&[slow.url()], circuit, "").replace("budget: 10s", "budget: 200ms");
+    let gw = Gateway::start(&yaml, "").await;
+    let c = client();
+    for _ in 0..3 {
+        let a = get(&c, &gw.url("/x?delay=1000")).await;
+        assert_eq!(a.reason(), Some("budget_exhausted"));
+    }
+    let route = gw.route("r");
+    assert!(!route.upstream.endpoints[0].health.is_open());
+    assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+}

@@ -1,8 +1,8 @@
 //! One server of an upstream: its pool of keep-alive connections, how many requests it has in
 //! flight against its own `concurrency`, and its health (a circuit of its own).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
@@ -30,6 +30,18 @@ pub struct Endpoint {
     pub(super) freed: Notify,
     inflight: Gauge,
     requests: Counter,
+    /// When it last answered (nanoseconds since `epoch()`; 0: never).
+    answered_at: AtomicU64,
+}
+
+/// A fixed origin for instants kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 impl Endpoint {
@@ -86,7 +98,19 @@ impl Endpoint {
             freed: Notify::new(),
             inflight: metrics::gauge!("breakwater_endpoint_inflight", &labels),
             requests: metrics::counter!("breakwater_endpoint_requests_total", &labels),
+            answered_at: AtomicU64::new(0),
         }
+    }
+
+    /// An answer head arrived from it now.
+    pub(super) fn answered(&self, now: Instant) {
+        self.answered_at
+            .store(since_epoch(now).max(1), Ordering::Relaxed);
+    }
+
+    /// Whether it answered after `t`.
+    pub(super) fn answered_since(&self, t: Instant) -> bool {
+        self.answered_at.load(Ordering::Relaxed) > since_epoch(t)
     }
 
     pub fn outstanding(&self) -> usize {

@@ -268,7 +268,11 @@ impl Upstream {
         for e in &self.endpoints {
             match e.health.standing(now) {
                 Standing::Ejected(until) => back = Some(back.map_or(until, |b| b.min(until))),
-                _ => return Ok(()),
+                _ => {
+                    // A cooldown ended before its timer ran: the capacity catches up now.
+                    self.recompute();
+                    return Ok(());
+                }
             }
         }
         let wait = back.map_or(Duration::ZERO, |b| b.saturating_duration_since(now));
@@ -318,12 +322,23 @@ impl Upstream {
                     .insert(http::header::HOST, hosts[i].clone());
             }
         }
+        let started = Instant::now();
         let attempt = self.exchange(&endpoint, req, via);
         match tokio::time::timeout_at(deadline, attempt).await {
             Err(_) => {
                 // Dropping the attempt dropped its connection mid-exchange, which closes it: the
                 // backend learns the caller is gone rather than working on for nobody.
-                self.failed(&endpoint);
+                // No answer in time counts against the endpoint only when another one answered
+                // meanwhile: a backend slow everywhere is the stall cap's to handle (see
+                // `crate::admission`), and ejecting every endpoint would only add cooldowns to
+                // its recovery.
+                let others_answer = self
+                    .endpoints
+                    .iter()
+                    .any(|o| !Arc::ptr_eq(o, &endpoint) && o.answered_since(started));
+                if others_answer {
+                    self.failed(&endpoint);
+                }
                 Err(SendError {
                     failure: SendFailure::TimedOut,
                     unsent: None,
@@ -331,6 +346,9 @@ impl Upstream {
                 })
             }
             Ok(Ok((head, held, written_at))) => {
+                if self.endpoints.len() > 1 {
+                    endpoint.answered(Instant::now());
+                }
                 if head.status().is_server_error() {
                     self.failed(&endpoint);
                 } else {
@@ -409,7 +427,7 @@ impl Upstream {
     fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<EndpointSlot> {
         let n = self.endpoints.len();
         if n == 1 {
-            return take(&self.endpoints[0]);
+            return self.take(&self.endpoints[0]);
         }
         let now = Instant::now();
         let start = match self.config.balance {
@@ -435,7 +453,7 @@ impl Upstream {
                     break;
                 }
             }
-            if let Some(slot) = best.and_then(|(e, _)| take(e)) {
+            if let Some(slot) = best.and_then(|(e, _)| self.take(e)) {
                 return Some(slot);
             }
             // Back to the endpoint that failed only when no other is in service; one that is
@@ -469,9 +487,25 @@ impl Upstream {
         };
         let weak = Arc::downgrade(self);
         rt.spawn(async move {
-            tokio::time::sleep_until(at).await;
-            if let Some(up) = weak.upgrade() {
+            let mut at = at;
+            loop {
+                tokio::time::sleep_until(at).await;
+                let Some(up) = weak.upgrade() else { return };
                 up.recompute();
+                // Woken a moment early, or ejected again meanwhile: wait for the new end.
+                let now = Instant::now();
+                let next = up
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| match e.health.standing(now) {
+                        Standing::Ejected(until) => Some(until),
+                        _ => None,
+                    })
+                    .min();
+                match next {
+                    Some(until) if up.capacity() == 0 => at = until,
+                    _ => return,
+                }
             }
         });
     }
@@ -589,12 +623,23 @@ impl Upstream {
     }
 }
 
-/// `e`'s slot, when its circuit lets a request through (taking a probe when it is probing).
-fn take(e: &Arc<Endpoint>) -> Option<EndpointSlot> {
-    if !e.has_room() || e.health.check().is_err() {
-        return None;
+impl Upstream {
+    /// `e`'s slot, when its circuit lets a request through (taking a probe when it is probing,
+    /// which changes the capacity).
+    fn take(&self, e: &Arc<Endpoint>) -> Option<EndpointSlot> {
+        if !e.has_room() {
+            return None;
+        }
+        let probing = e.health.standing(Instant::now()) != Standing::Closed;
+        let allowed = e.health.check().is_ok();
+        if probing {
+            self.recompute();
+        }
+        if !allowed {
+            return None;
+        }
+        e.try_reserve()
     }
-    e.try_reserve()
 }
 
 /// The upstream said it closes the connection after this answer.
@@ -628,4 +673,67 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(endpoints: usize) -> Arc<Upstream> {
+        let list: String = (0..endpoints)
+            .map(|i| format!("{{ url: \"http://127.0.0.1:{}\" }},", 9 + i))
+            .collect();
+        let yaml = format!(
+            "upstreams:\n  app:\n    endpoints: [{list}]\n    pool: {{ min_idle: 0 }}\n    circuit: {{ consecutive_failures: 1, cooldown: 5s }}\nroutes:\n  - {{ name: r, upstream: app }}\n"
+        );
+        let config = crate::config::from_yaml(&yaml, Vec::new()).expect("valid");
+        let up = config.upstreams["app"].clone();
+        Arc::new(Upstream::new(up, None))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_back_does_not_leave_the_upstream_shut() {
+        let up = upstream(1);
+        let e = up.endpoints[0].clone();
+        up.failed(&e);
+        assert_eq!(up.capacity(), 0);
+        assert!(up.check().is_err());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(up.capacity(), 1, "probing after the cooldown");
+        // The probe goes out and is never heard of again (its caller left).
+        let probe = up.pick(None).expect("the probe's slot");
+        drop(probe);
+        assert_eq!(up.capacity(), 0, "its one probe is out");
+        assert!(up.pick(None).is_none());
+        // A new round of probes after another cooldown, whether or not a timer saw it.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(up.check().is_ok());
+        assert_eq!(up.capacity(), 1);
+        let probe = up.pick(None).expect("a new probe");
+        drop(probe);
+        up.succeeded(&e);
+        assert_eq!(up.capacity(), usize::MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_outstanding_spreads_and_skips_ejected_endpoints() {
+        let up = upstream(3);
+        let slots: Vec<_> = (0..3).map(|_| up.pick(None).unwrap()).collect();
+        let mut used: Vec<*const Endpoint> =
+            slots.iter().map(|s| Arc::as_ptr(s.endpoint())).collect();
+        used.sort();
+        used.dedup();
+        assert_eq!(
+            used.len(),
+            3,
+            "one request on each before any gets a second"
+        );
+        drop(slots);
+        let bad = up.endpoints[1].clone();
+        up.failed(&bad);
+        for _ in 0..20 {
+            let s = up.pick(None).unwrap();
+            assert!(!Arc::ptr_eq(s.endpoint(), &bad));
+        }
+    }
 }

@@ -204,7 +204,7 @@ run_scenario() { # scenario url
       if [ "$TARGET" = bw-endpoints ]; then sample_capacity 14 >"$WORK/capacity" & fi
       "$BIN" demo load "$2" --rate 16 --duration 14s --caller-timeout 3s --timeline
       wait
-      [ -f "$WORK/capacity" ] && cat "$WORK/capacity" && rm -f "$WORK/capacity"
+      if [ -f "$WORK/capacity" ]; then cat "$WORK/capacity"; rm -f "$WORK/capacity"; fi
       ;;
     burst) "$BIN" demo burst "$2" --callers 200 --caller-timeout 3s --capacity 20 ;;
     overload) "$BIN" demo load "$2" --rate 40 --duration 10s --caller-timeout 3s ;;

@@ -22,8 +22,12 @@ LATENCY_MS = int(os.environ.get("E2E_LATENCY_MS", "200"))
 # One request at a time per worker process, like a model that is not thread-safe.
 _work_lock = threading.Lock()
 
-# How often each x-request-id reached this worker, so a test can tell a request sent twice.
+# How often each x-request-id reached this worker, so a test can tell a request sent twice; and
+# the most requests this worker held at once (working or waiting for the work lock), so a test can
+# tell requests queued inside the backend.
 _seen = {}
+_active = 0
+_max_active = 0
 _seen_lock = threading.Lock()
 
 app = FastAPI(title="breakwater-e2e-backend")
@@ -53,12 +57,19 @@ def sentiment(
     x_request_id: Optional[str] = Header(default=None),
     x_breakwater_budget_ms: Optional[str] = Header(default=None),
 ):
+    global _active, _max_active
     delay = LATENCY_MS if latency_ms is None else latency_ms
-    if x_request_id is not None:
-        with _seen_lock:
+    with _seen_lock:
+        if x_request_id is not None:
             _seen[x_request_id] = _seen.get(x_request_id, 0) + 1
-    with _work_lock:
-        time.sleep(delay / 1000.0)
+        _active += 1
+        _max_active = max(_max_active, _active)
+    try:
+        with _work_lock:
+            time.sleep(delay / 1000.0)
+    finally:
+        with _seen_lock:
+            _active -= 1
     try:
         budget = int(x_breakwater_budget_ms) if x_breakwater_budget_ms is not None else None
     except ValueError:
@@ -77,6 +88,7 @@ def seen():
         return {
             "seen": dict(_seen),
             "duplicates": {k: n for k, n in _seen.items() if n > 1},
+            "max_active": _max_active,
         }
 
 
