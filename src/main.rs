@@ -400,27 +400,36 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 print!(
                     "{}",
                     demo::report::table(
-                        &[("direct to backend", &r.direct), ("through Breakwater", &r.gateway)],
+                        &[
+                            ("direct to backend", &r.direct),
+                            ("through Breakwater", &r.gateway),
+                            ("one endpoint per worker", &r.endpoints),
+                        ],
                         opts.capacity()
                     )
                 );
-                println!(
-                    "{:29}  {:>17}  {:>18}",
-                    "backend work for callers gone", r.wasted_direct, r.wasted_gateway
+                let row = |label: &str, a: String, b: String, c: String| {
+                    println!("{label:29}  {a:>17}  {b:>18}  {c:>23}");
+                };
+                row(
+                    "backend work for callers gone",
+                    r.wasted_direct.to_string(),
+                    r.wasted_gateway.to_string(),
+                    r.wasted_endpoints.to_string(),
                 );
                 let per = |v: &[usize]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("/");
-                println!(
-                    "{:29}  {:>17}  {:>18}",
+                row(
                     "requests served per worker",
                     per(&r.served_direct),
-                    per(&r.served_gateway)
+                    per(&r.served_gateway),
+                    per(&r.served_endpoints),
                 );
                 if !r.connections_direct.is_empty() {
-                    println!(
-                        "{:29}  {:>17}  {:>18}",
+                    row(
                         "connections per worker",
                         per(&r.connections_direct),
-                        per(&r.connections_gateway)
+                        per(&r.connections_gateway),
+                        "-".into(),
                     );
                 }
                 println!("\n{}", demo::verdict(&r, &opts));

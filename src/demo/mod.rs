@@ -69,6 +69,33 @@ impl DemoOptions {
         self.workers as f64 / self.service_time.as_secs_f64()
     }
 
+    /// The recommended layout: one single-worker backend per port, each an endpoint taking one
+    /// request at a time; the route takes their sum.
+    pub fn endpoints_yaml(&self, backends: &[SocketAddr]) -> String {
+        let endpoints: String = backends
+            .iter()
+            .map(|a| format!("      - {{ url: \"http://{a}\", concurrency: 1 }}\n"))
+            .collect();
+        format!(
+            r#"
+server: {{ listen: "127.0.0.1:0" }}
+admin: {{ enabled: false }}
+upstreams:
+  analytics:
+    endpoints:
+{endpoints}    pool: {{ min_idle: 1 }}
+routes:
+  - name: sentiment
+    match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
+    upstream: analytics
+    budget: {budget}
+    queue: {{ max_depth: {depth}, max_wait: {budget} }}
+"#,
+            budget = format_duration(self.budget),
+            depth = self.queue_depth,
+        )
+    }
+
     /// The gateway configuration the demo runs with.
     pub fn gateway_yaml(&self, backend: SocketAddr) -> String {
         format!(
@@ -98,14 +125,19 @@ routes:
 pub struct DemoResult {
     pub direct: Summary,
     pub gateway: Summary,
+    /// Through Breakwater with one endpoint per worker (single-worker backends on their own
+    /// ports).
+    pub endpoints: Summary,
     pub wasted_direct: usize,
     pub wasted_gateway: usize,
+    pub wasted_endpoints: usize,
     /// Connections each backend worker accepted (empty with the free model).
     pub connections_direct: Vec<usize>,
     pub connections_gateway: Vec<usize>,
     /// Requests each backend worker finished by the end of the burst.
     pub served_direct: Vec<usize>,
     pub served_gateway: Vec<usize>,
+    pub served_endpoints: Vec<usize>,
 }
 
 fn progress(msg: &str) {
@@ -120,7 +152,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         Pinning::Free => "any request gets any free worker (--pinning free)",
     };
     progress(&format!(
-        "[1/4] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog, {model}",
+        "[1/5] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog, {model}",
         opts.workers,
         format_duration(opts.service_time),
         opts.capacity()
@@ -129,7 +161,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     let gw_backend = SimBackend::start(any, &opts.backend(1)).await?;
 
     progress(&format!(
-        "[2/4] {} callers at once, straight to the backend, each giving up after {}",
+        "[2/5] {} callers at once, straight to the backend, each giving up after {}",
         opts.callers,
         format_duration(opts.caller_timeout)
     ));
@@ -137,7 +169,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     let direct = fire_elsewhere(&url, opts).await?;
 
     progress(&format!(
-        "[3/4] starting Breakwater in front of a fresh backend: budget {}, concurrency {}, queue {}",
+        "[3/5] starting Breakwater in front of a fresh backend: budget {}, concurrency {}, queue {}",
         format_duration(opts.budget),
         opts.workers,
         opts.queue_depth
@@ -145,19 +177,34 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     let loaded = breakwater::prepare::from_yaml(&opts.gateway_yaml(gw_backend.addr), Vec::new())?;
     let running = breakwater::gateway::start(loaded).await?;
     let url: Uri = format!("http://{}/v1/sentiment", running.addr).parse()?;
-    let mut sent = 0;
-    while sent < opts.warmup {
-        let batch = (opts.warmup - sent).min(opts.workers.max(1));
-        let calls = (0..batch).map(|i| burst::call(&url, i));
-        futures_util::future::join_all(calls).await;
-        sent += batch;
-    }
+    warm(&url, opts).await;
 
     progress(&format!(
-        "[4/4] the same {} callers through Breakwater",
+        "[4/5] the same {} callers through Breakwater",
         opts.callers
     ));
     let via = fire_elsewhere(&url, opts).await?;
+    running.drain(Duration::from_secs(2)).await;
+
+    progress(&format!(
+        "[5/5] the same {} callers through Breakwater, one endpoint per worker: {} single-worker backends on their own ports",
+        opts.callers, opts.workers
+    ));
+    let mut singles = Vec::new();
+    for i in 0..opts.workers.max(1) {
+        let one = BackendOptions {
+            workers: 1,
+            ..opts.backend(2 + i as u64)
+        };
+        singles.push(SimBackend::start(any, &one).await?);
+    }
+    let addrs: Vec<SocketAddr> = singles.iter().map(|b| b.addr).collect();
+    let loaded = breakwater::prepare::from_yaml(&opts.endpoints_yaml(&addrs), Vec::new())?;
+    let by_endpoint = breakwater::gateway::start(loaded).await?;
+    let url: Uri = format!("http://{}/v1/sentiment", by_endpoint.addr).parse()?;
+    warm(&url, opts).await;
+    let endpoints = fire_elsewhere(&url, opts).await?;
+    by_endpoint.drain(Duration::from_secs(2)).await;
     // Let abandoned direct work finish counting (bounded: it is all sleeping).
     let wasted_direct = direct_backend
         .stats
@@ -167,7 +214,10 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         .stats
         .wasted
         .load(std::sync::atomic::Ordering::Relaxed);
-    running.drain(Duration::from_secs(2)).await;
+    let wasted_endpoints = singles
+        .iter()
+        .map(|b| b.stats.wasted.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
     let landed = |b: &SimBackend| match opts.pinning {
         Pinning::Uvicorn => b.stats.connections_per_worker(),
         Pinning::Free => Vec::new(),
@@ -175,13 +225,31 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     Ok(DemoResult {
         direct: Summary::of(&direct),
         gateway: Summary::of(&via),
+        endpoints: Summary::of(&endpoints),
         wasted_direct,
         wasted_gateway,
+        wasted_endpoints,
         connections_direct: landed(&direct_backend),
         connections_gateway: landed(&gw_backend),
         served_direct: direct_backend.stats.served_per_worker(),
         served_gateway: gw_backend.stats.served_per_worker(),
+        served_endpoints: singles
+            .iter()
+            .flat_map(|b| b.stats.served_per_worker())
+            .collect(),
     })
+}
+
+/// Requests sent through the gateway before the burst, a few at a time, so its estimator has
+/// seen the backend.
+async fn warm(url: &Uri, opts: &DemoOptions) {
+    let mut sent = 0;
+    while sent < opts.warmup {
+        let batch = (opts.warmup - sent).min(opts.workers.max(1));
+        let calls = (0..batch).map(|i| burst::call(url, i));
+        futures_util::future::join_all(calls).await;
+        sent += batch;
+    }
 }
 
 /// Callers run on their own runtime thread, as they would from another machine: sharing the
@@ -220,10 +288,14 @@ pub fn verdict(r: &DemoResult, opts: &DemoOptions) -> String {
                 .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
                 .unwrap_or_else(|| "-".into()),
             goodput,
-        ) + if goodput < 90.0 && opts.pinning == Pinning::Uvicorn {
-            " The backend is pinned: the gateway's connections reach fewer workers than its concurrency assumes (see the rows above)."
+        ) + &if goodput < 90.0 && opts.pinning == Pinning::Uvicorn {
+            format!(
+                " The backend is pinned: the gateway's connections reach fewer workers than its concurrency assumes (see the rows above). With one endpoint per worker every worker is reached: {} answered, {:.0}% of capacity.",
+                r.endpoints.ok,
+                r.endpoints.goodput(opts.capacity()).unwrap_or(0.0) * 100.0
+            )
         } else {
-            ""
+            String::new()
         }
     } else {
         format!(
