@@ -82,6 +82,11 @@ impl Circuit {
         )
     }
 
+    /// Closed (or disabled): takes any request, read without the lock.
+    pub fn is_closed(&self) -> bool {
+        !self.config.enabled || self.closed.load(Ordering::Acquire)
+    }
+
     /// Whether (and how much) the endpoint can be sent to at `now`, without taking a probe.
     pub fn standing(&self, now: Instant) -> Standing {
         if !self.config.enabled || self.closed.load(Ordering::Acquire) {

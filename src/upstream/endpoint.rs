@@ -26,8 +26,11 @@ pub struct Endpoint {
     min_idle: u32,
     /// Requests holding a slot here: from being sent until their answer is relayed.
     outstanding: AtomicUsize,
-    /// Woken whenever a slot here is given back.
+    /// Woken when a slot here is given back while `waiting` says someone waits for one.
     pub(super) freed: Notify,
+    /// Requests waiting for a slot at any endpoint of the upstream (they wait on every one), so a
+    /// slot given back with nobody waiting costs no wake-up.
+    pub(super) waiting: AtomicUsize,
     inflight: Gauge,
     requests: Counter,
     /// When it last answered (nanoseconds since `epoch()`; 0: never).
@@ -96,6 +99,7 @@ impl Endpoint {
             connector: state,
             outstanding: AtomicUsize::new(0),
             freed: Notify::new(),
+            waiting: AtomicUsize::new(0),
             inflight: metrics::gauge!("breakwater_endpoint_inflight", &labels),
             requests: metrics::counter!("breakwater_endpoint_requests_total", &labels),
             answered_at: AtomicU64::new(0),
@@ -114,7 +118,7 @@ impl Endpoint {
     }
 
     pub fn outstanding(&self) -> usize {
-        self.outstanding.load(Ordering::Acquire)
+        self.outstanding.load(Ordering::SeqCst)
     }
 
     pub(super) fn has_room(&self) -> bool {
@@ -137,7 +141,7 @@ impl Endpoint {
     pub(super) fn try_reserve(self: &Arc<Self>) -> Option<EndpointSlot> {
         let limit = self.config.concurrency.unwrap_or(usize::MAX);
         self.outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < limit).then_some(n + 1)
             })
             .ok()?;
@@ -209,9 +213,13 @@ impl EndpointSlot {
 
 impl Drop for EndpointSlot {
     fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::AcqRel);
+        // Sequentially consistent with the waiter's count and its own look at `outstanding`: either
+        // it sees this slot free, or this sees it waiting.
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
         self.0.inflight.decrement(1.0);
-        self.0.freed.notify_waiters();
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.freed.notify_waiters();
+        }
     }
 }
 

@@ -197,12 +197,16 @@ impl Upstream {
                     .unwrap_or_else(|| Arc::new(Endpoint::new(&config, e, tls.as_ref())))
             })
             .collect();
-        let hosts = (!config.preserve_host && endpoints.len() > 1).then(|| {
-            endpoints
-                .iter()
-                .map(|e| HeaderValue::from_str(&e.label).expect("an authority is a header value"))
-                .collect()
-        });
+        // An authority from a parsed url is always a valid header value; if one were not, the
+        // rewritten request's Host (the first endpoint's) would be left as it is.
+        let hosts = (!config.preserve_host && endpoints.len() > 1)
+            .then(|| {
+                endpoints
+                    .iter()
+                    .map(|e| HeaderValue::from_str(&e.label).ok())
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
         let name = config.name.clone();
         let up = Upstream {
             config,
@@ -402,7 +406,9 @@ impl Upstream {
                     "every endpoint of the upstream is ejected".into(),
                 ));
             }
-            // Registered before looking again, so a slot freed in between is not missed.
+            // Counted and registered before looking again, so a slot freed in between is not
+            // missed.
+            let _waiting = Waiting::on(&self.endpoints);
             let mut waits: Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> = self
                 .endpoints
                 .iter()
@@ -623,6 +629,26 @@ impl Upstream {
     }
 }
 
+/// A request waiting for an endpoint slot, counted at every endpoint while it waits.
+struct Waiting<'a>(&'a [Arc<Endpoint>]);
+
+impl<'a> Waiting<'a> {
+    fn on(endpoints: &'a [Arc<Endpoint>]) -> Self {
+        for e in endpoints {
+            e.waiting.fetch_add(1, Ordering::SeqCst);
+        }
+        Waiting(endpoints)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        for e in self.0 {
+            e.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 impl Upstream {
     /// `e`'s slot, when its circuit lets a request through (taking a probe when it is probing,
     /// which changes the capacity).
@@ -630,7 +656,7 @@ impl Upstream {
         if !e.has_room() {
             return None;
         }
-        let probing = e.health.standing(Instant::now()) != Standing::Closed;
+        let probing = !e.health.is_closed();
         let allowed = e.health.check().is_ok();
         if probing {
             self.recompute();
