@@ -202,8 +202,12 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
     let (c, prepared) = (&loaded.config, &loaded.prepared);
     println!("{}: ok", path.display());
     println!(
-        "server   listen {}  max_connections {}  max_request_body {}  header_read_timeout {}  keepalive_timeout {}",
+        "server   listen {}  workers {}  max_connections {}  max_request_body {}  header_read_timeout {}  keepalive_timeout {}",
         c.server.listen,
+        c.server
+            .workers
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "auto".into()),
         c.server.max_connections,
         units::format_size(c.server.max_request_body),
         units::format_duration(c.server.header_read_timeout),
@@ -473,15 +477,12 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
 fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let (path, loaded) = load(given)?;
     let _log_writer = init_logging(&loaded.config);
-    // One worker needs no work-stealing scheduler: a current-thread runtime does the same work
-    // without cross-thread handoffs.
+    // `server.workers: N` runs N current-thread runtimes, this thread's being the first (it also
+    // runs the admin listener and the signal handling; the gateway starts the others): a
+    // connection then stays on the thread that accepted it, with no work-stealing handoffs.
+    // Without it, one multi-thread runtime, a thread per core.
     let mut rt = match loaded.config.server.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
+        Some(_) => tokio::runtime::Builder::new_current_thread(),
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     let rt = rt.enable_all().build().context("starting the runtime")?;

@@ -394,21 +394,53 @@ impl<S: Handler> tower::Service<Request<Incoming>> for WithConn<S> {
     }
 }
 
-/// Serves connections accepted on `listener` until `shutdown` turns true, then lets open
-/// connections finish gracefully. Returns once the accept loop has stopped; `connections`
-/// has every permit back once all connections have closed.
-pub async fn serve<H: Handler>(
-    listener: TcpListener,
-    proxy: H,
+/// What every worker's accept loop shares: the connection limits count the whole process, not
+/// one worker, and one shutdown signal reaches them all.
+#[derive(Clone)]
+pub struct Serving {
     config: ServerConfig,
     tls: Option<Arc<crate::tls::ServerTls>>,
     connections: Arc<Semaphore>,
+    sources: Option<Arc<SourceLimit>>,
     shutdown: watch::Receiver<bool>,
-) {
+}
+
+impl Serving {
+    /// `connections` has one permit per connection allowed open at once (held until it closes).
+    pub fn new(
+        config: ServerConfig,
+        tls: Option<Arc<crate::tls::ServerTls>>,
+        connections: Arc<Semaphore>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let sources = config
+            .max_connections_per_source
+            .map(|max| Arc::new(SourceLimit::new(max)));
+        Serving {
+            config,
+            tls,
+            connections,
+            sources,
+            shutdown,
+        }
+    }
+}
+
+/// Serves connections accepted on `listener` until shutdown is asked for, then lets open
+/// connections finish gracefully. Returns once the accept loop has stopped; the connection
+/// semaphore has every permit back once all connections have closed. `worker` labels this
+/// accept loop's connections in `breakwater_connections_accepted_total`.
+pub async fn serve<H: Handler>(listener: TcpListener, proxy: H, serving: Serving, worker: usize) {
+    let Serving {
+        config,
+        tls,
+        connections,
+        sources,
+        shutdown,
+    } = serving;
     let builder = Arc::new(http_builder(&config));
-    let sources = config
-        .max_connections_per_source
-        .map(|max| Arc::new(SourceLimit::new(max)));
+    let accepted_total =
+        metrics::counter!("breakwater_connections_accepted_total", "worker" => worker.to_string());
     let mut backoff = Duration::from_millis(5);
     let mut stop = shutdown.clone();
     loop {
@@ -426,6 +458,7 @@ pub async fn serve<H: Handler>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                accepted_total.increment(1);
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(accept_connection(
                     stream,
@@ -467,6 +500,46 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// `n` listening sockets on one address, one per worker, for the kernel to spread incoming
+/// connections over (`SO_REUSEPORT`, by a hash of the connection's addresses): each worker
+/// accepts on its own socket, so no accept is contended and no connection is handed from one
+/// thread to another. They are plain std sockets, for each worker to register with its own
+/// runtime (`TcpListener::from_std`); port 0 picks one port for all of them.
+///
+/// `SO_REUSEPORT` would also let this bind succeed next to another process of the same user
+/// listening there with the option set (an instance still running, say), silently splitting the
+/// traffic with it; so the address is first bound once without it, which fails as a plain bind
+/// does when anything listens there.
+pub fn bind_group(
+    addr: SocketAddr,
+    backlog: u32,
+    n: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = || -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        Ok(s)
+    };
+    let probe = socket()?;
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .expect("an inet socket has an inet address");
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let s = socket()?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(backlog.min(i32::MAX as u32) as i32)?;
+            Ok(s.into())
+        })
+        .collect()
 }
 
 /// Resolves once shutdown has been asked for (or whoever could ask has gone away).
