@@ -9,7 +9,9 @@
 #
 # On a machine where wrk and the backend share the proxy's cores, requests/s cannot double; the
 # CPU time per request staying level from one worker to two shows whether a second core would be
-# used as well as the first.
+# used as well as the first. BASELINE=path/to/another/breakwater adds that build with
+# `workers: 2` as a fifth column (before this change, `workers: 2` was one multi-threaded runtime
+# of two threads accepting on one socket).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/common.sh
@@ -23,7 +25,7 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-g
 
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
-BACKEND=18131 NGINX1=18132 NGINX2=18133 BW1=18134 BW1_ADMIN=18135 BW2=18136 BW2_ADMIN=18137
+BACKEND=18131 NGINX1=18132 NGINX2=18133 BW1=18134 BW1_ADMIN=18135 BW2=18136 BW2_ADMIN=18137 BASE=18138 BASE_ADMIN=18139
 
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
@@ -66,6 +68,7 @@ YAML
 }
 bw_conf 1 "$BW1" "$BW1_ADMIN" >"$WORK/bw1.yaml"
 bw_conf 2 "$BW2" "$BW2_ADMIN" >"$WORK/bw2.yaml"
+bw_conf 2 "$BASE" "$BASE_ADMIN" >"$WORK/base.yaml"
 
 nginx -c "$WORK/backend.conf" -p "$WORK" &
 nginx -c "$WORK/nginx1.conf" -p "$WORK" &
@@ -76,6 +79,10 @@ NGINX2_PID=$!
 BW1_PID=$!
 "$BIN" --config "$WORK/bw2.yaml" >/dev/null 2>&1 &
 BW2_PID=$!
+if [ -n "${BASELINE:-}" ]; then
+  "$BASELINE" --config "$WORK/base.yaml" >/dev/null 2>&1 &
+  BASE_PID=$!
+fi
 sleep 1
 
 ticks() { # pid: user + system clock ticks of the process, and of NGINX's worker processes
@@ -111,6 +118,7 @@ for r in $(seq "$ROUNDS"); do
   run nginx-2 "$NGINX2_PID" "http://127.0.0.1:$NGINX2/v1/sentiment"
   run bw-1 "$BW1_PID" "http://127.0.0.1:$BW1/v1/sentiment"
   run bw-2 "$BW2_PID" "http://127.0.0.1:$BW2/v1/sentiment"
+  if [ -n "${BASELINE:-}" ]; then run baseline-2 "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
 done
 echo "CPU ticks per thread since start: bw-1: $(threads "$BW1_PID")"
 echo "                                  bw-2: $(threads "$BW2_PID")"
