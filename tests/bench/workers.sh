@@ -105,10 +105,10 @@ run() { # name pid url
   wrk -t1 -c"$CONNS" -d"$DUR" --latency "$3" >"$WORK/wrk.out"
   after=$(ticks "$2")
   awk -v name="$1" -v cpu=$((after - before)) -v hz="$HZ" '
-    /requests in/ {n=$1}
+    /requests in/ {n=$1; secs=$4 + 0}
     /Requests\/sec/ {rps=$2}
     /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
-    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request\n", name, rps, p50, p99, cpu / hz / n * 1e6}' "$WORK/wrk.out"
+    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request   %4.2f cores busy\n", name, rps, p50, p99, cpu / hz / n * 1e6, cpu / hz / secs}' "$WORK/wrk.out"
 }
 
 echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)"
