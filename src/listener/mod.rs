@@ -17,6 +17,11 @@
 //! when `server.proxy_protocol` is on, the per-source connection limit, and the TLS handshake
 //! when `server.tls` is set, all within `server.header_read_timeout` of accept.
 //!
+//! An HTTP/1 connection idle for a second is parked: hyper hands the stream back, its buffers and
+//! state are dropped, and the next request's first bytes start a fresh hyper connection on the
+//! same stream (the framing guard and the timers carry on). Thousands of idle keep-alive
+//! connections then cost little more than their sockets.
+//!
 //! The listener knows nothing of what serves the requests: it is handed any tower service that
 //! answers every request (see [`serve`]); the proxy reads [`ConnInfo`] from each request.
 
