@@ -488,11 +488,14 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
+        // Taken over before anything listens: a signal's default action kills the process, and
+        // a SIGTERM or SIGHUP that arrives once callers can connect must drain or reload.
+        let mut stop = Signals::install();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let running = breakwater::gateway::start_from(loaded, Some(path)).await?;
         let shared = running.shared.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            let Ok(mut hup) = hup else {
                 tracing::warn!("cannot listen for SIGHUP; reload with POST /reload instead");
                 return;
             };
@@ -501,7 +504,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
                 let _ = breakwater::reload::reload(shared.clone()).await;
             }
         });
-        wait_for_signal().await;
+        stop.next().await;
         // Read now, not at start: a reload may have changed it.
         let drain_timeout = running.drain_timeout();
         tracing::info!(timeout = %units::format_duration(drain_timeout), "draining");
@@ -514,7 +517,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
                     tracing::warn!("drain timeout reached; exiting with connections still open");
                 }
             }
-            _ = wait_for_signal() => tracing::warn!("second signal; exiting now"),
+            _ = stop.next() => tracing::warn!("second signal; exiting now"),
         }
         anyhow::Ok(())
     })?;
@@ -522,12 +525,29 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, handled from when this is installed on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("installing SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("installing SIGINT handler"),
+        }
     }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    Signals::install().next().await
 }
