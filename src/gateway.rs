@@ -22,10 +22,17 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start worker {index}: {source}")]
+    Worker {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// A started gateway. Dropping it stops accepting new connections; [`Running::drain`] also
-/// waits for open ones to finish.
+/// A started gateway. Dropping it stops accepting new connections and ends the extra workers'
+/// threads with whatever they still serve; [`Running::drain`] first waits for open connections,
+/// on every worker, to finish.
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
@@ -34,6 +41,14 @@ pub struct Running {
     connections: Arc<Semaphore>,
     max_connections: usize,
     tasks: Vec<JoinHandle<()>>,
+    /// Dropped last: each extra worker's runtime runs until this goes away.
+    _workers: Option<Workers>,
+}
+
+/// The workers after the first (which is the caller's runtime): a thread each, with its own
+/// current-thread runtime and its own listening socket.
+struct Workers {
+    _stop: watch::Sender<()>,
 }
 
 /// Binds the listeners, builds the upstream pools and waits (at most each upstream's connect
@@ -46,12 +61,28 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
 pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running, StartError> {
     let Loaded { config, prepared } = loaded;
     crate::reload::log_warnings(&config);
-    let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
-        .map_err(|source| StartError::Bind {
-            what: "server.listen",
-            addr: config.server.listen,
-            source,
-        })?;
+    let bind_error = |source| StartError::Bind {
+        what: "server.listen",
+        addr: config.server.listen,
+        source,
+    };
+    // One worker (or the default multi-thread runtime) accepts on one plain socket; more each
+    // get their own socket on the same port (see `listener::bind_group`).
+    let workers = config.server.workers.unwrap_or(1);
+    let (listener, others) = if workers > 1 {
+        let mut group = crate::listener::bind_group(
+            config.server.listen,
+            config.server.listen_backlog,
+            workers,
+        )
+        .map_err(bind_error)?;
+        let first = tokio::net::TcpListener::from_std(group.remove(0)).map_err(bind_error)?;
+        (first, group)
+    } else {
+        let listener = crate::listener::bind(config.server.listen, config.server.listen_backlog)
+            .map_err(bind_error)?;
+        (listener, Vec::new())
+    };
     let addr = listener.local_addr().expect("bound socket has an address");
     let admin = match config.admin.listen {
         Some(a) => Some(
@@ -93,13 +124,18 @@ pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running
     let (shutdown, rx) = watch::channel(false);
     let max_connections = config.server.max_connections;
     let connections = Arc::new(Semaphore::new(max_connections));
-    let mut tasks = vec![tokio::spawn(crate::listener::serve(
-        listener,
-        Proxy::new(shared.clone()),
+    let serving = crate::listener::Serving::new(
         config.server.clone(),
         server_tls.clone(),
         connections.clone(),
         rx.clone(),
+    );
+    let workers = start_workers(others, &shared, &serving)?;
+    let mut tasks = vec![tokio::spawn(crate::listener::serve(
+        listener,
+        Proxy::new(shared.clone()),
+        serving,
+        0,
     ))];
     if let Some(tls) = &server_tls {
         tracing::info!(
@@ -117,7 +153,7 @@ pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running
         // the process.
         tasks.push(tokio::spawn(crate::admin::serve(admin, shared.clone())));
     }
-    tracing::info!(%addr, admin = admin_addr.map(tracing::field::display), routes = config.routes.len(), "breakwater listening");
+    tracing::info!(%addr, admin = admin_addr.map(tracing::field::display), routes = config.routes.len(), workers = config.server.workers.unwrap_or(1), "breakwater listening");
     Ok(Running {
         addr,
         admin_addr,
@@ -126,7 +162,52 @@ pub async fn start_from(loaded: Loaded, path: Option<PathBuf>) -> Result<Running
         connections,
         max_connections,
         tasks,
+        _workers: workers,
     })
+}
+
+/// Starts a thread per listener in `listeners`, each serving it on a current-thread runtime of
+/// its own (worker 1, 2, ...). They share everything behind the listener with the caller's
+/// runtime: the routing table, admission, upstream pools, the connection limits and the
+/// shutdown signal. A pooled upstream connection's task runs on the runtime that opened it, so a
+/// worker using a connection another opened wakes that worker's thread to drive it.
+fn start_workers(
+    listeners: Vec<std::net::TcpListener>,
+    shared: &Arc<Shared>,
+    serving: &crate::listener::Serving,
+) -> Result<Option<Workers>, StartError> {
+    if listeners.is_empty() {
+        return Ok(None);
+    }
+    let (stop, stopped) = watch::channel(());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let index = i + 1;
+        let failed = |source| StartError::Worker { index, source };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        // Registered with the worker's own runtime, so its readiness wakes that thread.
+        let listener = {
+            let _in_worker = rt.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(failed)?
+        };
+        let (proxy, serving, mut stopped) =
+            (Proxy::new(shared.clone()), serving.clone(), stopped.clone());
+        std::thread::Builder::new()
+            .name(format!("breakwater-worker-{index}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    tokio::spawn(crate::listener::serve(listener, proxy, serving, index));
+                    // The accept loop ends on the shutdown signal, but the connections it
+                    // spawned run on this runtime until the gateway is done with them.
+                    while stopped.changed().await.is_ok() {}
+                });
+                rt.shutdown_timeout(Duration::from_millis(100));
+            })
+            .map_err(failed)?;
+    }
+    Ok(Some(Workers { _stop: stop }))
 }
 
 impl Running {

@@ -202,8 +202,12 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
     let (c, prepared) = (&loaded.config, &loaded.prepared);
     println!("{}: ok", path.display());
     println!(
-        "server   listen {}  max_connections {}  max_request_body {}  header_read_timeout {}  keepalive_timeout {}",
+        "server   listen {}  workers {}  max_connections {}  max_request_body {}  header_read_timeout {}  keepalive_timeout {}",
         c.server.listen,
+        c.server
+            .workers
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "auto".into()),
         c.server.max_connections,
         units::format_size(c.server.max_request_body),
         units::format_duration(c.server.header_read_timeout),
@@ -473,25 +477,25 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
 fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let (path, loaded) = load(given)?;
     let _log_writer = init_logging(&loaded.config);
-    // One worker needs no work-stealing scheduler: a current-thread runtime does the same work
-    // without cross-thread handoffs.
+    // `server.workers: N` runs N current-thread runtimes, this thread's being the first (it also
+    // runs the admin listener and the signal handling; the gateway starts the others): a
+    // connection then stays on the thread that accepted it, with no work-stealing handoffs.
+    // Without it, one multi-thread runtime, a thread per core.
     let mut rt = match loaded.config.server.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
+        Some(_) => tokio::runtime::Builder::new_current_thread(),
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     let rt = rt.enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
+        // Taken over before anything listens: a signal's default action kills the process, and
+        // a SIGTERM or SIGHUP that arrives once callers can connect must drain or reload.
+        let mut stop = Signals::install();
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let running = breakwater::gateway::start_from(loaded, Some(path)).await?;
         let shared = running.shared.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            let Ok(mut hup) = hup else {
                 tracing::warn!("cannot listen for SIGHUP; reload with POST /reload instead");
                 return;
             };
@@ -500,7 +504,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
                 let _ = breakwater::reload::reload(shared.clone()).await;
             }
         });
-        wait_for_signal().await;
+        stop.next().await;
         // Read now, not at start: a reload may have changed it.
         let drain_timeout = running.drain_timeout();
         tracing::info!(timeout = %units::format_duration(drain_timeout), "draining");
@@ -513,7 +517,7 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
                     tracing::warn!("drain timeout reached; exiting with connections still open");
                 }
             }
-            _ = wait_for_signal() => tracing::warn!("second signal; exiting now"),
+            _ = stop.next() => tracing::warn!("second signal; exiting now"),
         }
         anyhow::Ok(())
     })?;
@@ -521,12 +525,29 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, handled from when this is installed on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("installing SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("installing SIGINT handler"),
+        }
     }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    Signals::install().next().await
 }

@@ -78,6 +78,10 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Inbound TLS handshakes that failed (error) or did not finish in time (timeout)."),
     ("breakwater_connections_refused_total", Kind::Counter,
         "Connections closed right after accept, by reason: per_source_limit, proxy_protocol."),
+    ("breakwater_connections_parked", Kind::Gauge,
+        "Idle HTTP/1 client connections held as a bare stream, their HTTP state released until the next request."),
+    ("breakwater_connections_accepted_total", Kind::Counter,
+        "Client connections accepted, by the worker (server.workers) whose listening socket took them."),
 ];
 
 /// Gives every family in [`FAMILIES`] its `# HELP` text, in the recorder installed now.

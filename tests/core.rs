@@ -491,6 +491,113 @@ async fn slow_request_heads_are_cut_off_and_idle_keepalive_closed() {
     assert!(start.elapsed() >= Duration::from_millis(300));
 }
 
+/// Reads one answer (its head, and a `Content-Length` body) from a raw connection; returns the
+/// head.
+async fn read_answer(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0; length];
+    s.read_exact(&mut body).await.unwrap();
+    head
+}
+
+/// Idles a connection past the moment the gateway parks it (one second without a request).
+async fn idle_until_parked(gw: &Gateway) {
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let text = gw.metrics().await;
+    let parked: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("breakwater_connections_parked "))
+        .expect("the parked gauge is exported")
+        .parse()
+        .unwrap();
+    assert!(parked >= 1.0, "no connection parked after a second idle");
+}
+
+/// An idle HTTP/1 connection gives up its HTTP state and gets a fresh one with its next request:
+/// nothing about that is visible to the caller. A head split across the wake-up, pipelined
+/// requests, the framing guard and the head timer all work on a connection that was parked.
+#[tokio::test]
+async fn parked_idle_connections_serve_their_next_requests_as_before() {
+    let backend = Backend::start().await;
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:0\n  header_read_timeout: 300ms\n  keepalive_timeout: 10s\nadmin:\n  listen: 127.0.0.1:0\n{ONE_ROUTE}"
+    );
+    let gw = Gateway::start(&yaml, &backend.url()).await;
+    const GET: &[u8] = b"GET /api/x HTTP/1.1\r\nhost: a\r\n\r\n";
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    assert!(read_answer(&mut s).await.starts_with("http/1.1 200"));
+
+    idle_until_parked(&gw).await;
+    s.write_all(b"GET /api/y HTTP/1.1\r\nho").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: a\r\n\r\n").await.unwrap();
+    let head = read_answer(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    idle_until_parked(&gw).await;
+    s.write_all(&[GET, GET].concat()).await.unwrap();
+    for _ in 0..2 {
+        assert!(read_answer(&mut s).await.starts_with("http/1.1 200"));
+    }
+
+    idle_until_parked(&gw).await;
+    s.write_all(b"POST /api/z HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_answer(&mut s).await;
+    assert!(head.starts_with("http/1.1 400"), "{head}");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the refusal")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(
+        backend.count(|s| &s.requests),
+        4,
+        "the refused request never went up"
+    );
+
+    // A head begun on a parked connection must still arrive within the head timeout.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    assert!(read_answer(&mut s).await.starts_with("http/1.1 200"));
+    idle_until_parked(&gw).await;
+    s.write_all(b"GET /api/x HTTP/1.1\r\n").await.unwrap();
+    let start = tokio::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed by the gateway")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn large_bodies_stream_both_ways_without_being_buffered() {
     let backend = Backend::start().await;

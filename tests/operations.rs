@@ -240,6 +240,178 @@ routes:
     drain.await.unwrap();
 }
 
+// ---- server.workers ----
+
+/// An HTTP/1.1 connection of its own to `addr` (the pooled client would reuse one), and the
+/// task driving it, which ends when the gateway closes the connection.
+async fn own_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<TestBody>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    (
+        send,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+async fn get_on(
+    send: &mut hyper::client::conn::http1::SendRequest<TestBody>,
+    path: &str,
+) -> Answer {
+    send.ready().await.unwrap();
+    let start = tokio::time::Instant::now();
+    let req = http::Request::get(path)
+        .header("host", "gateway")
+        .body(body(bytes::Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.expect("answered");
+    let (parts, b) = resp.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: http_body_util::BodyExt::collect(b)
+            .await
+            .unwrap()
+            .to_bytes(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// `breakwater_connections_accepted_total` of `worker`, from the admin listener at `admin`.
+async fn accepted_by(admin: std::net::SocketAddr, worker: usize) -> usize {
+    let text = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .body;
+    let series = format!("breakwater_connections_accepted_total{{worker=\"{worker}\"}} ");
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+/// Connections of their own to a two-worker gateway, opened until each worker has accepted one
+/// (the kernel picks the worker by a hash of the connection's addresses). Each has been answered
+/// once. Returns them with the worker that took each: `(worker 0's, worker 1's)`.
+async fn one_on_each_worker(
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> [(
+    hyper::client::conn::http1::SendRequest<TestBody>,
+    tokio::task::JoinHandle<()>,
+); 2] {
+    let mut found = [None, None];
+    for _ in 0..64 {
+        let before = accepted_by(admin, 1).await;
+        let (mut send, task) = own_connection(addr).await;
+        // Answered: the accept, and its count, have happened.
+        assert_eq!(get_on(&mut send, "/first").await.status, StatusCode::OK);
+        let worker = usize::from(accepted_by(admin, 1).await > before);
+        if found[worker].is_none() {
+            found[worker] = Some((send, task));
+        }
+        if found.iter().all(Option::is_some) {
+            return found.map(Option::unwrap);
+        }
+    }
+    panic!("64 connections, all on one worker");
+}
+
+/// Two workers, each with its own socket on the one port: both serve, the route's concurrency
+/// limit counts requests on both, and a drain waits for the connections of both.
+#[tokio::test]
+async fn two_workers_serve_one_port_share_admission_and_drain_cleanly() {
+    let backend = Backend::start().await;
+    let mut gw = Gateway::start(
+        r#"
+server: { listen: "127.0.0.1:0", workers: 2, drain_timeout: 10s }
+admin: { listen: "127.0.0.1:0" }
+upstreams:
+  app:
+    url: "{backend}"
+routes:
+  - name: api
+    upstream: app
+    budget: 10s
+    concurrency: 1
+    queue: { max_depth: 10, max_wait: 10s }
+"#,
+        &backend.url(),
+    )
+    .await;
+    let admin = gw.admin.unwrap();
+    let [(mut on0, closed0), (mut on1, closed1)] = one_on_each_worker(gw.addr, admin).await;
+
+    let held = tokio::spawn(async move {
+        let a = get_on(&mut on0, "/held?hold=1").await;
+        (a, on0)
+    });
+    backend
+        .wait_until("held", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    let queued = tokio::spawn(async move { get_on(&mut on1, "/queued").await });
+    let route = gw.route("api");
+    let never = tokio::sync::Notify::new();
+    wait_until(
+        "the other worker's request queued behind the one slot",
+        || route.admission.snapshot().queued == 1,
+        &never,
+    )
+    .await;
+
+    let drain = tokio::spawn(gw.running.take().unwrap().drain(Duration::from_secs(10)));
+    backend.release(1);
+    let (a, _on0) = held.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.header("connection"), Some("close"));
+    let q = queued.await.unwrap();
+    assert_eq!(q.status, StatusCode::OK, "{:?}", q.body);
+    assert_eq!(q.header("connection"), Some("close"));
+    assert!(
+        drain.await.unwrap(),
+        "every connection on both workers closed"
+    );
+    // The gateway closed both connections; nothing listens on the port any more.
+    closed0.await.unwrap();
+    closed1.await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a worker still accepts after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// With more than one worker the port is bound with `SO_REUSEPORT`, which must not let a second
+/// gateway share it with the first.
+#[tokio::test]
+async fn a_second_gateway_cannot_bind_a_port_two_workers_listen_on() {
+    let backend = Backend::start().await;
+    let yaml = "server: { listen: \"127.0.0.1:PORT\", workers: 2 }\nadmin: { enabled: false }\nupstreams:\n  app:\n    url: \"{backend}\"\nroutes:\n  - { name: api, upstream: app, budget: 5s }\n";
+    let first = Gateway::start(&yaml.replace("PORT", "0"), &backend.url()).await;
+    let again = yaml
+        .replace("PORT", &first.addr.port().to_string())
+        .replace("{backend}", &backend.url());
+    let loaded = breakwater::prepare::from_yaml(&again, Vec::new()).unwrap();
+    match breakwater::gateway::start(loaded).await {
+        Ok(_) => panic!("a second gateway bound a port the first listens on"),
+        Err(e) => assert!(e.to_string().contains("server.listen"), "{e}"),
+    }
+    assert_eq!(
+        get(&client(), &first.url("/still")).await.status,
+        StatusCode::OK
+    );
+}
+
 // ---- the real binary ----
 
 fn signal(child: &Child, sig: &str) {
@@ -472,6 +644,87 @@ async fn sighup_applies_a_new_budget_to_new_requests_only_and_rejects_invalid_fi
     assert_eq!(still.status, StatusCode::OK, "old config still serving");
     let slow = get(&c, &format!("{base}/slow?delay=3000")).await;
     slow.assert_refusal("budget_exhausted");
+}
+
+/// The real `run()` with `workers: 2`: a SIGHUP's new budget reaches requests on both workers'
+/// connections, and SIGTERM waits for requests in flight on both before exiting zero.
+#[tokio::test]
+async fn the_binary_with_two_workers_reloads_on_sighup_and_drains_both_on_sigterm() {
+    let backend = Backend::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = |budget: &str| {
+        binary_config(port, admin, &backend.url(), budget)
+            .replace("drain_timeout: 5s }", "drain_timeout: 5s, workers: 2 }")
+    };
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), config("10s")).unwrap();
+    let mut proc = spawn_binary(&file, admin, None, Stdio::null()).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let [(mut on0, closed0), (mut on1, closed1)] = one_on_each_worker(addr, admin_addr).await;
+
+    std::fs::write(file.path(), config("300ms")).unwrap();
+    signal(&proc.0, "HUP");
+    let c = client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reloads(&c, admin, "ok").await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for on in [&mut on0, &mut on1] {
+        get_on(on, "/slow?delay=3000")
+            .await
+            .assert_refusal("budget_exhausted");
+    }
+    std::fs::write(file.path(), config("10s")).unwrap();
+    signal(&proc.0, "HUP");
+    while reloads(&c, admin, "ok").await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let held: Vec<_> = [on0, on1]
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut on)| {
+            tokio::spawn(async move { get_on(&mut on, &format!("/held{i}?hold=1")).await })
+        })
+        .collect();
+    backend
+        .wait_until("one held per worker", |s| {
+            s.held.load(Ordering::SeqCst) == 2
+        })
+        .await;
+    signal(&proc.0, "TERM");
+    let ready = format!("http://127.0.0.1:{admin}/readyz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while get(&c, &ready).await.status != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drain did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    backend.release(2);
+    for h in held {
+        let a = h.await.unwrap();
+        assert_eq!(a.status, StatusCode::OK, "no in-flight request lost");
+        assert_eq!(a.header("connection"), Some("close"));
+    }
+    closed0.await.unwrap();
+    closed1.await.unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "did not exit within drain_timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "exit status {status:?}");
 }
 
 #[tokio::test]

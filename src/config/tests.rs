@@ -958,3 +958,28 @@ fn an_endpoint_list_can_come_from_the_environment() {
     .unwrap();
     assert_eq!(c.upstreams["a"].endpoints[0].concurrency, Some(3));
 }
+
+#[test]
+fn server_workers_defaults_to_none_and_takes_one_to_1024() {
+    assert_eq!(from_yaml(MINIMAL, env(&[])).unwrap().server.workers, None);
+    let with = |n: &str| from_yaml(&format!("server: {{ workers: {n} }}\n{MINIMAL}"), env(&[]));
+    assert_eq!(with("1").unwrap().server.workers, Some(1));
+    assert_eq!(with("2").unwrap().server.workers, Some(2));
+    assert_eq!(with("1024").unwrap().server.workers, Some(1024));
+    let from_env = from_yaml(MINIMAL, env(&[("BREAKWATER__SERVER__WORKERS", "4")])).unwrap();
+    assert_eq!(from_env.server.workers, Some(4));
+    for bad in ["0", "1025", "-2"] {
+        let problems = with(bad).unwrap_err().problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "server.workers" && p.message.contains("between 1 and 1024")),
+            "workers {bad}: {problems:?}"
+        );
+    }
+    let problems = with("two").unwrap_err().problems();
+    assert!(
+        problems.iter().any(|p| p.key == "server.workers"),
+        "{problems:?}"
+    );
+}

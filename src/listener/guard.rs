@@ -158,6 +158,11 @@ impl Guard {
         None
     }
 
+    /// Gives back the capacity the held-back bytes left, keeping any still held.
+    pub fn shrink(&mut self) {
+        self.line.shrink_to_fit();
+    }
+
     /// Bytes held back when the connection ends mid-head: hyper gets them and reports the
     /// incomplete request itself.
     pub fn flush(&mut self, out: &mut Vec<u8>) {

@@ -17,6 +17,11 @@
 //! when `server.proxy_protocol` is on, the per-source connection limit, and the TLS handshake
 //! when `server.tls` is set, all within `server.header_read_timeout` of accept.
 //!
+//! An HTTP/1 connection idle for a second is parked: hyper hands the stream back, its buffers and
+//! state are dropped, and the next request's first bytes start a fresh hyper connection on the
+//! same stream (the framing guard and the timers carry on). Thousands of idle keep-alive
+//! connections then cost little more than their sockets.
+//!
 //! The listener knows nothing of what serves the requests: it is handed any tower service that
 //! answers every request (see [`serve`]); the proxy reads [`ConnInfo`] from each request.
 
@@ -36,10 +41,10 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -178,6 +183,15 @@ impl ConnActivity {
         }
     }
 
+    /// Since when the connection has been idle: no request in flight and no next head begun
+    /// (never on h2, whose streams come and go on their own).
+    fn idle_at(&self) -> Option<Instant> {
+        let idle = self.inflight.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == NONE
+            && !self.h2.load(Ordering::Acquire);
+        idle.then(|| self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Acquire)))
+    }
+
     /// What the connection's timer should do next.
     fn next_action(&self, header_timeout: Duration, keepalive: Duration) -> TimerAction {
         let head = self.head_started.load(Ordering::Acquire);
@@ -275,6 +289,21 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<S> TrackedIo<S> {
+    /// Puts bytes that were read (past the guard) back in front of what is read next.
+    fn unread(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.pending.splice(0..0, bytes.iter().copied());
+        }
+    }
+
+    /// Lets go of the capacity the last request's bytes left behind, for a parked connection.
+    fn release_buffers(&mut self) {
+        self.pending.shrink_to_fit();
+        self.guard.shrink();
+    }
+}
+
 impl<S: AsyncRead> AsyncRead for TrackedIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -351,10 +380,11 @@ pub trait Handler:
         Request<Incoming>,
         Response = Response<ResponseBody>,
         Error = Infallible,
-        Future: Send + 'static,
+        Future: Send + Unpin + 'static,
     > + Clone
     + Send
     + Sync
+    + Unpin
     + 'static
 {
 }
@@ -364,10 +394,11 @@ impl<S> Handler for S where
             Request<Incoming>,
             Response = Response<ResponseBody>,
             Error = Infallible,
-            Future: Send + 'static,
+            Future: Send + Unpin + 'static,
         > + Clone
         + Send
         + Sync
+        + Unpin
         + 'static
 {
 }
@@ -394,21 +425,53 @@ impl<S: Handler> tower::Service<Request<Incoming>> for WithConn<S> {
     }
 }
 
-/// Serves connections accepted on `listener` until `shutdown` turns true, then lets open
-/// connections finish gracefully. Returns once the accept loop has stopped; `connections`
-/// has every permit back once all connections have closed.
-pub async fn serve<H: Handler>(
-    listener: TcpListener,
-    proxy: H,
-    config: ServerConfig,
+/// What every worker's accept loop shares: the connection limits count the whole process, not
+/// one worker, and one shutdown signal reaches them all.
+#[derive(Clone)]
+pub struct Serving {
+    config: Arc<ServerConfig>,
     tls: Option<Arc<crate::tls::ServerTls>>,
     connections: Arc<Semaphore>,
+    sources: Option<Arc<SourceLimit>>,
     shutdown: watch::Receiver<bool>,
-) {
-    let builder = Arc::new(http_builder(&config));
-    let sources = config
-        .max_connections_per_source
-        .map(|max| Arc::new(SourceLimit::new(max)));
+}
+
+impl Serving {
+    /// `connections` has one permit per connection allowed open at once (held until it closes).
+    pub fn new(
+        config: ServerConfig,
+        tls: Option<Arc<crate::tls::ServerTls>>,
+        connections: Arc<Semaphore>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let sources = config
+            .max_connections_per_source
+            .map(|max| Arc::new(SourceLimit::new(max)));
+        Serving {
+            config: Arc::new(config),
+            tls,
+            connections,
+            sources,
+            shutdown,
+        }
+    }
+}
+
+/// Serves connections accepted on `listener` until shutdown is asked for, then lets open
+/// connections finish gracefully. Returns once the accept loop has stopped; the connection
+/// semaphore has every permit back once all connections have closed. `worker` labels this
+/// accept loop's connections in `breakwater_connections_accepted_total`.
+pub async fn serve<H: Handler>(listener: TcpListener, proxy: H, serving: Serving, worker: usize) {
+    let Serving {
+        config,
+        tls,
+        connections,
+        sources,
+        shutdown,
+    } = serving;
+    let builder = Arc::new(Protocols::new(&config));
+    let accepted_total =
+        metrics::counter!("breakwater_connections_accepted_total", "worker" => worker.to_string());
     let mut backoff = Duration::from_millis(5);
     let mut stop = shutdown.clone();
     loop {
@@ -426,6 +489,7 @@ pub async fn serve<H: Handler>(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                accepted_total.increment(1);
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(accept_connection(
                     stream,
@@ -469,6 +533,46 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// `n` listening sockets on one address, one per worker, for the kernel to spread incoming
+/// connections over (`SO_REUSEPORT`, by a hash of the connection's addresses): each worker
+/// accepts on its own socket, so no accept is contended and no connection is handed from one
+/// thread to another. They are plain std sockets, for each worker to register with its own
+/// runtime (`TcpListener::from_std`); port 0 picks one port for all of them.
+///
+/// `SO_REUSEPORT` would also let this bind succeed next to another process of the same user
+/// listening there with the option set (an instance still running, say), silently splitting the
+/// traffic with it; so the address is first bound once without it, which fails as a plain bind
+/// does when anything listens there.
+pub fn bind_group(
+    addr: SocketAddr,
+    backlog: u32,
+    n: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = || -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        Ok(s)
+    };
+    let probe = socket()?;
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .expect("an inet socket has an inet address");
+    drop(probe);
+    (0..n)
+        .map(|_| {
+            let s = socket()?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(backlog.min(i32::MAX as u32) as i32)?;
+            Ok(s.into())
+        })
+        .collect()
+}
+
 /// Resolves once shutdown has been asked for (or whoever could ask has gone away).
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {
@@ -487,23 +591,37 @@ fn is_per_connection_error(e: &io::Error) -> bool {
     )
 }
 
-fn http_builder(config: &ServerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(true)
-        .max_buf_size(config.max_header_size)
-        .max_headers(config.max_headers);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_size as u32)
-        .max_concurrent_streams(Some(256))
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    if config.http2 {
-        b
-    } else {
-        b.http1_only()
+/// hyper's HTTP/1.1 and HTTP/2 servers as the listener's config sets them up; which one serves
+/// a connection is decided by its first bytes (`starts_h2`).
+struct Protocols {
+    h1: http1::Builder,
+    /// None: `server.http2` is off, every connection is HTTP/1.
+    h2: Option<http2::Builder<TokioExecutor>>,
+    /// `breakwater_connections_parked`.
+    parked: metrics::Gauge,
+}
+
+impl Protocols {
+    fn new(config: &ServerConfig) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_buf_size(config.max_header_size)
+            .max_headers(config.max_headers);
+        let h2 = config.http2.then(|| {
+            let mut h2 = http2::Builder::new(TokioExecutor::new());
+            h2.timer(TokioTimer::new())
+                .max_header_list_size(config.max_header_size as u32)
+                .max_concurrent_streams(Some(256))
+                .keep_alive_interval(Some(Duration::from_secs(30)));
+            h2
+        });
+        Protocols {
+            h1,
+            h2,
+            parked: metrics::gauge!("breakwater_connections_parked"),
+        }
     }
 }
 
@@ -567,8 +685,8 @@ async fn accept_connection<H: Handler>(
     mut stream: TcpStream,
     tcp_peer: SocketAddr,
     proxy: H,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    config: ServerConfig,
+    builder: Arc<Protocols>,
+    config: Arc<ServerConfig>,
     tls: Option<Arc<crate::tls::ServerTls>>,
     sources: Option<Arc<SourceLimit>>,
     shutdown: watch::Receiver<bool>,
@@ -612,25 +730,148 @@ async fn accept_connection<H: Handler>(
         )
         .await;
     };
+    // rustls's state is kilobytes and lives inside the stream: boxed, it is not part of every
+    // plain connection's task as well (a task is as large as its largest state).
+    Box::pin(accept_tls(
+        stream, peer, deadline, tls, proxy, builder, config, shutdown, permit,
+    ))
+    .await
+}
+
+/// The TLS handshake by `deadline`, then HTTP over it.
+#[allow(clippy::too_many_arguments)]
+async fn accept_tls<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    tls: Arc<crate::tls::ServerTls>,
+    proxy: H,
+    builder: Arc<Protocols>,
+    config: Arc<ServerConfig>,
+    shutdown: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
-    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => {
-            serve_connection(
-                stream, peer, "https", proxy, builder, config, shutdown, permit,
-            )
-            .await
-        }
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             metrics::counter!("breakwater_tls_handshake_failures_total", "reason" => "error")
                 .increment(1);
+            return;
         }
         Err(_) => {
             tracing::debug!(%peer, "TLS handshake not finished in time; closing");
             metrics::counter!("breakwater_tls_handshake_failures_total", "reason" => "timeout")
                 .increment(1);
+            return;
+        }
+    };
+    serve_connection(
+        stream, peer, "https", proxy, builder, config, shutdown, permit,
+    )
+    .await
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long an HTTP/1 connection sits idle before hyper's state for it is let go (see
+/// `Conn::Parked`). Long enough that a caller sending requests back to back keeps its state;
+/// short enough that thousands of idle keep-alive connections hold little more than a socket.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+type Io<S> = TokioIo<TrackedIo<S>>;
+type Service<H> = TowerToHyperService<WithConn<H>>;
+type H2Connection<S, H> = http2::Connection<Io<S>, Service<H>, TokioExecutor>;
+
+/// A connection as its task holds it.
+enum Conn<S, H: Handler> {
+    /// hyper serves HTTP/1: its read buffer (8-16 KiB), write buffer (8 KiB) and state live in
+    /// the box.
+    H1(Box<http1::Connection<Io<S>, Service<H>>>),
+    H2(Pin<Box<H2Connection<S, H>>>),
+    /// Idle HTTP/1: only the stream is kept, and the first bytes of the next request start a
+    /// fresh hyper connection on it. An idle hyper connection keeps its buffers; NGINX frees a
+    /// keep-alive connection's buffers too.
+    Parked {
+        io: TrackedIo<S>,
+        _counted: ParkedCount,
+    },
+}
+
+/// One parked connection counted in `breakwater_connections_parked`, until dropped.
+struct ParkedCount(metrics::Gauge);
+
+impl ParkedCount {
+    fn new(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        ParkedCount(gauge.clone())
+    }
+}
+
+impl Drop for ParkedCount {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// What happened to a connection the task was waiting on.
+enum Event {
+    /// hyper is done with the connection (or failed).
+    Served(Result<(), hyper::Error>),
+    /// Bytes (or the end of the stream) arrived on a parked connection: how many.
+    Woken(io::Result<usize>),
+}
+
+impl<S, H> Conn<S, H>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        match self {
+            Conn::H1(c) => c.poll_without_shutdown(cx).map(Event::Served),
+            Conn::H2(c) => std::future::Future::poll(c.as_mut(), cx).map(Event::Served),
+            Conn::Parked { io, .. } => {
+                // On the stack only while polled: a parked connection holds no buffer.
+                let mut buf = [0u8; 1024];
+                let mut read = ReadBuf::new(&mut buf);
+                let woken = ready!(Pin::new(&mut *io).poll_read(cx, &mut read)).map(|()| {
+                    io.unread(read.filled());
+                    read.filled().len()
+                });
+                Poll::Ready(Event::Woken(woken))
+            }
         }
     }
+
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Conn::H1(c) => Pin::new(&mut **c).graceful_shutdown(),
+            Conn::H2(c) => c.as_mut().graceful_shutdown(),
+            Conn::Parked { .. } => {}
+        }
+    }
+}
+
+/// Whether the connection starts with the HTTP/2 preface. The bytes read to tell go back in
+/// front of the stream, for whichever protocol serves it.
+async fn starts_h2<S: AsyncRead + Unpin>(io: &mut TrackedIo<S>) -> io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        if buf[..filled] != H2_PREFACE[..filled] {
+            break;
+        }
+    }
+    io.unread(&buf[..filled]);
+    Ok(buf[..filled] == *H2_PREFACE)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -639,21 +880,21 @@ async fn serve_connection<S, H: Handler>(
     peer: SocketAddr,
     proto: &'static str,
     proxy: H,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    config: ServerConfig,
+    protocols: Arc<Protocols>,
+    config: Arc<ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(ConnActivity::new());
-    let io = TokioIo::new(TrackedIo {
+    let mut io = TrackedIo {
         inner: stream,
         activity: activity.clone(),
         guard: guard::Guard::new(config.max_header_size, config.max_headers),
         pending: Vec::new(),
         eof: false,
-    });
+    };
     let service = TowerToHyperService::new(WithConn {
         inner: proxy,
         info: ConnInfo {
@@ -662,17 +903,52 @@ async fn serve_connection<S, H: Handler>(
             activity: activity.clone(),
         },
     });
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
+    let h2 = match &protocols.h2 {
+        None => false,
+        Some(_) => {
+            // The first head's timer runs from accept (`ConnActivity::new`).
+            let deadline = activity.epoch + config.header_read_timeout;
+            tokio::select! {
+                found = tokio::time::timeout_at(deadline, starts_h2(&mut io)) => match found {
+                    Ok(Ok(h2)) => h2,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "client connection failed before its first request");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "request head not received in time; closing");
+                        return;
+                    }
+                },
+                _ = crate::listener::stopped(&mut shutdown) => return,
+            }
+        }
+    };
+    let mut conn: Conn<S, H> = match (&protocols.h2, h2) {
+        (Some(h2), true) => Conn::H2(Box::pin(
+            h2.serve_connection(TokioIo::new(io), service.clone()),
+        )),
+        _ => Conn::H1(Box::new(
+            protocols
+                .h1
+                .serve_connection(TokioIo::new(io), service.clone()),
+        )),
+    };
     let mut closing = false;
+    // hyper was asked to finish so the connection can be parked.
+    let mut parking = false;
     loop {
         // While the next wake-up is being worked out, an exact write deadline wakes the timer.
         activity.timer_at.store(0, Ordering::Release);
         let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
+        let park_at = match (&conn, activity.idle_at()) {
+            (Conn::H1(_), Some(idle)) if !closing && !parking => Some(idle + PARK_AFTER),
+            _ => None,
+        };
         let wake_at = match action {
             TimerAction::Write(t) => Some(t),
             _ if closing => None,
-            TimerAction::Head(t) | TimerAction::Idle(t) => Some(t),
+            TimerAction::Head(t) | TimerAction::Idle(t) => Some(park_at.map_or(t, |p| p.min(t))),
         };
         activity.timer_at.store(
             wake_at.map_or(NONE, |t| activity.ms_of(t)),
@@ -685,35 +961,84 @@ async fn serve_connection<S, H: Handler>(
             }
         };
         tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
+            event = std::future::poll_fn(|cx| conn.poll_event(cx)) => match event {
+                Event::Served(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    return;
                 }
-                return;
-            }
+                Event::Served(Ok(())) => {
+                    let Conn::H1(done) = conn else { return };
+                    let parts = done.into_parts();
+                    let mut io = parts.io.into_inner();
+                    io.unread(&parts.read_buf);
+                    if !parking || closing {
+                        // hyper left the closing of the stream to us (`poll_without_shutdown`).
+                        let _ = tokio::time::timeout(config.header_read_timeout, io.shutdown()).await;
+                        return;
+                    }
+                    parking = false;
+                    io.release_buffers();
+                    conn = Conn::Parked {
+                        io,
+                        _counted: ParkedCount::new(&protocols.parked),
+                    };
+                }
+                Event::Woken(Ok(0)) => return,
+                Event::Woken(Ok(_)) => {
+                    let Conn::Parked { io, .. } = conn else { return };
+                    conn = Conn::H1(Box::new(
+                        protocols
+                            .h1
+                            .serve_connection(TokioIo::new(io), service.clone()),
+                    ));
+                }
+                Event::Woken(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "idle client connection failed");
+                    return;
+                }
+            },
             _ = activity.changed.notified() => {}
             _ = timer => {
+                let now = Instant::now();
                 match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
-                    TimerAction::Head(t) if t <= Instant::now() => {
+                    TimerAction::Head(t) if t <= now => {
                         tracing::debug!(%peer, "request head not received in time; closing");
                         return;
                     }
-                    TimerAction::Idle(t) if t <= Instant::now() => {
+                    TimerAction::Idle(t) if t <= now => {
+                        if matches!(conn, Conn::Parked { .. }) {
+                            return;
+                        }
                         closing = true;
-                        conn.as_mut().graceful_shutdown();
+                        conn.graceful_shutdown();
                     }
-                    TimerAction::Write(t) if t <= Instant::now() => {
+                    TimerAction::Write(t) if t <= now => {
                         // Dropping the connection drops what its requests hold; they see why.
                         tracing::debug!(%peer, "answer not written within its budget; closing");
                         activity.stalled.store(true, Ordering::Release);
                         return;
                     }
+                    // Still idle since before `park_at` (the same task checks and asks, so no
+                    // request can have begun in between): hyper finishes, and hands the stream
+                    // back instead of closing it.
+                    TimerAction::Idle(_)
+                        if matches!(conn, Conn::H1(_))
+                            && !closing
+                            && !parking
+                            && activity.idle_at().is_some_and(|idle| idle + PARK_AFTER <= now) =>
+                    {
+                        parking = true;
+                        conn.graceful_shutdown();
+                    }
                     _ => {}
                 }
             }
             _ = crate::listener::stopped(&mut shutdown), if !closing => {
+                if matches!(conn, Conn::Parked { .. }) {
+                    return;
+                }
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
             }
         }
     }

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Does `server.workers: 2` scale? NGINX with one and two worker processes and Breakwater with
+# `workers: 1` and `workers: 2`, side by side in one run against the same fast backend, with the
+# CPU time each proxy spent per request (all its processes or threads, user + system, from
+# /proc), and how that time was split over Breakwater's threads. Loopback only; needs
+# nginx-light and wrk, and a release build.
+#
+#   bash tests/bench/workers.sh [duration=5s] [connections=64] [rounds=2]
+#
+# On a machine where wrk and the backend share the proxy's cores, requests/s cannot double; the
+# CPU time per request staying level from one worker to two shows whether a second core would be
+# used as well as the first. BASELINE=path/to/another/breakwater adds that build with
+# `workers: 2` as a fifth column (before this change, `workers: 2` was one multi-threaded runtime
+# of two threads accepting on one socket).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=tests/bench/common.sh
+. tests/bench/common.sh
+DUR=${1:-5s}
+CONNS=${2:-64}
+ROUNDS=${3:-2}
+BIN=${BIN:-target/release/breakwater}
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-get install nginx-light wrk" >&2; exit 1; }
+
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
+BACKEND=18131 NGINX1=18132 NGINX2=18133 BW1=18134 BW1_ADMIN=18135 BW2=18136 BW2_ADMIN=18137 BASE=18138 BASE_ADMIN=18139
+
+fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
+
+nginx_proxy_conf() { # workers port
+  cat <<NGX
+worker_processes $1;
+pid $WORK/proxy$1.pid;
+error_log $WORK/proxy$1.err;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$2 reuseport;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGX
+}
+nginx_proxy_conf 1 "$NGINX1" >"$WORK/nginx1.conf"
+nginx_proxy_conf 2 "$NGINX2" >"$WORK/nginx2.conf"
+
+bw_conf() { # workers port admin
+  cat <<YAML
+server: { listen: "127.0.0.1:$2", workers: $1 }
+admin: { listen: "127.0.0.1:$3" }
+log: { format: json, level: warn }
+upstreams:
+  backend:
+    url: "http://127.0.0.1:$BACKEND"
+    pool: { max_connections: 64, min_idle: 8 }
+routes:
+  - name: all
+    match: { path_prefix: / }
+    upstream: backend
+    budget: 10s
+YAML
+}
+bw_conf 1 "$BW1" "$BW1_ADMIN" >"$WORK/bw1.yaml"
+bw_conf 2 "$BW2" "$BW2_ADMIN" >"$WORK/bw2.yaml"
+bw_conf 2 "$BASE" "$BASE_ADMIN" >"$WORK/base.yaml"
+
+nginx -c "$WORK/backend.conf" -p "$WORK" &
+nginx -c "$WORK/nginx1.conf" -p "$WORK" &
+NGINX1_PID=$!
+nginx -c "$WORK/nginx2.conf" -p "$WORK" &
+NGINX2_PID=$!
+"$BIN" --config "$WORK/bw1.yaml" >/dev/null 2>&1 &
+BW1_PID=$!
+"$BIN" --config "$WORK/bw2.yaml" >/dev/null 2>&1 &
+BW2_PID=$!
+if [ -n "${BASELINE:-}" ]; then
+  "$BASELINE" --config "$WORK/base.yaml" >/dev/null 2>&1 &
+  BASE_PID=$!
+fi
+sleep 1
+
+ticks() { # pid: user + system clock ticks of the process, and of NGINX's worker processes
+  local t=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+threads() { # pid: clock ticks per thread name
+  for t in /proc/"$1"/task/*; do
+    awk '{gsub(/[()]/, "", $2); print $2, $14 + $15}' "$t/stat"
+  done | awk '{s[$1] += $2} END {for (n in s) if (s[n] > 0) printf "%s %d  ", n, s[n]}'
+}
+
+HZ=$(getconf CLK_TCK)
+run() { # name pid url
+  local before after
+  before=$(ticks "$2")
+  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$3" >"$WORK/wrk.out"
+  after=$(ticks "$2")
+  awk -v name="$1" -v cpu=$((after - before)) -v hz="$HZ" '
+    /requests in/ {n=$1; secs=$4 + 0}
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
+    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request   %4.2f cores busy\n", name, rps, p50, p99, cpu / hz / n * 1e6, cpu / hz / secs}' "$WORK/wrk.out"
+}
+
+echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)"
+for r in $(seq "$ROUNDS"); do
+  echo "-- round $r"
+  run nginx-1 "$NGINX1_PID" "http://127.0.0.1:$NGINX1/v1/sentiment"
+  run nginx-2 "$NGINX2_PID" "http://127.0.0.1:$NGINX2/v1/sentiment"
+  run bw-1 "$BW1_PID" "http://127.0.0.1:$BW1/v1/sentiment"
+  run bw-2 "$BW2_PID" "http://127.0.0.1:$BW2/v1/sentiment"
+  if [ -n "${BASELINE:-}" ]; then run baseline-2 "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
+done
+echo "CPU ticks per thread since start: bw-1: $(threads "$BW1_PID")"
+echo "                                  bw-2: $(threads "$BW2_PID")"
+echo "connections accepted per worker, bw-2: $(curl -s "http://127.0.0.1:$BW2_ADMIN/metrics" | grep '^breakwater_connections_accepted_total' | tr '\n' ' ')"
