@@ -211,7 +211,7 @@ fn publish_pool_gauges(shared: &Shared) {
     let table = shared.table.load();
     for (name, up) in &table.upstreams {
         let (mut idle, mut all) = (0u32, 0u32);
-        for e in &up.endpoints {
+        for e in up.endpoints().iter() {
             let state = e.pool.state();
             idle += state.idle_connections;
             all += state.connections;

@@ -111,7 +111,7 @@ async fn a_dead_endpoint_is_ejected_and_the_others_answer_everything() {
         let a = post(&c, &gw.url("/x"), b"{}").await;
         assert_eq!(a.status, 200, "{:?}", a.reason());
     }
-    let dead_endpoint = &route.upstream.endpoints[1];
+    let dead_endpoint = &route.upstream.endpoints()[1];
     assert!(matches!(
         dead_endpoint.health.standing(Instant::now()),
         Standing::Ejected(_)
@@ -218,7 +218,7 @@ async fn a_reload_adds_and_removes_endpoints_under_requests_in_flight() {
         .await;
     b.wait_until("held at b", |s| s.held.load(Ordering::SeqCst) == 1)
         .await;
-    let kept_b = Arc::clone(&gw.route("r").upstream.endpoints[1]);
+    let kept_b = Arc::clone(&gw.route("r").upstream.endpoints()[1]);
 
     // a leaves, c joins; b is kept with its request in flight.
     let text = format!(
@@ -228,7 +228,7 @@ async fn a_reload_adds_and_removes_endpoints_under_requests_in_flight() {
     let loaded = breakwater::prepare::from_yaml(&text, Vec::new()).unwrap();
     breakwater::reload::apply(&shared, loaded);
     let route = gw.route("r");
-    assert!(Arc::ptr_eq(&route.upstream.endpoints[0], &kept_b));
+    assert!(Arc::ptr_eq(&route.upstream.endpoints()[0], &kept_b));
     assert_eq!(kept_b.outstanding(), 1);
     // The request still at a keeps its route slot until it is done; then, b being busy, the
     // next request goes to c.
@@ -271,7 +271,7 @@ async fn a_request_refused_by_one_endpoint_waits_for_a_busy_one_rather_than_fail
     });
     let upstream = gw.route("r-wait").upstream.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while upstream.endpoints[1].health.is_open() || !dead_was_tried(&gw).await {
+    while upstream.endpoints()[1].health.is_open() || !dead_was_tried(&gw).await {
         assert!(
             Instant::now() < deadline,
             "the dead endpoint was never tried"
@@ -310,7 +310,7 @@ async fn an_endpoint_that_never_answers_is_ejected_while_the_others_answer() {
     let c = client();
     let deadline = Instant::now() + Duration::from_secs(10);
     // Two at a time: one goes to each endpoint, so the live one answers while the other hangs.
-    while !route.upstream.endpoints[1].health.is_open() {
+    while !route.upstream.endpoints()[1].health.is_open() {
         assert!(
             Instant::now() < deadline,
             "the hanging endpoint was never ejected"
@@ -362,6 +362,38 @@ async fn a_single_endpoint_is_not_ejected_for_answers_that_come_too_late() {
         assert_eq!(a.reason(), Some("budget_exhausted"));
     }
     let route = gw.route("r");
-    assert!(!route.upstream.endpoints[0].health.is_open());
+    assert!(!route.upstream.endpoints()[0].health.is_open());
     assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+}
+
+#[tokio::test]
+async fn discovery_turns_each_address_into_an_endpoint_with_its_own_limit() {
+    let b = Backend::start().await;
+    // An address literal resolves to itself: one discovered endpoint.
+    let yaml = format!(
+        "upstreams:\n  found:\n    url: \"{}\"\n    discovery: {{ every: 50ms, endpoint_concurrency: 1 }}\n    pool: {{ min_idle: 0 }}\nroutes:\n  - name: r-found\n    match: {{ path_prefix: / }}\n    upstream: found\n    budget: 10s\n",
+        b.url()
+    );
+    let gw = Gateway::start(&yaml, "").await;
+    let route = gw.route("r-found");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while route.upstream.capacity() != 1 {
+        assert!(Instant::now() < deadline, "nothing discovered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(&*route.upstream.endpoints()[0].label, b.addr.to_string());
+    let c = client();
+    let first = tokio::spawn(hold(c.clone(), gw.url("/x?hold=1")));
+    b.wait_until("one held", |s| s.held.load(Ordering::SeqCst) == 1)
+        .await;
+    let second = tokio::spawn(hold(c.clone(), gw.url("/x")));
+    // The endpoint's limit is the route's: the second waits at the gateway, not the backend.
+    while route.admission.snapshot().queued != 1 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.release(1);
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(second.await.unwrap().status, 200);
+    assert_eq!(b.count(|s| &s.max_inflight), 1);
 }

@@ -121,6 +121,12 @@ pub fn describe(c: &Config) -> Value {
                         "probes": u.circuit.probes,
                     },
             });
+            if let Some(found) = &u.discovery {
+                shown["discovery"] = json!({
+                    "every": d(found.every),
+                    "endpoint_concurrency": found.endpoint_concurrency,
+                });
+            }
             if u.listed {
                 shown["endpoints"] = u
                     .endpoints

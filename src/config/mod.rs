@@ -40,7 +40,8 @@ pub use route::{
 };
 pub use server::{ServerConfig, ServerTlsConfig};
 pub use upstream::{
-    Balance, CircuitConfig, EndpointConfig, PoolConfig, UpstreamConfig, UpstreamTlsConfig,
+    Balance, CircuitConfig, DiscoveryConfig, EndpointConfig, PoolConfig, UpstreamConfig,
+    UpstreamTlsConfig,
 };
 pub use warnings::{warnings, Warning, DATA_ACTION_LIMIT};
 

@@ -138,6 +138,7 @@ pub struct RawUpstream {
     pub url: Option<String>,
     pub endpoints: Option<Vec<RawEndpoint>>,
     pub balance: Option<String>,
+    pub discovery: Option<RawDiscovery>,
     pub preserve_host: Option<bool>,
     pub tls: Option<RawUpstreamTls>,
     #[serde(default)]
@@ -151,6 +152,7 @@ impl RawUpstream {
         ("url", Leaf),
         ("endpoints", List(&Keys(RawEndpoint::KEYS))),
         ("balance", Leaf),
+        ("discovery", Keys(RawDiscovery::KEYS)),
         ("preserve_host", Leaf),
         ("tls", Keys(RawUpstreamTls::KEYS)),
         ("pool", Keys(RawPool::KEYS)),
@@ -168,6 +170,19 @@ pub struct RawEndpoint {
 
 impl RawEndpoint {
     pub const KEYS: &'static [(&'static str, Shape)] = &[("url", Leaf), ("concurrency", Leaf)];
+}
+
+/// `upstreams.<name>.discovery`: each address the url's host resolves to is an endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub every: Option<String>,
+    pub endpoint_concurrency: Option<i64>,
+}
+
+impl RawDiscovery {
+    pub const KEYS: &'static [(&'static str, Shape)] =
+        &[("every", Leaf), ("endpoint_concurrency", Leaf)];
 }
 
 /// `upstreams.<name>.tls`, for `https://` urls.

@@ -983,3 +983,38 @@ fn server_workers_defaults_to_none_and_takes_one_to_1024() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn discovery_takes_the_url_and_says_what_it_found_in_config() {
+    let text = with_server(
+        "  listen: 127.0.0.1:0",
+        "    url: http://analytics.local:8000\n    discovery: { every: 30s, endpoint_concurrency: 4 }",
+    );
+    let c = from_yaml(&text, env(&[])).unwrap();
+    let u = &c.upstreams["a"];
+    let d = u.discovery.as_ref().unwrap();
+    assert_eq!(
+        (d.every, d.endpoint_concurrency),
+        (Duration::from_secs(30), Some(4))
+    );
+    // How many endpoints there will be is only known at run time.
+    assert_eq!(u.capacity(), None);
+    let shown = describe(&c);
+    assert_eq!(shown["upstreams"]["a"]["discovery"]["every"], "30s");
+
+    let problems = problems_of(&with_server(
+        "  listen: 127.0.0.1:0",
+        "    endpoints: [{ url: \"http://127.0.0.1:8001\" }]\n    discovery: { every: soon, endpoint_concurrency: 0 }",
+    ));
+    assert_problem(
+        &problems,
+        "upstreams.a.discovery",
+        "together with `endpoints`",
+    );
+    assert_problem(&problems, "upstreams.a.discovery.every", "soon");
+    assert_problem(
+        &problems,
+        "upstreams.a.discovery.endpoint_concurrency",
+        "`0`",
+    );
+}

@@ -18,6 +18,9 @@ pub struct UpstreamConfig {
     /// Written as `endpoints:` rather than `url:` (how `/config` shows it).
     pub listed: bool,
     pub balance: Balance,
+    /// Each address the url's host resolves to is an endpoint (`endpoints` then holds the url
+    /// itself, the template every discovered endpoint is made from).
+    pub discovery: Option<DiscoveryConfig>,
     /// Path shared by the endpoints' urls, prepended to every forwarded path ("" when none).
     pub base_path: String,
     pub preserve_host: bool,
@@ -65,6 +68,14 @@ impl EndpointConfig {
     }
 }
 
+/// `discovery`: the url's host is resolved every `every`, and each address is an endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveryConfig {
+    pub every: Duration,
+    /// Each discovered endpoint's `concurrency`.
+    pub endpoint_concurrency: Option<usize>,
+}
+
 /// How a request picks among the endpoints with a free slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -84,8 +95,12 @@ impl Balance {
 }
 
 impl UpstreamConfig {
-    /// The endpoints' limits added up, when every endpoint has one.
+    /// The endpoints' limits added up, when every endpoint has one (and they are known before
+    /// the upstream runs: not with discovery).
     pub fn capacity(&self) -> Option<usize> {
+        if self.discovery.is_some() {
+            return None;
+        }
         self.endpoints.iter().map(|e| e.concurrency).sum()
     }
 }
@@ -185,6 +200,27 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
             Balance::LeastOutstanding
         }
     };
+    let discovery = u.discovery.as_ref().map(|d| {
+        let dkey = format!("{key}.discovery");
+        if u.endpoints.is_some() {
+            p.add(
+                &dkey,
+                "set together with `endpoints`: discovery makes the endpoints from `url`",
+            );
+        }
+        DiscoveryConfig {
+            every: p.duration(&format!("{dkey}.every"), &d.every, Duration::from_secs(10)),
+            endpoint_concurrency: d.endpoint_concurrency.map(|_| {
+                p.count(
+                    &format!("{dkey}.endpoint_concurrency"),
+                    d.endpoint_concurrency,
+                    1,
+                    1,
+                    100_000,
+                ) as usize
+            }),
+        }
+    });
     let listed = u.endpoints.is_some();
     let single = RawEndpoint::default();
     let written: Vec<(String, &RawEndpoint)> = match (&u.url, &u.endpoints) {
@@ -332,6 +368,7 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         endpoints,
         listed,
         balance,
+        discovery,
         base_path,
         preserve_host: u.preserve_host.unwrap_or(false),
         tls,

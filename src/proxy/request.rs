@@ -150,7 +150,7 @@ pub fn rewrite(
     });
     let up = &route.upstream.config;
     // With several endpoints and the host not preserved, the upstream sets each endpoint's own.
-    let first: &str = &route.upstream.endpoints[0].label;
+    let first: &str = &route.upstream.host_authority;
     let upstream_host = match &original_host {
         Some(h) if up.preserve_host => h.as_str(),
         _ => first,

@@ -70,6 +70,7 @@ impl Table {
                         old_upstream(&u.name).map(|o| &**o),
                     ));
                     up.watch_returns();
+                    up.start_discovery();
                     up
                 });
                 (u.name.clone(), up)

@@ -19,6 +19,8 @@ pub struct Endpoint {
     pub config: EndpointConfig,
     /// `host:port`: the endpoint in metrics, logs and `/config`.
     pub label: Arc<str>,
+    /// `label` as a Host header, for upstreams whose endpoints each get their own.
+    pub(super) host_header: Option<http::HeaderValue>,
     pub pool: Pool<Connector>,
     pub connector: Arc<ConnectorState>,
     pub health: Circuit,
@@ -93,6 +95,7 @@ impl Endpoint {
         Endpoint {
             config: config.clone(),
             health: Circuit::new(&up.name, &label, &up.circuit),
+            host_header: http::HeaderValue::from_str(&label).ok(),
             label,
             min_idle,
             pool,

@@ -8,6 +8,7 @@
 //! route that uses it so its queue follows at once.
 
 mod connector;
+mod discovery;
 mod endpoint;
 mod idle;
 
@@ -16,14 +17,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use bb8::{Pool, PooledConnection};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use metrics::Gauge;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 pub use connector::{ConnectError, Connector, ConnectorState, UpstreamConn};
+pub use discovery::{Resolve, SystemResolver};
 pub use endpoint::{Endpoint, EndpointSlot};
 
 use crate::admission::Admission;
@@ -134,12 +138,15 @@ impl Lease {
 
 pub struct Upstream {
     pub config: UpstreamConfig,
-    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The endpoints in use: fixed from the config, or as discovery last found them.
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     /// Built from `config.tls` and the files it names (exactly for `https://` upstreams).
     pub tls: Option<crate::tls::ClientTls>,
-    /// The Host header each endpoint is sent, when the host is not preserved and the endpoints
-    /// differ (a single endpoint's is set when the request is rewritten).
-    hosts: Option<Vec<HeaderValue>>,
+    /// The Host the rewritten request carries: the url's authority (with several listed
+    /// endpoints and the host not preserved, each endpoint's own replaces it when sent).
+    pub host_authority: Arc<str>,
+    /// Each listed endpoint is sent its own Host.
+    host_per_endpoint: bool,
     /// Round-robin position.
     next: AtomicUsize,
     /// What the endpoints in service take together (`usize::MAX`: unbounded); see the module
@@ -188,31 +195,42 @@ impl Upstream {
                 && o.config.tls == config.tls
                 && o.tls == tls
         });
-        let endpoints: Vec<Arc<Endpoint>> = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                keep.and_then(|o| o.endpoints.iter().find(|k| k.config == *e))
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(&config, e, tls.as_ref())))
-            })
-            .collect();
-        // An authority from a parsed url is always a valid header value; if one were not, the
-        // rewritten request's Host (the first endpoint's) would be left as it is.
-        let hosts = (!config.preserve_host && endpoints.len() > 1)
-            .then(|| {
-                endpoints
-                    .iter()
-                    .map(|e| HeaderValue::from_str(&e.label).ok())
-                    .collect::<Option<Vec<_>>>()
-            })
-            .flatten();
+        let kept: Option<&Upstream> = keep;
+        let old_list = kept.map(|o| o.endpoints.load_full());
+        // Discovered endpoints carry on when what they are made from did not change.
+        let rediscovered = match (kept, &config.discovery, &old_list) {
+            (Some(o), Some(d), Some(list))
+                if o.config.endpoints == config.endpoints
+                    && o.config.discovery.as_ref().map(|x| x.endpoint_concurrency)
+                        == Some(d.endpoint_concurrency) =>
+            {
+                Some(list.to_vec())
+            }
+            _ => None,
+        };
+        let endpoints: Vec<Arc<Endpoint>> = rediscovered.unwrap_or_else(|| {
+            config
+                .endpoints
+                .iter()
+                .map(|e| {
+                    old_list
+                        .as_ref()
+                        .and_then(|l| l.iter().find(|k| k.config == *e))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Endpoint::new(&config, e, tls.as_ref())))
+                })
+                .collect()
+        });
+        let host_authority: Arc<str> = Arc::from(config.endpoints[0].authority());
+        let host_per_endpoint =
+            !config.preserve_host && config.discovery.is_none() && config.endpoints.len() > 1;
         let name = config.name.clone();
         let up = Upstream {
             config,
-            endpoints,
+            endpoints: ArcSwap::from_pointee(endpoints),
             tls,
-            hosts,
+            host_authority,
+            host_per_endpoint,
             next: AtomicUsize::new(0),
             capacity: AtomicUsize::new(usize::MAX),
             watchers: Mutex::new(Vec::new()),
@@ -232,11 +250,16 @@ impl Upstream {
     /// Called once the upstream is shared.
     pub fn watch_returns(self: &Arc<Self>) {
         let now = Instant::now();
-        for e in &self.endpoints {
+        for e in self.endpoints.load().iter() {
             if let Standing::Ejected(until) = e.health.standing(now) {
                 self.wake_at(until);
             }
         }
+    }
+
+    /// The endpoints in use now.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
     }
 
     /// Tells `admission` whenever this upstream's capacity changes.
@@ -258,7 +281,10 @@ impl Upstream {
 
     /// Whether any endpoint has ever been connected to (readiness can wait for it).
     pub fn ever_connected(&self) -> bool {
-        self.endpoints.iter().any(|e| e.connector.ever_connected())
+        self.endpoints
+            .load()
+            .iter()
+            .any(|e| e.connector.ever_connected())
     }
 
     /// Refuses at once (`circuit_open`) while every endpoint is ejected; Retry-After is when the
@@ -269,7 +295,7 @@ impl Upstream {
         }
         let now = Instant::now();
         let mut back = None::<Instant>;
-        for e in &self.endpoints {
+        for e in self.endpoints.load().iter() {
             match e.health.standing(now) {
                 Standing::Ejected(until) => back = Some(back.map_or(until, |b| b.min(until))),
                 _ => {
@@ -286,7 +312,8 @@ impl Upstream {
     /// Waits (at most `limit`) until every endpoint's pool holds its `min_idle` connections, so
     /// the first burst does not pay for connects. Returns whether it got there.
     pub async fn warm_up(&self, limit: Duration) -> bool {
-        let all = self.endpoints.iter().map(|e| e.warm_up(limit));
+        let endpoints = self.endpoints.load_full();
+        let all = endpoints.iter().map(|e| e.warm_up(limit));
         futures_util::future::join_all(all)
             .await
             .into_iter()
@@ -316,14 +343,9 @@ impl Upstream {
             }
         };
         let endpoint = slot.endpoint().clone();
-        if let Some(hosts) = &self.hosts {
-            if let Some(i) = self
-                .endpoints
-                .iter()
-                .position(|e| Arc::ptr_eq(e, &endpoint))
-            {
-                req.headers_mut()
-                    .insert(http::header::HOST, hosts[i].clone());
+        if self.host_per_endpoint {
+            if let Some(host) = &endpoint.host_header {
+                req.headers_mut().insert(http::header::HOST, host.clone());
             }
         }
         let started = Instant::now();
@@ -338,6 +360,7 @@ impl Upstream {
                 // its recovery.
                 let others_answer = self
                     .endpoints
+                    .load()
                     .iter()
                     .any(|o| !Arc::ptr_eq(o, &endpoint) && o.answered_since(started));
                 if others_answer {
@@ -350,9 +373,7 @@ impl Upstream {
                 })
             }
             Ok(Ok((head, held, written_at))) => {
-                if self.endpoints.len() > 1 {
-                    endpoint.answered(Instant::now());
-                }
+                endpoint.answered(Instant::now());
                 if head.status().is_server_error() {
                     self.failed(&endpoint);
                 } else {
@@ -384,6 +405,7 @@ impl Upstream {
     pub fn has_other(&self, e: &Arc<Endpoint>) -> bool {
         let now = Instant::now();
         self.endpoints
+            .load()
             .iter()
             .any(|o| !Arc::ptr_eq(o, e) && o.capacity(now) > 0)
     }
@@ -400,17 +422,17 @@ impl Upstream {
                 return Ok(slot);
             }
             let now = Instant::now();
+            let endpoints = self.endpoints.load_full();
             let out = |e: &Arc<Endpoint>| matches!(e.health.standing(now), Standing::Ejected(_));
-            if self.endpoints.iter().all(out) {
+            if endpoints.iter().all(out) {
                 return Err(SendFailure::NoConnection(
                     "every endpoint of the upstream is ejected".into(),
                 ));
             }
             // Counted and registered before looking again, so a slot freed in between is not
             // missed.
-            let _waiting = Waiting::on(&self.endpoints);
-            let mut waits: Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> = self
-                .endpoints
+            let _waiting = Waiting::on(&endpoints);
+            let mut waits: Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> = endpoints
                 .iter()
                 .map(|e| Box::pin(e.freed.notified()))
                 .chain(std::iter::once(Box::pin(self.changed.notified())))
@@ -431,9 +453,10 @@ impl Upstream {
     /// The endpoint to send to, with its slot taken: among those in service with a free slot,
     /// the one with the fewest requests outstanding (ties at random) or the next in turn.
     fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<EndpointSlot> {
-        let n = self.endpoints.len();
+        let endpoints = self.endpoints.load();
+        let n = endpoints.len();
         if n == 1 {
-            return self.take(&self.endpoints[0]);
+            return self.take(&endpoints[0]);
         }
         let now = Instant::now();
         let start = match self.config.balance {
@@ -444,7 +467,7 @@ impl Upstream {
         for pass in 0..2 {
             let mut best: Option<(&Arc<Endpoint>, usize)> = None;
             for k in 0..n {
-                let e = &self.endpoints[(start + k) % n];
+                let e = &endpoints[(start + k) % n];
                 if pass == 0 && avoid.is_some_and(|a| Arc::ptr_eq(a, e)) {
                     continue;
                 }
@@ -502,6 +525,7 @@ impl Upstream {
                 let now = Instant::now();
                 let next = up
                     .endpoints
+                    .load()
                     .iter()
                     .filter_map(|e| match e.health.standing(now) {
                         Standing::Ejected(until) => Some(until),
@@ -523,7 +547,8 @@ impl Upstream {
         let mut capacity = 0usize;
         let mut ejected = 0;
         let mut probing_only = true;
-        for e in &self.endpoints {
+        let endpoints = self.endpoints.load();
+        for e in endpoints.iter() {
             match e.health.standing(now) {
                 Standing::Ejected(_) => ejected += 1,
                 Standing::Closed => probing_only = false,
@@ -535,7 +560,7 @@ impl Upstream {
         let g = &self.gauges;
         g.circuit_open.set(if probing_only { 1.0 } else { 0.0 });
         g.ejected.set(ejected as f64);
-        g.in_service.set((self.endpoints.len() - ejected) as f64);
+        g.in_service.set((endpoints.len() - ejected) as f64);
         g.capacity.set(if capacity == usize::MAX {
             f64::INFINITY
         } else {
@@ -704,6 +729,8 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
+    use std::net::SocketAddr;
 
     fn upstream(endpoints: usize) -> Arc<Upstream> {
         let list: String = (0..endpoints)
@@ -720,7 +747,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_never_reports_back_does_not_leave_the_upstream_shut() {
         let up = upstream(1);
-        let e = up.endpoints[0].clone();
+        let e = up.endpoints()[0].clone();
         up.failed(&e);
         assert_eq!(up.capacity(), 0);
         assert!(up.check().is_err());
@@ -755,11 +782,76 @@ mod tests {
             "one request on each before any gets a second"
         );
         drop(slots);
-        let bad = up.endpoints[1].clone();
+        let bad = up.endpoints()[1].clone();
         up.failed(&bad);
         for _ in 0..20 {
             let s = up.pick(None).unwrap();
             assert!(!Arc::ptr_eq(s.endpoint(), &bad));
         }
+    }
+
+    /// Answers what the test last set.
+    struct Fixed(Mutex<io::Result<Vec<SocketAddr>>>);
+
+    impl Resolve for Fixed {
+        fn resolve<'a>(
+            &'a self,
+            _: &'a str,
+            _: u16,
+        ) -> Pin<Box<dyn std::future::Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>
+        {
+            let now = match &*self.0.lock().unwrap() {
+                Ok(a) => Ok(a.clone()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            Box::pin(async move { now })
+        }
+    }
+
+    fn addrs(list: &[&str]) -> io::Result<Vec<SocketAddr>> {
+        Ok(list.iter().map(|a| a.parse().unwrap()).collect())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn discovery_makes_an_endpoint_of_every_address_and_follows_them() {
+        let yaml = "upstreams:\n  app:\n    url: http://svc.internal:8000\n    discovery: { every: 1s, endpoint_concurrency: 2 }\n    pool: { min_idle: 0 }\nroutes:\n  - { name: r, upstream: app }\n";
+        let config = crate::config::from_yaml(yaml, Vec::new()).expect("valid");
+        let up = Arc::new(Upstream::new(config.upstreams["app"].clone(), None));
+        assert_eq!(&*up.host_authority, "svc.internal:8000");
+        let resolver = Arc::new(Fixed(Mutex::new(addrs(&[
+            "10.0.0.2:8000",
+            "10.0.0.1:8000",
+            "10.0.0.1:8000",
+        ]))));
+        up.discover_with(resolver.clone());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let labels = |up: &Upstream| -> Vec<String> {
+            up.endpoints().iter().map(|e| e.label.to_string()).collect()
+        };
+        assert_eq!(labels(&up), ["10.0.0.1:8000", "10.0.0.2:8000"]);
+        assert_eq!(up.capacity(), 4);
+        let kept = up.endpoints()[1].clone();
+
+        *resolver.0.lock().unwrap() = addrs(&["10.0.0.2:8000", "10.0.0.3:8000"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(labels(&up), ["10.0.0.2:8000", "10.0.0.3:8000"]);
+        assert!(
+            Arc::ptr_eq(&up.endpoints()[0], &kept),
+            "an address that stays keeps its endpoint"
+        );
+
+        // A name that stops resolving, or resolves to nothing, leaves the endpoints as they were.
+        *resolver.0.lock().unwrap() = Err(io::Error::other("SERVFAIL"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        *resolver.0.lock().unwrap() = addrs(&[]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(labels(&up), ["10.0.0.2:8000", "10.0.0.3:8000"]);
+        assert_eq!(up.capacity(), 4);
+
+        // Ejected endpoints and discovery together: the capacity is the discovered ones in service.
+        for _ in 0..5 {
+            up.failed(&kept);
+        }
+        assert_eq!(up.capacity(), 2);
     }
 }
