@@ -253,10 +253,15 @@ fn check(given: Option<&Path>) -> anyhow::Result<()> {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let balance = if u.endpoints.len() > 1 {
-            format!("  balance {}", u.balance.as_str())
-        } else {
-            String::new()
+        let balance = match &u.discovery {
+            Some(d) => format!(
+                "  discovery every {} endpoint_concurrency {}",
+                units::format_duration(d.every),
+                d.endpoint_concurrency
+                    .map_or("none".to_string(), |n| n.to_string())
+            ),
+            None if u.endpoints.len() > 1 => format!("  balance {}", u.balance.as_str()),
+            None => String::new(),
         };
         println!(
             "upstream {}  {shown}{balance}  pool max {} min_idle {} idle_timeout {} max_lifetime {} connect_timeout {}",
