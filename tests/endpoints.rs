@@ -397,3 +397,32 @@ async fn discovery_turns_each_address_into_an_endpoint_with_its_own_limit() {
     assert_eq!(second.await.unwrap().status, 200);
     assert_eq!(b.count(|s| &s.max_inflight), 1);
 }
+
+#[tokio::test]
+async fn waiting_for_a_slot_another_route_holds_teaches_admission_nothing() {
+    let b = Backend::start().await;
+    let yaml = format!(
+        "upstreams:\n  shared:\n    endpoints: [{{ url: \"{}\", concurrency: 2 }}]\n    pool: {{ min_idle: 0 }}\nroutes:\n  - {{ name: holder, match: {{ path_prefix: /a }}, upstream: shared, budget: 10s }}\n  - {{ name: waiter, match: {{ path_prefix: /b }}, upstream: shared, budget: 200ms }}\n",
+        b.url()
+    );
+    let gw = Gateway::start(&yaml, "").await;
+    let c = client();
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(hold(c.clone(), gw.url("/a?hold=1"))))
+        .collect();
+    b.wait_until("both slots held", |s| s.held.load(Ordering::SeqCst) == 2)
+        .await;
+    // Admitted by its own route, then out of budget waiting for the endpoint's slot.
+    let a = get(&c, &gw.url("/b")).await;
+    assert_eq!(a.reason(), Some("budget_exhausted"));
+    let waiter = gw.route("waiter").admission.snapshot();
+    assert_eq!(
+        waiter.limit, 2,
+        "no stall cap: the backend never had the request"
+    );
+    assert_eq!(waiter.mean_service, None);
+    b.release(2);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+}

@@ -149,11 +149,12 @@ pub fn rewrite(
             .map(str::to_string)
     });
     let up = &route.upstream.config;
-    // With several endpoints and the host not preserved, the upstream sets each endpoint's own.
-    let first: &str = &route.upstream.host_authority;
+    // With several listed endpoints and the host not preserved, each is sent its own when the
+    // upstream picks it.
+    let own: &str = &route.upstream.host_authority;
     let upstream_host = match &original_host {
         Some(h) if up.preserve_host => h.as_str(),
-        _ => first,
+        _ => own,
     };
     forward::request_headers(
         &mut parts.headers,

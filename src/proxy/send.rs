@@ -55,8 +55,16 @@ pub async fn send(
                 }
             },
             Err(error) if matches!(error.failure, SendFailure::TimedOut) => {
-                ctx.record.endpoint = error.endpoint.as_ref().map(|e| e.label.clone());
-                ctx.release_slot(ctx.sample_timed_out());
+                // Out of budget at an endpoint says how slow it is; waiting for an endpoint slot
+                // (routes sharing the upstream) says nothing about the backend.
+                let sample = match &error.endpoint {
+                    Some(e) => {
+                        ctx.record.endpoint = Some(e.label.clone());
+                        ctx.sample_timed_out()
+                    }
+                    None => Sample::Nothing,
+                };
+                ctx.release_slot(sample);
                 return Err(ProxyError::BudgetExhausted);
             }
             Err(error) => {
