@@ -156,6 +156,8 @@ pub struct Upstream {
     watchers: Mutex<Vec<Weak<Admission>>>,
     /// Woken when an endpoint returns, for requests waiting for an endpoint slot.
     changed: Notify,
+    /// Some endpoint has been connected to (see [`Upstream::ever_connected`]).
+    connected_once: std::sync::atomic::AtomicBool,
     gauges: Gauges,
 }
 
@@ -235,6 +237,9 @@ impl Upstream {
             capacity: AtomicUsize::new(usize::MAX),
             watchers: Mutex::new(Vec::new()),
             changed: Notify::new(),
+            connected_once: std::sync::atomic::AtomicBool::new(
+                old.is_some_and(Upstream::ever_connected),
+            ),
             gauges: Gauges {
                 circuit_open: metrics::gauge!("breakwater_circuit_open", "upstream" => name.clone()),
                 in_service: metrics::gauge!("breakwater_upstream_endpoints", "upstream" => name.clone(), "state" => "in_service"),
@@ -281,10 +286,20 @@ impl Upstream {
 
     /// Whether any endpoint has ever been connected to (readiness can wait for it).
     pub fn ever_connected(&self) -> bool {
-        self.endpoints
+        // Sticky: endpoints that discovery (or a reload) brings in later start unconnected, and
+        // readiness must not flip back for them.
+        if self.connected_once.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self
+            .endpoints
             .load()
             .iter()
-            .any(|e| e.connector.ever_connected())
+            .any(|e| e.connector.ever_connected());
+        if now {
+            self.connected_once.store(true, Ordering::Relaxed);
+        }
+        now
     }
 
     /// Refuses at once (`circuit_open`) while every endpoint is ejected; Retry-After is when the
