@@ -160,7 +160,7 @@ impl Circuit {
         };
         self.closed.store(true, Ordering::Release);
         if was_open {
-            tracing::info!(upstream = %self.upstream, endpoint = %self.endpoint, "endpoint back in service (circuit closed)");
+            tracing::info!(upstream = %self.upstream, endpoint = %self.endpoint, "circuit closed");
             self.publish(false);
         }
         was_open
@@ -193,7 +193,7 @@ impl Circuit {
                 until: now + self.config.cooldown,
             };
             self.closed.store(false, Ordering::Release);
-            tracing::warn!(upstream = %self.upstream, endpoint = %self.endpoint, cooldown = %crate::config::units::format_duration(self.config.cooldown), "endpoint ejected (circuit opened)");
+            tracing::warn!(upstream = %self.upstream, endpoint = %self.endpoint, cooldown = %crate::config::units::format_duration(self.config.cooldown), "circuit opened");
             self.publish(true);
         }
         open
