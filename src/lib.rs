@@ -21,6 +21,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod listener;
+pub mod logline;
 pub mod observe;
 pub mod prepare;
 pub mod proxy;

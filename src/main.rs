@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use breakwater::config::{self, units, Config, LogFormat};
+use breakwater::logline;
 use breakwater::prepare::{self, Loaded};
 
 // The demo's simulated backend and burst tool serve this command only; they are not part of the
@@ -451,7 +452,9 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
 /// Log lines are written by a background thread: a slow or blocked stdout (a full log pipe) must
 /// never stall request handling. Under extreme load the buffer drops lines rather than block; the
 /// returned guard flushes what is left when the process exits.
-fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+/// Every line goes through one batching writer thread (`logline`), so a request never waits on
+/// stdout; the returned flusher writes out what is still waiting when dropped.
+fn init_logging(c: &Config) -> anyhow::Result<logline::Flusher> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log.level));
     let json = match c.log.format {
@@ -459,14 +462,19 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(64 * 1024)
-        .lossy(true)
-        .finish(std::io::stdout());
+    let ansi = !json && std::io::stdout().is_terminal();
+    // Coloured text is for a person at a terminal, not a request rate: leave it to the fmt layer.
+    let access = match (json, ansi) {
+        (true, _) => Some(logline::Format::Json),
+        (false, false) => Some(logline::Format::Text),
+        (false, true) => None,
+    };
+    let (writer, flusher) = logline::install(Box::new(std::io::stdout()), access)
+        .context("starting the log writer thread")?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(!json && std::io::stdout().is_terminal());
+        .with_ansi(ansi);
     if json {
         builder
             .json()
@@ -476,12 +484,12 @@ fn init_logging(c: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         builder.init();
     }
-    guard
+    Ok(flusher)
 }
 
 fn run(given: Option<&Path>) -> anyhow::Result<()> {
     let (path, loaded) = load(given)?;
-    let _log_writer = init_logging(&loaded.config);
+    let _log_writer = init_logging(&loaded.config)?;
     // `server.workers: N` runs N current-thread runtimes, this thread's being the first (it also
     // runs the admin listener and the signal handling; the gateway starts the others): a
     // connection then stays on the thread that accepted it, with no work-stealing handoffs.

@@ -12,6 +12,7 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::time::Instant;
 
 use crate::error::Reason;
+use crate::logline::{micros, AccessLine};
 
 /// The kind of a metric family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,45 +390,34 @@ impl RequestRecord {
         if !tracing::enabled!(target: "breakwater::access", tracing::Level::INFO) {
             return;
         }
-        let ms = |d: Option<Duration>| d.map(millis);
-        let corr_id = self
-            .correlation
-            .iter()
-            .find(|(f, _)| *f == "correlation_id")
-            .map(|(_, v)| v.as_str());
-        let org_id = self
-            .correlation
-            .iter()
-            .find(|(f, _)| *f == "organization_id")
-            .map(|(_, v)| v.as_str());
-        tracing::info!(
-            target: "breakwater::access",
-            route = %m.route,
-            method = %self.method,
-            path = %self.path,
-            status = status.as_u16(),
+        let find = |field: &str| {
+            self.correlation
+                .iter()
+                .find(|(f, _)| *f == field)
+                .map(|(_, v)| v.as_str())
+        };
+        AccessLine {
+            route: &m.route,
+            method: self.method.as_str(),
+            path: &self.path,
+            status: status.as_u16(),
             reason,
-            phase = phase.map(Phase::as_str),
-            total_ms = millis(total),
-            queue_ms = ms(self.queue_wait),
-            upstream_ms = ms(self.upstream_time),
-            endpoint = self.endpoint.as_deref(),
-            bytes_in = self.bytes_in,
+            phase: phase.map(Phase::as_str),
+            total_us: micros(total),
+            queue_us: self.queue_wait.map(micros),
+            upstream_us: self.upstream_time.map(micros),
+            endpoint: self.endpoint.as_deref(),
+            bytes_in: self.bytes_in,
             bytes_out,
             complete,
-            request_id = %self.request_id,
-            client = %self.peer,
-            correlation_id = corr_id,
-            organization_id = org_id,
-            error = self.detail.as_deref(),
-            "request"
-        );
+            request_id: &self.request_id,
+            client: self.peer,
+            correlation_id: find("correlation_id"),
+            organization_id: find("organization_id"),
+            error: self.detail.as_deref(),
+        }
+        .emit();
     }
-}
-
-/// Milliseconds to the microsecond: finer digits are noise in a log line.
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// Methods outside the standard set share one label so a client cannot blow up cardinality.
