@@ -324,7 +324,7 @@ impl RequestRecord {
         arrived: Instant,
         method: &Method,
         path: &str,
-        request_id: &str,
+        request_id: String,
         peer: SocketAddr,
         headers: &HeaderMap,
     ) -> Self {
@@ -342,7 +342,7 @@ impl RequestRecord {
             metrics: RouteMetrics::unmatched(),
             method: method.clone(),
             path: path.to_string(),
-            request_id: request_id.to_string(),
+            request_id,
             peer,
             bytes_in: 0,
             correlation,

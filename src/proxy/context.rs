@@ -68,7 +68,7 @@ impl RequestContext {
                 arrived,
                 req.method(),
                 req.uri().path(),
-                &request_id,
+                request_id,
                 conn.peer,
                 req.headers(),
             ),
