@@ -21,6 +21,25 @@ http {
 NGX
 }
 
+# Writes a Breakwater config in front of that backend: one route for everything, a pool of 64
+# with 8 kept warm, budget 10 s.   breakwater_fast_conf PORT ADMIN_PORT BACKEND_PORT WORKERS LEVEL > FILE
+breakwater_fast_conf() {
+  cat <<YAML
+server: { listen: "127.0.0.1:$1", workers: $4 }
+admin: { listen: "127.0.0.1:$2" }
+log: { format: json, level: $5 }
+upstreams:
+  backend:
+    url: "http://127.0.0.1:$3"
+    pool: { max_connections: 64, min_idle: 8 }
+routes:
+  - name: all
+    match: { path_prefix: / }
+    upstream: backend
+    budget: 10s
+YAML
+}
+
 # Writes an HAProxy config: one frontend on 127.0.0.1:$PROXY, one backend with the given
 # `server` lines, a 1.5 s queue timeout.   haproxy_cfg "  server s1 ..." > FILE
 haproxy_cfg() {

@@ -27,20 +27,7 @@ nginx -c "$WORK/backend.conf" -p "$WORK" &
 bins=("$@") pids=() ports=()
 port=18310
 for bin in "$@"; do
-  cat >"$WORK/$port.yaml" <<YAML
-server: { listen: "127.0.0.1:$port", workers: 1 }
-admin: { listen: "127.0.0.1:$((port + 1))" }
-log: { format: json, level: $([ -n "${LOGS:-}" ] && echo info || echo warn) }
-upstreams:
-  backend:
-    url: "http://127.0.0.1:$BACKEND"
-    pool: { max_connections: 64, min_idle: 8 }
-routes:
-  - name: all
-    match: { path_prefix: / }
-    upstream: backend
-    budget: 10s
-YAML
+  breakwater_fast_conf "$port" "$((port + 1))" "$BACKEND" 1 "$([ -n "${LOGS:-}" ] && echo info || echo warn)" >"$WORK/$port.yaml"
   "$bin" --config "$WORK/$port.yaml" >"$WORK/$port.log" 2>&1 &
   pids+=($!) ports+=("$port")
   port=$((port + 10))

@@ -21,20 +21,7 @@ BACKEND=18111 BW=18113 BW_ADMIN=18114
 
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
-cat >"$WORK/breakwater.yaml" <<YAML
-server: { listen: "127.0.0.1:$BW", workers: 1 }
-admin: { listen: "127.0.0.1:$BW_ADMIN" }
-log: { format: json, level: info }
-upstreams:
-  backend:
-    url: "http://127.0.0.1:$BACKEND"
-    pool: { max_connections: 64, min_idle: 8 }
-routes:
-  - name: all
-    match: { path_prefix: / }
-    upstream: backend
-    budget: 10s
-YAML
+breakwater_fast_conf "$BW" "$BW_ADMIN" "$BACKEND" 1 info >"$WORK/breakwater.yaml"
 
 nginx -c "$WORK/backend.conf" -p "$WORK" &
 "$BIN" --config "$WORK/breakwater.yaml" >/dev/null 2>&1 &

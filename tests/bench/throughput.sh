@@ -49,20 +49,7 @@ http {
 }
 NGX
 
-cat >"$WORK/breakwater.yaml" <<YAML
-server: { listen: "127.0.0.1:$BW", workers: 1 }
-admin: { listen: "127.0.0.1:$BW_ADMIN" }
-log: { format: json, level: $([ -n "${LOGS:-}" ] && echo info || echo warn) }
-upstreams:
-  backend:
-    url: "http://127.0.0.1:$BACKEND"
-    pool: { max_connections: 64, min_idle: 8 }
-routes:
-  - name: all
-    match: { path_prefix: / }
-    upstream: backend
-    budget: 10s
-YAML
+breakwater_fast_conf "$BW" "$BW_ADMIN" "$BACKEND" 1 "$([ -n "${LOGS:-}" ] && echo info || echo warn)" >"$WORK/breakwater.yaml"
 
 nginx -c "$WORK/backend.conf" -p "$WORK" &
 nginx -c "$WORK/proxy.conf" -p "$WORK" &

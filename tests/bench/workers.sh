@@ -51,20 +51,7 @@ nginx_proxy_conf 1 "$NGINX1" >"$WORK/nginx1.conf"
 nginx_proxy_conf 2 "$NGINX2" >"$WORK/nginx2.conf"
 
 bw_conf() { # workers port admin
-  cat <<YAML
-server: { listen: "127.0.0.1:$2", workers: $1 }
-admin: { listen: "127.0.0.1:$3" }
-log: { format: json, level: warn }
-upstreams:
-  backend:
-    url: "http://127.0.0.1:$BACKEND"
-    pool: { max_connections: 64, min_idle: 8 }
-routes:
-  - name: all
-    match: { path_prefix: / }
-    upstream: backend
-    budget: 10s
-YAML
+  breakwater_fast_conf "$2" "$3" "$BACKEND" "$1" warn
 }
 bw_conf 1 "$BW1" "$BW1_ADMIN" >"$WORK/bw1.yaml"
 bw_conf 2 "$BW2" "$BW2_ADMIN" >"$WORK/bw2.yaml"
