@@ -76,46 +76,35 @@ impl DemoOptions {
             .iter()
             .map(|a| format!("      - {{ url: \"http://{a}\", concurrency: 1 }}\n"))
             .collect();
-        format!(
-            r#"
-server: {{ listen: "127.0.0.1:0" }}
-admin: {{ enabled: false }}
-upstreams:
-  analytics:
-    endpoints:
-{endpoints}    pool: {{ min_idle: 1 }}
-routes:
-  - name: sentiment
-    match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
-    upstream: analytics
-    budget: {budget}
-    queue: {{ max_depth: {depth}, max_wait: {budget} }}
-"#,
-            budget = format_duration(self.budget),
-            depth = self.queue_depth,
-        )
+        let upstream = format!("    endpoints:\n{endpoints}    pool: {{ min_idle: 1 }}\n");
+        self.yaml(&upstream, "")
     }
 
     /// The gateway configuration the demo runs with.
     pub fn gateway_yaml(&self, backend: SocketAddr) -> String {
+        let upstream = format!(
+            "    url: \"http://{backend}\"\n    pool: {{ max_connections: {}, min_idle: {} }}\n",
+            self.workers * 2,
+            self.workers
+        );
+        self.yaml(&upstream, &format!("    concurrency: {}\n", self.workers))
+    }
+
+    /// The gateway around an upstream's keys and the route's own `concurrency` line (if any).
+    fn yaml(&self, upstream: &str, concurrency: &str) -> String {
         format!(
             r#"
 server: {{ listen: "127.0.0.1:0" }}
 admin: {{ enabled: false }}
 upstreams:
   analytics:
-    url: "http://{backend}"
-    pool: {{ max_connections: {pool}, min_idle: {workers} }}
-routes:
+{upstream}routes:
   - name: sentiment
     match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
     upstream: analytics
     budget: {budget}
-    concurrency: {workers}
-    queue: {{ max_depth: {depth}, max_wait: {budget} }}
+{concurrency}    queue: {{ max_depth: {depth}, max_wait: {budget} }}
 "#,
-            pool = self.workers * 2,
-            workers = self.workers,
             budget = format_duration(self.budget),
             depth = self.queue_depth,
         )
