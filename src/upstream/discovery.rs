@@ -90,7 +90,12 @@ impl Upstream {
     }
 
     /// The addresses the host resolved to become the endpoints.
-    fn found(&self, d: &DiscoveryConfig, template: &EndpointConfig, mut addrs: Vec<SocketAddr>) {
+    fn found(
+        self: &Arc<Self>,
+        d: &DiscoveryConfig,
+        template: &EndpointConfig,
+        mut addrs: Vec<SocketAddr>,
+    ) {
         addrs.sort();
         addrs.dedup();
         let current = self.endpoints.load_full();
@@ -134,6 +139,9 @@ impl Upstream {
             endpoints = next.len(),
             "discovered endpoints changed"
         );
+        for e in &next {
+            e.owned_by(self);
+        }
         self.endpoints.store(Arc::new(next));
         self.recompute();
         // Requests waiting for a slot look at the new endpoints even if the capacity is the same.

@@ -2,7 +2,7 @@
 //! flight against its own `concurrency`, and its health (a circuit of its own).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
@@ -37,6 +37,8 @@ pub struct Endpoint {
     requests: Counter,
     /// When it last answered (nanoseconds since `epoch()`; 0: never).
     answered_at: AtomicU64,
+    /// The upstreams it belongs to (more than one while a reload's old table is still in use).
+    owners: Mutex<Vec<Weak<super::Upstream>>>,
 }
 
 /// A fixed origin for instants kept in atomics.
@@ -106,7 +108,26 @@ impl Endpoint {
             inflight: metrics::gauge!("breakwater_endpoint_inflight", &labels),
             requests: metrics::counter!("breakwater_endpoint_requests_total", &labels),
             answered_at: AtomicU64::new(0),
+            owners: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `up` is told of its health changes from now on.
+    pub(super) fn owned_by(&self, up: &Arc<super::Upstream>) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.retain(|o| o.strong_count() > 0);
+        if !owners
+            .iter()
+            .any(|o| std::ptr::eq(o.as_ptr(), Arc::as_ptr(up)))
+        {
+            owners.push(Arc::downgrade(up));
+        }
+    }
+
+    /// The upstreams it belongs to that are still in use.
+    pub(super) fn owners(&self) -> Vec<Arc<super::Upstream>> {
+        let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// An answer head arrived from it now.

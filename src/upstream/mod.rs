@@ -251,13 +251,34 @@ impl Upstream {
         up
     }
 
-    /// Kept endpoints may arrive ejected: their return must be watched by this upstream too.
-    /// Called once the upstream is shared.
+    /// Called once the upstream is shared: its endpoints tell it of their health from now on,
+    /// whichever upstream sees the change (an endpoint kept across a reload is also the old
+    /// table's, whose requests in flight still report to it); and kept endpoints that arrive
+    /// ejected have their return watched.
     pub fn watch_returns(self: &Arc<Self>) {
         let now = Instant::now();
         for e in self.endpoints.load().iter() {
+            e.owned_by(self);
             if let Standing::Ejected(until) = e.health.standing(now) {
                 self.wake_at(until);
+            }
+        }
+    }
+
+    /// Every upstream `e` belongs to recomputes its capacity (and, when `e` was ejected, watches
+    /// for its return).
+    fn health_changed(self: &Arc<Self>, e: &Arc<Endpoint>) {
+        let ejected_until = match e.health.standing(Instant::now()) {
+            Standing::Ejected(until) => Some(until),
+            _ => None,
+        };
+        let others = e.owners();
+        for up in std::iter::once(self.clone())
+            .chain(others.into_iter().filter(|o| !Arc::ptr_eq(o, self)))
+        {
+            up.recompute();
+            if let Some(until) = ejected_until {
+                up.wake_at(until);
             }
         }
     }
@@ -428,7 +449,7 @@ impl Upstream {
     /// An endpoint slot, waiting while every endpoint in service is at its limit (routes sharing
     /// the upstream share its endpoints). Fails at once when every endpoint is ejected.
     async fn reserve(
-        &self,
+        self: &Arc<Self>,
         avoid: Option<&Arc<Endpoint>>,
         deadline: Instant,
     ) -> Result<EndpointSlot, SendFailure> {
@@ -467,7 +488,7 @@ impl Upstream {
 
     /// The endpoint to send to, with its slot taken: among those in service with a free slot,
     /// the one with the fewest requests outstanding (ties at random) or the next in turn.
-    fn pick(&self, avoid: Option<&Arc<Endpoint>>) -> Option<EndpointSlot> {
+    fn pick(self: &Arc<Self>, avoid: Option<&Arc<Endpoint>>) -> Option<EndpointSlot> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
         if n == 1 {
@@ -511,16 +532,13 @@ impl Upstream {
 
     fn failed(self: &Arc<Self>, e: &Arc<Endpoint>) {
         if e.health.record_failure() {
-            self.recompute();
-            if let Standing::Ejected(until) = e.health.standing(Instant::now()) {
-                self.wake_at(until);
-            }
+            self.health_changed(e);
         }
     }
 
-    fn succeeded(&self, e: &Arc<Endpoint>) {
+    fn succeeded(self: &Arc<Self>, e: &Arc<Endpoint>) {
         if e.health.record_success() {
-            self.recompute();
+            self.health_changed(e);
         }
     }
 
@@ -692,14 +710,14 @@ impl Drop for Waiting<'_> {
 impl Upstream {
     /// `e`'s slot, when its circuit lets a request through (taking a probe when it is probing,
     /// which changes the capacity).
-    fn take(&self, e: &Arc<Endpoint>) -> Option<EndpointSlot> {
+    fn take(self: &Arc<Self>, e: &Arc<Endpoint>) -> Option<EndpointSlot> {
         if !e.has_room() {
             return None;
         }
         let probing = !e.health.is_closed();
         let allowed = e.health.check().is_ok();
         if probing {
-            self.recompute();
+            self.health_changed(e);
         }
         if !allowed {
             return None;
@@ -868,5 +886,31 @@ mod tests {
             up.failed(&kept);
         }
         assert_eq!(up.capacity(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_kept_by_a_reload_reports_to_both_tables() {
+        let yaml = "upstreams:\n  app:\n    endpoints: [{ url: \"http://127.0.0.1:9\", concurrency: 1 }, { url: \"http://127.0.0.1:10\", concurrency: 1 }]\n    pool: { min_idle: 0 }\n    circuit: { consecutive_failures: 1, cooldown: 5s }\nroutes:\n  - { name: r, upstream: app }\n";
+        let config = crate::config::from_yaml(yaml, Vec::new()).expect("valid");
+        let old = Arc::new(Upstream::new(config.upstreams["app"].clone(), None));
+        old.watch_returns();
+        let mut changed = old.config.clone();
+        changed.balance = Balance::RoundRobin;
+        let new = Arc::new(Upstream::rebuild(changed, None, Some(&old)));
+        new.watch_returns();
+        let kept = new.endpoints()[0].clone();
+        assert!(
+            Arc::ptr_eq(&kept, &old.endpoints()[0]),
+            "kept by the reload"
+        );
+        assert_eq!(new.capacity(), 2);
+        // A request still running under the old table ejects it: the new table knows at once.
+        old.failed(&kept);
+        assert_eq!((old.capacity(), new.capacity()), (1, 1));
+        // Its cooldown ends for both, and a success seen by the old table brings it back for both.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(new.capacity(), 2, "probing");
+        old.succeeded(&kept);
+        assert_eq!((old.capacity(), new.capacity()), (2, 2));
     }
 }
