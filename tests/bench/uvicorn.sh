@@ -11,12 +11,15 @@
 #   bw-endpoints the same four single-worker uvicorns as one Breakwater upstream with four
 #                endpoints, `concurrency: 1` each (the route takes their sum; budget 2s, queue
 #                100 / 2s): the recommended layout
+#   sim-4, sim-endpoints  bw-4 and bw-endpoints against the simulated backend of `breakwater demo`
+#                (pinned like uvicorn, seeded by the round) instead of uvicorn, to compare the
+#                model with the real thing in the same run
 #
 # Scenarios (every caller on its own connection, each giving up after 3 s):
 #   burst        200 callers at once after the 8-request warm-up     (breakwater demo burst)
 #   overload     40 req/s for 10 s, open loop: 2x what the backend can do   (breakwater demo load)
 #   slowdown     10 req/s for 12 s; arrivals in 3-6 s ask for ?latency_ms=3000
-#   kill         (four-port targets only) 16 req/s for 14 s; the uvicorn on the second port is
+#   kill         (four-port targets only: ideal, bw-endpoints, sim-endpoints) 16 req/s for 14 s; the uvicorn on the second port is
 #                killed at 3 s and started again at 8 s. For bw-endpoints the upstream's
 #                capacity and the route's limit are sampled every 250 ms.
 #
@@ -85,6 +88,22 @@ start_uvicorn() { # port workers
   echo $! >>"$GROUPS_FILE"
   echo $! >"$WORK/group-$1"
 }
+# The simulated backend on a port, for the sim-* targets.
+start_sim() { # port workers
+  setsid "$BIN" demo backend --listen "127.0.0.1:$1" --workers "$2" --seed "$((ROUND * 100 + $1 % 100))" \
+    >>"$WORK/sim-$1.log" 2>&1 &
+  echo $! >>"$GROUPS_FILE"
+  echo $! >"$WORK/group-$1"
+}
+start_backend() { # port workers: uvicorn, or the simulated backend for sim-* targets
+  case $TARGET in sim-*) start_sim "$1" "$2" ;; *) start_uvicorn "$1" "$2" ;; esac
+}
+wait_backend() { # port workers
+  case $TARGET in
+    sim-*) for _ in $(seq 50); do curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$1/" && return 0; sleep 0.1; done ;;
+    *) wait_uvicorn "$1" "$2" ;;
+  esac
+}
 wait_uvicorn() { # port workers: until /healthz has answered from every worker (at most 20 s)
   local pids="" i
   for i in $(seq 200); do
@@ -149,19 +168,19 @@ YAML
 # Starts the target's backends and proxy; sets URL.
 start_target() {
   case $1 in
-    ideal|bw-endpoints)
-      for p in $UV1 $UV2 $UV3 $UV4; do start_uvicorn "$p" 1; done
-      for p in $UV1 $UV2 $UV3 $UV4; do wait_uvicorn "$p" 1; done
+    ideal|*endpoints)
+      for p in $UV1 $UV2 $UV3 $UV4; do start_backend "$p" 1; done
+      for p in $UV1 $UV2 $UV3 $UV4; do wait_backend "$p" 1; done
       ;;
     *)
-      start_uvicorn "$UV" 4
-      wait_uvicorn "$UV" 4
+      start_backend "$UV" 4
+      wait_backend "$UV" 4
       ;;
   esac
   case $1 in
     direct) URL=http://127.0.0.1:$UV/v1/sentiment ;;
-    bw-4|bw-auto|bw-endpoints)
-      case $1 in bw-4) c=4 ;; bw-auto) c=auto ;; *) c=endpoints ;; esac
+    bw-4|bw-auto|bw-endpoints|sim-4|sim-endpoints)
+      case $1 in *-4) c=4 ;; bw-auto) c=auto ;; *) c=endpoints ;; esac
       breakwater_cfg "$c" >"$WORK/breakwater.yaml"
       "$BIN" --config "$WORK/breakwater.yaml" >>"$OUT/breakwater.log" 2>&1 &
       URL=http://127.0.0.1:$PROXY/v1/sentiment
@@ -200,8 +219,8 @@ run_scenario() { # scenario url
   case $1 in
     kill)
       (sleep 3; g=$(cat "$WORK/group-$UV2"); echo "kill t=3 uvicorn :$UV2"; kill -KILL -- "-$g" 2>/dev/null || true
-       sleep 5; echo "restart t=8 uvicorn :$UV2"; start_uvicorn "$UV2" 1) &
-      if [ "$TARGET" = bw-endpoints ]; then sample_capacity 14 >"$WORK/capacity" & fi
+       sleep 5; echo "restart t=8 uvicorn :$UV2"; start_backend "$UV2" 1) &
+      case $TARGET in *endpoints) sample_capacity 14 >"$WORK/capacity" & ;; esac
       "$BIN" demo load "$2" --rate 16 --duration 14s --caller-timeout 3s --timeline
       wait
       if [ -f "$WORK/capacity" ]; then cat "$WORK/capacity"; rm -f "$WORK/capacity"; fi
@@ -220,8 +239,8 @@ for round in $(seq "$ROUNDS"); do
     for target in $TARGETS; do
       f=$OUT/$scenario.$target.$round.txt
       echo "== round $round, $scenario, $target   ($(uptime | sed 's/.*load average/load average/'))"
-      case $scenario in kill) case $target in ideal|bw-endpoints) ;; *) continue ;; esac ;; esac
-      TARGET=$target
+      case $scenario in kill) case $target in ideal|*endpoints) ;; *) continue ;; esac ;; esac
+      TARGET=$target ROUND=$round
       start_target "$target"
       warm "$URL"
       run_scenario "$scenario" "$URL" | tee "$f"
