@@ -191,13 +191,13 @@ impl Upstream {
                 );
             }
         }
-        let keep = old.filter(|o| {
+        // Endpoints can be kept only from an upstream whose pools, circuits and TLS are the same.
+        let kept = old.filter(|o| {
             o.config.pool == config.pool
                 && o.config.circuit == config.circuit
                 && o.config.tls == config.tls
                 && o.tls == tls
         });
-        let kept: Option<&Upstream> = keep;
         let old_list = kept.map(|o| o.endpoints.load_full());
         // Discovered endpoints carry on when what they are made from did not change.
         let rediscovered = match (kept, &config.discovery, &old_list) {
