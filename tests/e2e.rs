@@ -267,6 +267,8 @@ struct GatewayOpts {
     budget: &'static str,
     /// The pool's `idle_timeout`.
     idle_timeout: &'static str,
+    /// `worker_header: x-worker` on the upstream (the app names its worker process there).
+    worker_header: bool,
 }
 
 struct Stack {
@@ -410,7 +412,7 @@ upstreams:
   app:
     url: "http://{backend}"
     pool: {{ max_connections: 16, min_idle: 2, idle_timeout: {idle_timeout} }}
-routes:
+{worker_header}routes:
   - name: sentiment
     match: {{ path_prefix: /v1/sentiment, methods: [POST] }}
     upstream: app
@@ -420,6 +422,11 @@ routes:
 "#,
         budget = g.budget,
         idle_timeout = g.idle_timeout,
+        worker_header = if g.worker_header {
+            "    worker_header: x-worker\n"
+        } else {
+            ""
+        },
     )
 }
 
@@ -587,6 +594,7 @@ async fn burst_is_served_or_refused_explicitly_within_budget() {
         GatewayOpts {
             budget: "2s",
             idle_timeout: "45s",
+            worker_header: false,
         },
     )
     .await;
@@ -647,6 +655,7 @@ async fn pooled_connections_closed_by_uvicorn_keepalive_cause_no_errors() {
         GatewayOpts {
             budget: "2s",
             idle_timeout: "45s",
+            worker_header: false,
         },
     )
     .await;
@@ -685,6 +694,7 @@ async fn posts_at_uvicorns_keepalive_timer_are_all_answered_and_never_sent_twice
         GatewayOpts {
             budget: "2s",
             idle_timeout: "10s",
+            worker_header: false,
         },
     )
     .await;
@@ -732,6 +742,7 @@ async fn request_id_and_remaining_budget_reach_the_app() {
         GatewayOpts {
             budget: "2s",
             idle_timeout: "45s",
+            worker_header: false,
         },
     )
     .await;
@@ -765,6 +776,7 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         GatewayOpts {
             budget: "5s",
             idle_timeout: "45s",
+            worker_header: false,
         },
     )
     .await;
@@ -914,4 +926,75 @@ routes:
     assert!(served.iter().all(|&n| n > 0), "an idle worker: {served:?}");
     assert_eq!(served.iter().sum::<usize>(), 24);
     drop(gateway);
+}
+
+/// One `uvicorn --workers 4` port whose app names its worker process in `x-worker`, and the
+/// upstream told so (`worker_header`). Rounds of four requests at once: each round reaches at
+/// least as many different workers as the rounds before it met (up to four), because a request
+/// takes a connection to a worker with nothing in flight before any other. How soon the pool
+/// meets all four is up to where uvicorn's shared accept puts new connections, which favours
+/// some workers heavily when the backend is mostly idle (it is printed, not asserted; the
+/// in-process tests pin that part down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_header_puts_each_round_on_as_many_workers_as_the_pool_has_met() {
+    let stack = Stack::start(
+        BackendOpts {
+            workers: 4,
+            latency_ms: 200,
+            keep_alive_s: 5,
+        },
+        GatewayOpts {
+            budget: "5s",
+            idle_timeout: "4s",
+            worker_header: true,
+        },
+    )
+    .await;
+    let c = client();
+    let url = stack.url("/v1/sentiment");
+    let mut met = BTreeSet::new();
+    let mut history = Vec::new();
+    for round in 0..20 {
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let (c, url) = (c.clone(), url.clone());
+                tokio::spawn(async move {
+                    post_text(&c, &url, &format!("round {round} request {i}"), &[]).await
+                })
+            })
+            .collect();
+        let mut pids = BTreeSet::new();
+        for t in tasks {
+            let a = t.await.expect("task").unwrap_or_else(|e| panic!("{e}"));
+            assert_sentiment_ok(&a, &format!("round {round}"));
+            pids.insert(
+                a.header("x-worker")
+                    .expect("the app names its worker")
+                    .to_string(),
+            );
+        }
+        history.push(pids.len());
+        assert!(
+            pids.len() >= met.len().min(4),
+            "round {round} reached {} workers though the pool had met {}: {history:?}",
+            pids.len(),
+            met.len()
+        );
+        met.extend(pids);
+        // The gateway gives a connection back to its pool once the answer is relayed; a moment
+        // lets that happen before the next round asks.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let picks: Vec<String> = stack
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("breakwater_endpoint_worker"))
+        .map(str::to_string)
+        .collect();
+    eprintln!("e2e worker spread: distinct workers per round {history:?}; {picks:#?}");
+    assert!(
+        picks.iter().any(|l| l.contains("pick=\"free\"")),
+        "{picks:?}"
+    );
 }

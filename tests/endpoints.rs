@@ -426,3 +426,131 @@ async fn waiting_for_a_slot_another_route_holds_teaches_admission_nothing() {
         assert_eq!(h.await.unwrap().status, 200);
     }
 }
+
+// Workers behind one port (`worker_header`)
+
+/// One url to a backend whose connections are pinned to workers in the order `pin`, the route
+/// taking 4 at a time.
+async fn pinned(pin: Vec<usize>, upstream_extra: &str) -> (Backend, Gateway) {
+    let backend = Backend::with(BackendOptions {
+        pin: Some(pin),
+        ..Default::default()
+    })
+    .await;
+    let yaml = format!(
+        "upstreams:\n  app:\n    url: \"{{backend}}\"\n{upstream_extra}routes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: app\n    budget: 10s\n    concurrency: 4\n"
+    );
+    let gw = Gateway::start(&yaml, &backend.url()).await;
+    (backend, gw)
+}
+
+/// Sends `n` requests the backend holds, each once the one before is held, and returns them
+/// still held.
+async fn hold_n(
+    c: &TestClient,
+    backend: &Backend,
+    gw: &Gateway,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Answer>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(common::hold(c, backend, gw.url("/x?hold=1")).await);
+    }
+    held
+}
+
+async fn release_all(backend: &Backend, held: Vec<tokio::task::JoinHandle<Answer>>) {
+    backend.release(held.len());
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+}
+
+/// The first four connections land two on worker 0 and two on worker 1, as uvicorn's shared
+/// accept often does; a fifth and sixth would reach workers 2 and 3.
+const SKEWED: [usize; 6] = [0, 0, 1, 1, 2, 3];
+
+/// Four requests at once open the four connections (their workers unknown until they answer).
+async fn learn_first_connections(c: &TestClient, backend: &Backend, gw: &Gateway) {
+    let held = hold_n(c, backend, gw, 4).await;
+    assert_eq!(backend.stats.at_workers(4), [2, 2, 0, 0]);
+    release_all(backend, held).await;
+}
+
+#[tokio::test]
+async fn without_worker_header_pooled_connections_pile_requests_on_some_workers() {
+    // The control for the test below: the same backend and load, the pool not told.
+    let (backend, gw) = pinned(
+        SKEWED.to_vec(),
+        "    pool: { max_connections: 8, min_idle: 0 }\n",
+    )
+    .await;
+    let c = client();
+    learn_first_connections(&c, &backend, &gw).await;
+    let held = hold_n(&c, &backend, &gw, 4).await;
+    assert_eq!(
+        backend.stats.at_workers(4),
+        [2, 2, 0, 0],
+        "two workers idle"
+    );
+    release_all(&backend, held).await;
+}
+
+#[tokio::test]
+async fn worker_header_keeps_each_request_on_a_worker_with_nothing_in_flight() {
+    let (backend, gw) = pinned(
+        SKEWED.to_vec(),
+        "    worker_header: x-worker\n    pool: { max_connections: 8, min_idle: 0 }\n",
+    )
+    .await;
+    let c = client();
+    learn_first_connections(&c, &backend, &gw).await;
+    // Two requests find idle connections to workers 0 and 1; the next two pass over the
+    // connections to those busy workers and open new ones, which reach workers 2 and 3.
+    let held = hold_n(&c, &backend, &gw, 4).await;
+    assert_eq!(backend.stats.at_workers(4), [1, 1, 1, 1]);
+    release_all(&backend, held).await;
+    assert_eq!(backend.count(|s| &s.accepted), 6);
+    // From now on the pool holds a connection to every worker: the spread holds with no new
+    // connection.
+    for _ in 0..3 {
+        let held = hold_n(&c, &backend, &gw, 4).await;
+        assert_eq!(backend.stats.at_workers(4), [1, 1, 1, 1]);
+        release_all(&backend, held).await;
+    }
+    assert_eq!(backend.count(|s| &s.accepted), 6, "no churn once spread");
+    let m = gw.metrics().await;
+    assert!(m.contains("breakwater_endpoint_workers{"), "{m}");
+    assert!(m.contains("pick=\"free\""), "{m}");
+}
+
+#[tokio::test]
+async fn a_full_pool_closes_a_connection_to_a_busy_worker_to_reach_the_others() {
+    // Room for only the four connections first opened, all on workers 0 and 1.
+    let (backend, gw) = pinned(
+        SKEWED.to_vec(),
+        "    worker_header: x-worker\n    pool: { max_connections: 4, min_idle: 0 }\n",
+    )
+    .await;
+    let c = client();
+    learn_first_connections(&c, &backend, &gw).await;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds <= 6, "never spread over the four workers");
+        // Connections are closed to reach another worker at most once per 100 ms.
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let held = hold_n(&c, &backend, &gw, 4).await;
+        let spread = backend.stats.at_workers(4) == [1, 1, 1, 1];
+        release_all(&backend, held).await;
+        if spread {
+            break;
+        }
+    }
+    assert!(backend.count(|s| &s.accepted) > 4);
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("breakwater_endpoint_worker_rerolls_total{"),
+        "{m}"
+    );
+}

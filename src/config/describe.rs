@@ -127,6 +127,9 @@ pub fn describe(c: &Config) -> Value {
                     "endpoint_concurrency": found.endpoint_concurrency,
                 });
             }
+            if let Some(h) = &u.worker_header {
+                shown["worker_header"] = json!(h.as_str());
+            }
             if u.listed {
                 shown["endpoints"] = u
                     .endpoints

@@ -139,6 +139,7 @@ pub struct RawUpstream {
     pub endpoints: Option<Vec<RawEndpoint>>,
     pub balance: Option<String>,
     pub discovery: Option<RawDiscovery>,
+    pub worker_header: Option<String>,
     pub preserve_host: Option<bool>,
     pub tls: Option<RawUpstreamTls>,
     #[serde(default)]
@@ -153,6 +154,7 @@ impl RawUpstream {
         ("endpoints", List(&Keys(RawEndpoint::KEYS))),
         ("balance", Leaf),
         ("discovery", Keys(RawDiscovery::KEYS)),
+        ("worker_header", Leaf),
         ("preserve_host", Leaf),
         ("tls", Keys(RawUpstreamTls::KEYS)),
         ("pool", Keys(RawPool::KEYS)),

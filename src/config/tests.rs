@@ -1018,3 +1018,35 @@ fn discovery_takes_the_url_and_says_what_it_found_in_config() {
         "`0`",
     );
 }
+
+#[test]
+fn worker_header_is_a_header_name_and_wants_spare_connections() {
+    let c = from_yaml(
+        &with_server(
+            "  listen: 127.0.0.1:0",
+            "    url: http://127.0.0.1:8000\n    worker_header: X-Worker\n    pool: { max_connections: 6 }",
+        )
+        .replace("    upstream: a\n", "    upstream: a\n    concurrency: 4\n"),
+        env(&[]),
+    )
+    .unwrap();
+    let u = &c.upstreams["a"];
+    assert_eq!(u.worker_header.as_ref().unwrap().as_str(), "x-worker");
+    assert_eq!(describe(&c)["upstreams"]["a"]["worker_header"], "x-worker");
+    let found: Vec<String> = warnings(&c).iter().map(|w| w.to_string()).collect();
+    assert_problem(
+        &found,
+        "upstreams.a.pool.max_connections",
+        "`6` is less than twice `routes[0].concurrency` (`4`)",
+    );
+
+    let problems = problems_of(&with_server(
+        "  listen: 127.0.0.1:0",
+        "    url: http://127.0.0.1:8000\n    worker_header: \"x worker\"",
+    ));
+    assert_problem(
+        &problems,
+        "upstreams.a.worker_header",
+        "`x worker`: not a header name",
+    );
+}

@@ -21,6 +21,9 @@ pub struct UpstreamConfig {
     /// Each address the url's host resolves to is an endpoint (`endpoints` then holds the url
     /// itself, the template every discovered endpoint is made from).
     pub discovery: Option<DiscoveryConfig>,
+    /// Response header in which the backend names the worker process that answered: the pool
+    /// then keeps requests on workers with nothing in flight (see `crate::upstream::workers`).
+    pub worker_header: Option<http::HeaderName>,
     /// Path shared by the endpoints' urls, prepended to every forwarded path ("" when none).
     pub base_path: String,
     pub preserve_host: bool,
@@ -200,6 +203,19 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
             Balance::LeastOutstanding
         }
     };
+    let worker_header =
+        u.worker_header.as_deref().and_then(|h| {
+            match http::HeaderName::from_bytes(h.trim().as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    p.add(
+                        format!("{key}.worker_header"),
+                        format!("`{h}`: not a header name"),
+                    );
+                    None
+                }
+            }
+        });
     let discovery = u.discovery.as_ref().map(|d| {
         let dkey = format!("{key}.discovery");
         if u.endpoints.is_some() {
@@ -369,6 +385,7 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         listed,
         balance,
         discovery,
+        worker_header,
         base_path,
         preserve_host: u.preserve_host.unwrap_or(false),
         tls,

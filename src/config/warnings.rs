@@ -73,6 +73,28 @@ pub fn warnings(c: &Config) -> Vec<Warning> {
                 ),
             );
         }
+        // Spreading over workers needs idle connections beside the ones in use: a connection
+        // whose worker is busy is passed over for another, and new ones land where the kernel
+        // puts them.
+        if let Some(up) = c
+            .upstreams
+            .get(&r.upstream)
+            .filter(|u| u.worker_header.is_some())
+        {
+            let most = match &r.concurrency {
+                Concurrency::Fixed(n) => *n,
+                Concurrency::Adaptive { max, .. } => *max,
+            };
+            let pool = up.pool.max_connections as usize;
+            if pool < 2 * most.min(up.capacity().unwrap_or(usize::MAX)) {
+                warn(
+                    format!("upstreams.{}.pool.max_connections", up.name),
+                    format!(
+                        "`{pool}` is less than twice `{key}.concurrency` (`{most}`): with `worker_header` set, the pool needs spare connections to find a free worker, or requests queue inside busy workers",
+                    ),
+                );
+            }
+        }
         // Endpoints with limits of their own cap the route at run time; only a pool can be
         // outgrown unnoticed.
         if let Some(up) = c

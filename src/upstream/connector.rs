@@ -53,6 +53,11 @@ pub struct UpstreamConn {
     /// closed by the peer while it sat idle.
     pub(crate) served: u32,
     pub(crate) addr: SocketAddr,
+    /// The backend worker it reaches, when the upstream names workers (`worker_header`).
+    pub(crate) worker: super::workers::Pinned,
+    /// Closed once its exchange is over, to make room for a connection that may reach another
+    /// worker.
+    pub(crate) retire: bool,
     task: tokio::task::AbortHandle,
 }
 
@@ -271,6 +276,7 @@ impl Connector {
         }
         let (stream, addr) = self.connect_tcp(&addrs, deadline).await?;
         let _ = stream.set_nodelay(true);
+        let stream = super::quickack::QuickAck(stream);
         let Some(tls) = &self.tls else {
             return self.handshake(stream, addr).await;
         };
@@ -361,6 +367,8 @@ impl Connector {
             clock,
             served: 0,
             addr,
+            worker: Default::default(),
+            retire: false,
             task,
         })
     }

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connector::{ConnectorState, QuietErrors, TlsTarget};
+use super::workers::{Pick, Pinned, Turn, Workers};
 use super::{Connector, UpstreamConn};
 use crate::circuit::{Circuit, Standing};
 use crate::config::{EndpointConfig, UpstreamConfig};
@@ -39,6 +40,9 @@ pub struct Endpoint {
     answered_at: AtomicU64,
     /// The upstreams it belongs to (more than one while a reload's old table is still in use).
     owners: Mutex<Vec<Weak<super::Upstream>>>,
+    /// The backend's workers behind this address, when its answers name them.
+    pub(super) workers: Option<Workers>,
+    max_connections: u32,
 }
 
 /// A fixed origin for instants kept in atomics.
@@ -98,7 +102,7 @@ impl Endpoint {
             config: config.clone(),
             health: Circuit::new(&up.name, &label, &up.circuit),
             host_header: http::HeaderValue::from_str(&label).ok(),
-            label,
+            label: label.clone(),
             min_idle,
             pool,
             connector: state,
@@ -109,6 +113,11 @@ impl Endpoint {
             requests: metrics::counter!("breakwater_endpoint_requests_total", &labels),
             answered_at: AtomicU64::new(0),
             owners: Mutex::new(Vec::new()),
+            workers: up
+                .worker_header
+                .clone()
+                .map(|h| Workers::new(h, &up.name, &label)),
+            max_connections: p.max_connections,
         }
     }
 
@@ -189,9 +198,75 @@ impl Endpoint {
         }
     }
 
-    /// A connection from the pool; fails at once when connecting is failing and nothing is open
-    /// that could come back.
-    pub(super) async fn acquire(&self) -> Result<PooledConnection<'static, Connector>, String> {
+    /// A connection from the pool, on a worker with nothing in flight when the upstream names
+    /// its workers (see `super::workers`), with the request's turn at that worker; fails at once
+    /// when connecting is failing and nothing is open that could come back.
+    pub(super) async fn acquire(
+        &self,
+    ) -> Result<(PooledConnection<'static, Connector>, Option<Turn<'_>>), String> {
+        let first = self.acquire_any().await?;
+        let Some(workers) = &self.workers else {
+            return Ok((first, None));
+        };
+        if let Some(turn) = workers.claim(first.worker) {
+            workers.picked(Pick::Free);
+            return Ok((first, Some(turn)));
+        }
+        // Connections looked at are held until a choice is made, so the pool hands out another
+        // idle one, or opens a new one while it has room. A connection whose worker is not
+        // known yet (new, or opened to replace one) may reach a busy worker: it is taken only
+        // when no idle connection reaches a free one, and then no other is opened.
+        let mut unknown = None;
+        let mut passed = Vec::new();
+        let mut next = first;
+        loop {
+            if next.worker == Pinned::Unknown && unknown.is_none() {
+                unknown = Some(next);
+            } else {
+                passed.push(next);
+            }
+            let state = self.pool.state();
+            let more = state.idle_connections > 0
+                || (unknown.is_none() && state.connections < self.max_connections);
+            if !more || passed.len() + usize::from(unknown.is_some()) >= MAX_LOOKED_AT {
+                break;
+            }
+            match tokio::time::timeout(ANOTHER_WITHIN, self.acquire_any()).await {
+                Ok(Ok(c)) => match workers.claim(c.worker) {
+                    Some(turn) => {
+                        workers.picked(Pick::Free);
+                        return Ok((c, Some(turn)));
+                    }
+                    None => next = c,
+                },
+                _ => break,
+            }
+        }
+        if let Some(c) = unknown {
+            workers.picked(Pick::Unknown);
+            return Ok((c, None));
+        }
+        workers.picked(Pick::Busy);
+        let least = (0..passed.len())
+            .min_by_key(|&i| workers.busy(passed[i].worker))
+            .unwrap_or(0);
+        let mut chosen = passed.swap_remove(least);
+        // Every connection at hand reaches a busy worker and the pool is full: one of them is
+        // closed, so the connection opened in its place may reach a worker not yet covered:
+        // another one at once, or else the chosen one once its exchange is over.
+        if self.pool.state().connections >= self.max_connections
+            && workers.may_reroll(Instant::now())
+        {
+            match passed.first() {
+                Some(other) => other.clock.set_busy(),
+                None => chosen.retire = true,
+            }
+        }
+        let turn = workers.start(chosen.worker);
+        Ok((chosen, Some(turn)))
+    }
+
+    async fn acquire_any(&self) -> Result<PooledConnection<'static, Connector>, String> {
         let get = self.pool.get_owned();
         tokio::pin!(get);
         loop {
@@ -225,6 +300,14 @@ impl Endpoint {
             .map_err(|e| e.to_string())
     }
 }
+
+/// The most connections a request looks at for one whose worker is free.
+const MAX_LOOKED_AT: usize = 8;
+
+/// How long a request looking for a free worker waits for another connection before taking
+/// the least busy one it has: an idle one is handed out at once, and a new one opens within
+/// this on any network the gateway should sit on.
+const ANOTHER_WITHIN: Duration = Duration::from_millis(20);
 
 /// A request's slot at one endpoint; given back when dropped.
 pub struct EndpointSlot(Arc<Endpoint>);

@@ -11,6 +11,8 @@ mod connector;
 mod discovery;
 mod endpoint;
 mod idle;
+mod quickack;
+pub mod workers;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,6 +128,7 @@ impl Lease {
 
     pub fn release(mut self, reusable: bool) {
         let conn = self.held.conn();
+        let reusable = reusable && !conn.retire;
         conn.clock.went_idle(reusable);
         conn.served = conn.served.saturating_add(1);
         if let Held::Fresh { conn, pool } = self.held {
@@ -627,9 +630,14 @@ impl Upstream {
             unsent: Some(req),
             endpoint: None,
         };
+        // Counted at its worker until the answer's head: the worker is free again from there.
+        let mut turn = None;
         let mut held = match via {
             Via::Pool => match endpoint.acquire().await {
-                Ok(c) => Held::Pooled(c),
+                Ok((c, at)) => {
+                    turn = at;
+                    Held::Pooled(c)
+                }
                 Err(why) => return Err(no_connection(why, req)),
             },
             Via::Fresh => match endpoint.dedicated().await {
@@ -656,7 +664,13 @@ impl Upstream {
         conn.clock.set_busy();
         let reused = via == Via::Pool && conn.may_be_stale();
         let written_at = Instant::now();
-        match conn.sender.try_send_request(req).await {
+        let sent = conn.sender.try_send_request(req).await;
+        if let (Some(workers), Ok(resp)) = (&endpoint.workers, &sent) {
+            let conn = held.conn();
+            conn.worker = workers.learn(conn.worker, resp.headers(), Instant::now());
+        }
+        drop(turn);
+        match sent {
             Ok(resp) => {
                 let conn = held.conn();
                 if let Some(timer) = idle::announced(resp.headers()) {

@@ -11,7 +11,10 @@
 #   bw-endpoints the same four single-worker uvicorns as one Breakwater upstream with four
 #                endpoints, `concurrency: 1` each (the route takes their sum; budget 2s, queue
 #                100 / 2s): the recommended layout
-#   sim-4, sim-endpoints  bw-4 and bw-endpoints against the simulated backend of `breakwater demo`
+#   bw-header-4, bw-header-auto  bw-4 and bw-auto with `worker_header: x-worker` (the app names
+#                its worker process in that header): the pool keeps requests on free workers
+#   sim-4, sim-endpoints, sim-header-4  bw-4, bw-endpoints and bw-header-4 against the simulated
+#                backend of `breakwater demo`
 #                (pinned like uvicorn, seeded by the round) instead of uvicorn, to compare the
 #                model with the real thing in the same run
 #
@@ -134,7 +137,7 @@ warm() { # 8 requests, 4 at a time, each on its own connection (like burst.sh an
   sleep 0.5
 }
 
-breakwater_cfg() { # concurrency ("endpoints": four single-worker ports, the route unset)
+breakwater_cfg() { # concurrency ("endpoints": four single-worker ports, the route unset) [worker header]
   if [ "$1" = endpoints ]; then
     upstream="    endpoints:
       - { url: \"http://127.0.0.1:$UV1\", concurrency: 1 }
@@ -145,7 +148,8 @@ breakwater_cfg() { # concurrency ("endpoints": four single-worker ports, the rou
     concurrency=""
   else
     upstream="    url: \"http://127.0.0.1:$UV\"
-    pool: { max_connections: 8, min_idle: 4 }"
+    pool: { max_connections: 8, min_idle: 4 }${2:+
+    worker_header: $2}"
     concurrency="    concurrency: $1"
   fi
   cat <<YAML
@@ -179,9 +183,10 @@ start_target() {
   esac
   case $1 in
     direct) URL=http://127.0.0.1:$UV/v1/sentiment ;;
-    bw-4|bw-auto|bw-endpoints|sim-4|sim-endpoints)
-      case $1 in *-4) c=4 ;; bw-auto) c=auto ;; *) c=endpoints ;; esac
-      breakwater_cfg "$c" >"$WORK/breakwater.yaml"
+    bw-4|bw-auto|bw-endpoints|sim-4|sim-endpoints|bw-header-4|bw-header-auto|sim-header-4)
+      case $1 in *-4) c=4 ;; *-auto) c=auto ;; *) c=endpoints ;; esac
+      case $1 in *-header-*) h=x-worker ;; *) h="" ;; esac
+      breakwater_cfg "$c" "$h" >"$WORK/breakwater.yaml"
       "$BIN" --config "$WORK/breakwater.yaml" >>"$OUT/breakwater.log" 2>&1 &
       URL=http://127.0.0.1:$PROXY/v1/sentiment
       ;;
@@ -244,9 +249,9 @@ for round in $(seq "$ROUNDS"); do
       start_target "$target"
       warm "$URL"
       run_scenario "$scenario" "$URL" | tee "$f"
-      if [ "$target" = bw-auto ]; then
-        curl -s "http://127.0.0.1:$ADMIN/metrics" | grep '^breakwater_concurrency_limit' | tee -a "$f" || true
-      fi
+      case $target in *-auto|*-header-*)
+        curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -E '^breakwater_(concurrency_limit|endpoint_worker)' | tee -a "$f" || true
+      esac
       stop_all
     done
   done

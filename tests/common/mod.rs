@@ -37,7 +37,14 @@ pub struct BackendOptions {
     pub workers: Option<usize>,
     /// Default service time per request.
     pub service_time: Duration,
+    /// Workers pinned like `uvicorn --workers N`: the n-th accepted connection belongs for its
+    /// whole life to worker `pin[n % pin.len()]`, which serves one request at a time, and every
+    /// answer names its worker in `x-worker`.
+    pub pin: Option<Vec<usize>>,
 }
+
+/// Most workers a pinned backend has.
+pub const MAX_WORKERS: usize = 8;
 
 #[derive(Default)]
 pub struct BackendStats {
@@ -54,6 +61,34 @@ pub struct BackendStats {
     pub first_body_chunk: Notify,
     pub changed: Notify,
     pub headers: Mutex<Vec<(String, HeaderMap)>>,
+    /// Pinned backends: requests at each worker (working, held or waiting for it), and the most
+    /// there were at once.
+    pub at_worker: [AtomicUsize; MAX_WORKERS],
+    pub max_at_worker: [AtomicUsize; MAX_WORKERS],
+    pub served_by_worker: [AtomicUsize; MAX_WORKERS],
+}
+
+impl BackendStats {
+    pub fn at_workers(&self, n: usize) -> Vec<usize> {
+        self.at_worker[..n]
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    pub fn max_at_workers(&self, n: usize) -> Vec<usize> {
+        self.max_at_worker[..n]
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    pub fn served_by_workers(&self, n: usize) -> Vec<usize> {
+        self.served_by_worker[..n]
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect()
+    }
 }
 
 pub struct Backend {
@@ -93,15 +128,23 @@ impl Backend {
         let workers = Arc::new(Semaphore::new(
             opts.workers.unwrap_or(Semaphore::MAX_PERMITS),
         ));
+        let pinned: Vec<Arc<Semaphore>> = (0..MAX_WORKERS)
+            .map(|_| Arc::new(Semaphore::new(1)))
+            .collect();
         let (s, r) = (stats.clone(), release.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                s.accepted.fetch_add(1, Ordering::SeqCst);
+                let n = s.accepted.fetch_add(1, Ordering::SeqCst);
                 s.changed.notify_waiters();
-                let (s, r, w, opts) = (s.clone(), r.clone(), workers.clone(), opts.clone());
+                let worker = opts.pin.as_ref().map(|seq| seq[n % seq.len()]);
+                let w = match worker {
+                    Some(i) => pinned[i].clone(),
+                    None => workers.clone(),
+                };
+                let (s, r, opts) = (s.clone(), r.clone(), opts.clone());
                 tokio::spawn(async move {
                     let per_conn = Arc::new(AtomicUsize::new(0));
                     let idle_close = opts.idle_close;
@@ -111,7 +154,7 @@ impl Backend {
                             req,
                             s2.clone(),
                             r.clone(),
-                            w.clone(),
+                            (w.clone(), worker),
                             opts.clone(),
                             per_conn.clone(),
                         )
@@ -177,10 +220,14 @@ pub async fn wait_until(what: &str, f: impl Fn() -> bool, changed: &Notify) {
 struct CancelGuard {
     stats: Arc<BackendStats>,
     done: bool,
+    worker: Option<usize>,
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
+        if let Some(w) = self.worker {
+            self.stats.at_worker[w].fetch_sub(1, Ordering::SeqCst);
+        }
         self.stats.inflight.fetch_sub(1, Ordering::SeqCst);
         if !self.done {
             self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
@@ -203,7 +250,7 @@ async fn handle(
     req: Request<Incoming>,
     stats: Arc<BackendStats>,
     release: Arc<Semaphore>,
-    workers: Arc<Semaphore>,
+    (workers, worker): (Arc<Semaphore>, Option<usize>),
     opts: BackendOptions,
     per_conn: Arc<AtomicUsize>,
 ) -> Result<Response<TestBody>, BoxError> {
@@ -212,10 +259,15 @@ async fn handle(
     stats.requests.fetch_add(1, Ordering::SeqCst);
     let now = stats.inflight.fetch_add(1, Ordering::SeqCst) + 1;
     stats.max_inflight.fetch_max(now, Ordering::SeqCst);
+    if let Some(w) = worker {
+        let there = stats.at_worker[w].fetch_add(1, Ordering::SeqCst) + 1;
+        stats.max_at_worker[w].fetch_max(there, Ordering::SeqCst);
+    }
     stats.changed.notify_waiters();
     let mut guard = CancelGuard {
         stats: stats.clone(),
         done: false,
+        worker,
     };
     stats
         .headers
@@ -316,6 +368,11 @@ async fn handle(
     // Headers the gateway must strip on the way back.
     resp.headers_mut()
         .insert("keep-alive", "timeout=5".parse().unwrap());
+    if let Some(w) = worker {
+        resp.headers_mut()
+            .insert("x-worker", w.to_string().parse().unwrap());
+        stats.served_by_worker[w].fetch_add(1, Ordering::SeqCst);
+    }
     guard.done = true;
     stats.completed.fetch_add(1, Ordering::SeqCst);
     Ok(resp)

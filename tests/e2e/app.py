@@ -32,6 +32,15 @@ _seen_lock = threading.Lock()
 
 app = FastAPI(title="breakwater-e2e-backend")
 
+
+# The one line of middleware that lets Breakwater's pool learn which worker each keep-alive
+# connection reaches (`worker_header: x-worker`; docs/operations.md, "FastAPI layout").
+@app.middleware("http")
+async def name_the_worker(request, call_next):
+    response = await call_next(request)
+    response.headers["x-worker"] = str(os.getpid())
+    return response
+
 _POSITIVE = {"good", "great", "love", "excellent", "happy", "nice", "fast"}
 _NEGATIVE = {"bad", "awful", "hate", "terrible", "sad", "slow", "broken"}
 
