@@ -73,6 +73,8 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "With worker_header: the backend's worker processes behind the endpoint that an answer named within the last minute."),
     ("breakwater_endpoint_worker_picks_total", Kind::Counter,
         "With worker_header: how each request's connection was chosen: free (its worker had nothing in flight), unknown (a connection whose worker was not known yet), busy (every connection at hand reached a busy worker)."),
+    ("breakwater_endpoint_worker_probes_total", Kind::Counter,
+        "With worker_probe: probes sent on new connections to meet the backend's workers, by result: kept (its worker had no connection; it joined the pool), known (closed), failed."),
     ("breakwater_endpoint_worker_rerolls_total", Kind::Counter,
         "With worker_header: connections to busy workers closed, with the pool full, so that a new one may reach another worker."),
     ("breakwater_build_info", Kind::Gauge,

@@ -267,7 +267,8 @@ struct GatewayOpts {
     budget: &'static str,
     /// The pool's `idle_timeout`.
     idle_timeout: &'static str,
-    /// `worker_header: x-worker` on the upstream (the app names its worker process there).
+    /// `worker_header: x-worker` and `worker_probe: /healthz` on the upstream (the app names
+    /// its worker process there).
     worker_header: bool,
 }
 
@@ -423,7 +424,7 @@ upstreams:
         budget = g.budget,
         idle_timeout = g.idle_timeout,
         worker_header = if g.worker_header {
-            "    worker_header: x-worker\n"
+            "    worker_header: x-worker\n    worker_probe: /healthz\n"
         } else {
             ""
         },

@@ -549,8 +549,58 @@ async fn a_full_pool_closes_a_connection_to_a_busy_worker_to_reach_the_others() 
     }
     assert!(backend.count(|s| &s.accepted) > 4);
     let m = gw.metrics().await;
-    assert!(
-        m.contains("breakwater_endpoint_worker_rerolls_total{"),
-        "{m}"
+    let rerolls = format!(
+        "breakwater_endpoint_worker_rerolls_total{{upstream=\"app\",endpoint=\"{}\"}} ",
+        backend.addr
     );
+    let n: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix(&rerolls))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{rerolls} in {m}"));
+    assert!(n >= 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn worker_probe_meets_every_worker_before_requests_need_them() {
+    let (backend, gw) = pinned(
+        SKEWED.to_vec(),
+        "    worker_header: x-worker\n    worker_probe: /healthz\n    pool: { max_connections: 8, min_idle: 0 }\n",
+    )
+    .await;
+    // Probes alone: connections one after another, each kept only if its worker had none.
+    backend
+        .wait_until("every worker answered a probe", |s| {
+            s.served_by_workers(4).iter().all(|&n| n > 0)
+        })
+        .await;
+    let probes = backend.count(|s| &s.requests);
+    let c = client();
+    let held = hold_n(&c, &backend, &gw, 4).await;
+    assert_eq!(backend.stats.at_workers(4), [1, 1, 1, 1]);
+    release_all(&backend, held).await;
+    // Other tests in this binary share the metrics registry: only this endpoint's series.
+    let endpoint = format!("endpoint=\"{}\"", backend.addr);
+    let m: Vec<String> = gw
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.contains(&endpoint) && l.starts_with("breakwater_endpoint_worker"))
+        .map(str::to_string)
+        .collect();
+    let value = |name: &str, label: &str| -> f64 {
+        m.iter()
+            .find(|l| l.starts_with(name) && l.contains(label))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} {label} in {m:#?}"))
+    };
+    let picks = "breakwater_endpoint_worker_picks_total";
+    assert_eq!(value(picks, "pick=\"free\""), 4.0, "{m:#?}");
+    assert_eq!(value(picks, "pick=\"unknown\""), 0.0, "{m:#?}");
+    assert_eq!(value(picks, "pick=\"busy\""), 0.0, "{m:#?}");
+    let probes_total = "breakwater_endpoint_worker_probes_total";
+    assert_eq!(value(probes_total, "result=\"kept\""), 4.0, "{m:#?}");
+    assert_eq!(value("breakwater_endpoint_workers{", ""), 4.0, "{m:#?}");
+    eprintln!("{probes} probes");
 }

@@ -130,6 +130,9 @@ pub fn describe(c: &Config) -> Value {
             if let Some(h) = &u.worker_header {
                 shown["worker_header"] = json!(h.as_str());
             }
+            if let Some(path) = &u.worker_probe {
+                shown["worker_probe"] = json!(path.as_str());
+            }
             if u.listed {
                 shown["endpoints"] = u
                     .endpoints

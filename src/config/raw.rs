@@ -140,6 +140,7 @@ pub struct RawUpstream {
     pub balance: Option<String>,
     pub discovery: Option<RawDiscovery>,
     pub worker_header: Option<String>,
+    pub worker_probe: Option<String>,
     pub preserve_host: Option<bool>,
     pub tls: Option<RawUpstreamTls>,
     #[serde(default)]
@@ -155,6 +156,7 @@ impl RawUpstream {
         ("balance", Leaf),
         ("discovery", Keys(RawDiscovery::KEYS)),
         ("worker_header", Leaf),
+        ("worker_probe", Leaf),
         ("preserve_host", Leaf),
         ("tls", Keys(RawUpstreamTls::KEYS)),
         ("pool", Keys(RawPool::KEYS)),

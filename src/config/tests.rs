@@ -1050,3 +1050,34 @@ fn worker_header_is_a_header_name_and_wants_spare_connections() {
         "`x worker`: not a header name",
     );
 }
+
+#[test]
+fn worker_probe_is_a_path_and_needs_worker_header() {
+    let problems = problems_of(&with_server(
+        "  listen: 127.0.0.1:0",
+        "    url: http://127.0.0.1:8000\n    worker_probe: healthz",
+    ));
+    assert_problem(
+        &problems,
+        "upstreams.a.worker_probe",
+        "without `worker_header`",
+    );
+    assert_problem(
+        &problems,
+        "upstreams.a.worker_probe",
+        "`healthz`: must be a path",
+    );
+    let c = from_yaml(
+        &with_server(
+            "  listen: 127.0.0.1:0",
+            "    url: http://127.0.0.1:8000\n    worker_header: x-worker\n    worker_probe: /healthz",
+        ),
+        env(&[]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.upstreams["a"].worker_probe.as_ref().unwrap().as_str(),
+        "/healthz"
+    );
+    assert_eq!(describe(&c)["upstreams"]["a"]["worker_probe"], "/healthz");
+}

@@ -24,6 +24,9 @@ pub struct UpstreamConfig {
     /// Response header in which the backend names the worker process that answered: the pool
     /// then keeps requests on workers with nothing in flight (see `crate::upstream::workers`).
     pub worker_header: Option<http::HeaderName>,
+    /// A path the backend answers at once on any worker (a health check): the pool sends it on
+    /// new connections in the background to meet every worker before requests need them.
+    pub worker_probe: Option<http::uri::PathAndQuery>,
     /// Path shared by the endpoints' urls, prepended to every forwarded path ("" when none).
     pub base_path: String,
     pub preserve_host: bool,
@@ -216,6 +219,22 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
                 }
             }
         });
+    let worker_probe = u.worker_probe.as_deref().and_then(|path| {
+        let key = format!("{key}.worker_probe");
+        if u.worker_header.is_none() {
+            p.add(
+                &key,
+                "set without `worker_header`: a probe learns a connection's worker from that header",
+            );
+        }
+        match path.parse::<http::uri::PathAndQuery>() {
+            Ok(pq) if path.starts_with('/') => Some(pq),
+            _ => {
+                p.add(key, format!("`{path}`: must be a path starting with `/`"));
+                None
+            }
+        }
+    });
     let discovery = u.discovery.as_ref().map(|d| {
         let dkey = format!("{key}.discovery");
         if u.endpoints.is_some() {
@@ -386,6 +405,7 @@ pub(super) fn validate(p: &mut Problems, name: &str, u: &RawUpstream) -> Option<
         balance,
         discovery,
         worker_header,
+        worker_probe,
         base_path,
         preserve_host: u.preserve_host.unwrap_or(false),
         tls,

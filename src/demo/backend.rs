@@ -327,6 +327,17 @@ async fn score(
     workers: Arc<Workers>,
     pinned: Option<usize>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    // A health check is answered at once by the worker the connection is pinned to, as the
+    // FastAPI app's `/healthz` is (a sync handler in the worker's thread pool, beside the
+    // one-at-a-time work): a `worker_probe` learns the worker without taking its turn.
+    if req.uri().path() == "/healthz" {
+        let mut resp = Response::new(Full::new(Bytes::from_static(br#"{"status":"ok"}"#)));
+        if let Some(w) = pinned {
+            resp.headers_mut()
+                .insert("x-worker", http::HeaderValue::from(w as u64));
+        }
+        return Ok(resp);
+    }
     let latency = latency_override(req.uri().query()).unwrap_or(workers.service_time);
     let _ = req.into_body().collect().await;
     let done = workers.submit(pinned, latency);

@@ -55,6 +55,8 @@ pub struct UpstreamConn {
     pub(crate) addr: SocketAddr,
     /// The backend worker it reaches, when the upstream names workers (`worker_header`).
     pub(crate) worker: super::workers::Pinned,
+    /// Counts it among its worker's connections while it is open.
+    pub(crate) counted: Option<super::workers::Counted>,
     /// Closed once its exchange is over, to make room for a connection that may reach another
     /// worker.
     pub(crate) retire: bool,
@@ -368,6 +370,7 @@ impl Connector {
             served: 0,
             addr,
             worker: Default::default(),
+            counted: None,
             retire: false,
             task,
         })

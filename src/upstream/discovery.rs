@@ -113,9 +113,7 @@ impl Upstream {
                     .iter()
                     .find(|e| e.config == config)
                     .cloned()
-                    .unwrap_or_else(|| {
-                        Arc::new(Endpoint::new(&self.config, &config, self.tls.as_ref()))
-                    })
+                    .unwrap_or_else(|| Endpoint::start(&self.config, &config, self.tls.as_ref()))
             })
             .collect();
         let unchanged = next.len() == current.len()

@@ -41,7 +41,7 @@ pub struct Endpoint {
     /// The upstreams it belongs to (more than one while a reload's old table is still in use).
     owners: Mutex<Vec<Weak<super::Upstream>>>,
     /// The backend's workers behind this address, when its answers name them.
-    pub(super) workers: Option<Workers>,
+    pub(super) workers: Option<Arc<Workers>>,
     max_connections: u32,
 }
 
@@ -56,8 +56,22 @@ fn since_epoch(t: Instant) -> u64 {
 }
 
 impl Endpoint {
+    /// Builds the endpoint and starts its background work: opening its idle connections and,
+    /// with `worker_probe`, meeting the backend's workers.
+    pub fn start(
+        up: &UpstreamConfig,
+        config: &EndpointConfig,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> Arc<Self> {
+        let e = Arc::new(Endpoint::new(up, config, tls));
+        if e.workers.as_ref().is_some_and(|w| w.probe.is_some()) {
+            tokio::spawn(super::workers::explore(Arc::downgrade(&e)));
+        }
+        e
+    }
+
     /// Builds the endpoint's pool and starts opening its idle connections in the background.
-    pub fn new(
+    fn new(
         up: &UpstreamConfig,
         config: &EndpointConfig,
         tls: Option<&crate::tls::ClientTls>,
@@ -116,7 +130,7 @@ impl Endpoint {
             workers: up
                 .worker_header
                 .clone()
-                .map(|h| Workers::new(h, &up.name, &label)),
+                .map(|h| Arc::new(Workers::new(h, up.worker_probe.clone(), &up.name, &label))),
             max_connections: p.max_connections,
         }
     }
@@ -264,6 +278,29 @@ impl Endpoint {
         }
         let turn = workers.start(chosen.worker);
         Ok((chosen, Some(turn)))
+    }
+
+    /// Adds `conn`, which reaches a worker no other connection does, to the pool; when the
+    /// pool is full, an idle connection to a worker that has another (or to one not known) is
+    /// closed to make room. Whether it was added.
+    pub(super) async fn keep(&self, conn: UpstreamConn) -> bool {
+        let conn = match self.pool.add(conn) {
+            Ok(()) => return true,
+            Err(bb8::AddError::Broken(_)) => return false,
+            Err(bb8::AddError::NoCapacity(conn)) => conn,
+        };
+        let (Some(workers), true) = (&self.workers, self.pool.state().idle_connections > 0) else {
+            return false;
+        };
+        let Ok(Ok(spare)) = tokio::time::timeout(ANOTHER_WITHIN, self.acquire_any()).await else {
+            return false;
+        };
+        if spare.worker != Pinned::Unknown && workers.conns(spare.worker) < 2 {
+            return false;
+        }
+        spare.clock.set_busy();
+        drop(spare);
+        self.pool.add(conn).is_ok()
     }
 
     async fn acquire_any(&self) -> Result<PooledConnection<'static, Connector>, String> {

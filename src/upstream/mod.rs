@@ -194,10 +194,13 @@ impl Upstream {
                 );
             }
         }
-        // Endpoints can be kept only from an upstream whose pools, circuits and TLS are the same.
+        // Endpoints can be kept only from an upstream whose pools, circuits, worker settings
+        // and TLS are the same.
         let kept = old.filter(|o| {
             o.config.pool == config.pool
                 && o.config.circuit == config.circuit
+                && o.config.worker_header == config.worker_header
+                && o.config.worker_probe == config.worker_probe
                 && o.config.tls == config.tls
                 && o.tls == tls
         });
@@ -222,7 +225,7 @@ impl Upstream {
                         .as_ref()
                         .and_then(|l| l.iter().find(|k| k.config == *e))
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(Endpoint::new(&config, e, tls.as_ref())))
+                        .unwrap_or_else(|| Endpoint::start(&config, e, tls.as_ref()))
                 })
                 .collect()
         });
@@ -667,7 +670,7 @@ impl Upstream {
         let sent = conn.sender.try_send_request(req).await;
         if let (Some(workers), Ok(resp)) = (&endpoint.workers, &sent) {
             let conn = held.conn();
-            conn.worker = workers.learn(conn.worker, resp.headers(), Instant::now());
+            workers.learn(conn, resp.headers(), Instant::now());
         }
         drop(turn);
         match sent {
@@ -741,7 +744,7 @@ impl Upstream {
 }
 
 /// The upstream said it closes the connection after this answer.
-fn closes(resp: &Response<Incoming>) -> bool {
+pub(super) fn closes(resp: &Response<Incoming>) -> bool {
     let close = resp
         .headers()
         .get_all(http::header::CONNECTION)

@@ -21,14 +21,19 @@
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName};
 use metrics::{Counter, Gauge};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A worker no answer named for this long is forgotten (a restarted worker has a new name).
+use super::{Endpoint, UpstreamConn};
+
+/// A worker with no connection that no answer named for this long is forgotten (a restarted
+/// worker has a new name).
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// The least time between two connections closed to reach another worker: when every worker
@@ -61,11 +66,18 @@ struct Worker {
     id: u64,
     /// Requests sent to it whose answer's head has not arrived.
     busy: u32,
+    /// Open connections known to reach it.
+    conns: u32,
     seen: Instant,
 }
 
 pub struct Workers {
     pub header: HeaderName,
+    /// Sent on new connections in the background to meet the workers (`worker_probe`).
+    pub probe: Option<PathAndQuery>,
+    /// Wakes the explorer: a request found no connection to a free worker.
+    explore: Notify,
+    probes: [Counter; 3],
     book: Mutex<Book>,
     warned_unpinned: AtomicBool,
     known: Gauge,
@@ -88,7 +100,12 @@ impl Book {
 }
 
 impl Workers {
-    pub fn new(header: HeaderName, upstream: &str, endpoint: &str) -> Self {
+    pub fn new(
+        header: HeaderName,
+        probe: Option<PathAndQuery>,
+        upstream: &str,
+        endpoint: &str,
+    ) -> Self {
         let labels = [
             ("upstream", upstream.to_string()),
             ("endpoint", endpoint.to_string()),
@@ -98,8 +115,20 @@ impl Workers {
             l.push(("pick", p.to_string()));
             metrics::counter!("breakwater_endpoint_worker_picks_total", &l)
         };
+        let probe_result = |r: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("result", r.to_string()));
+            metrics::counter!("breakwater_endpoint_worker_probes_total", &l)
+        };
         Workers {
             header,
+            probe,
+            explore: Notify::new(),
+            probes: [
+                probe_result("kept"),
+                probe_result("known"),
+                probe_result("failed"),
+            ],
             book: Mutex::new(Book::default()),
             warned_unpinned: AtomicBool::new(false),
             known: metrics::gauge!("breakwater_endpoint_workers", &labels),
@@ -124,6 +153,9 @@ impl Workers {
 
     pub fn picked(&self, pick: Pick) {
         self.picks[pick as usize].increment(1);
+        if pick != Pick::Free {
+            self.explore.notify_one();
+        }
     }
 
     /// Whether a connection to a busy worker may be closed now to reach another (at most one per
@@ -154,6 +186,7 @@ impl Workers {
             None => book.workers.push(Worker {
                 id,
                 busy: 1,
+                conns: 0,
                 seen: Instant::now(),
             }),
         }
@@ -174,15 +207,31 @@ impl Workers {
             None => book.workers.push(Worker {
                 id,
                 busy: 1,
+                conns: 0,
                 seen: Instant::now(),
             }),
         }
         Turn(Some((self, id)))
     }
 
+    /// What `conn` learns from an answer with `headers` that arrived at `now`: the worker it
+    /// reaches, counted among that worker's connections while it is open.
+    pub fn learn(self: &Arc<Self>, conn: &mut UpstreamConn, headers: &HeaderMap, now: Instant) {
+        let before = conn.worker;
+        conn.worker = self.learned(before, headers, now);
+        match conn.worker {
+            Pinned::To(id) if before == Pinned::Unknown => {
+                conn.counted = Some(Counted(self.clone(), id));
+            }
+            Pinned::Unpinned => conn.counted = None,
+            _ => {}
+        }
+    }
+
     /// What a connection that reached `pinned` knows after an answer with `headers` arrived at
-    /// `now`.
-    pub fn learn(&self, pinned: Pinned, headers: &HeaderMap, now: Instant) -> Pinned {
+    /// `now`; one that learns its worker here is counted among that worker's connections (the
+    /// caller holds a [`Counted`] for it).
+    fn learned(&self, pinned: Pinned, headers: &HeaderMap, now: Instant) -> Pinned {
         let Some(value) = headers.get(&self.header) else {
             return pinned;
         };
@@ -204,23 +253,38 @@ impl Workers {
                          worker_header cannot spread requests"
                     );
                 }
+                // Its `Counted`, dropped by `learn`, takes it off the old worker's count.
                 return Pinned::Unpinned;
             }
             _ => {}
         }
+        let new_conn = u32::from(pinned == Pinned::Unknown);
         let mut book = self.book();
         match book.find(id) {
-            Some(w) => w.seen = now,
+            Some(w) => {
+                w.seen = now;
+                w.conns += new_conn;
+            }
             None => book.workers.push(Worker {
                 id,
                 busy: 0,
+                conns: new_conn,
                 seen: now,
             }),
         }
-        book.workers
-            .retain(|w| w.busy > 0 || now.saturating_duration_since(w.seen) < FORGET_AFTER);
+        book.workers.retain(|w| {
+            w.busy > 0 || w.conns > 0 || now.saturating_duration_since(w.seen) < FORGET_AFTER
+        });
         self.known.set(book.workers.len() as f64);
         Pinned::To(id)
+    }
+
+    /// Open connections known to reach the worker `pinned` reaches.
+    pub fn conns(&self, pinned: Pinned) -> u32 {
+        match pinned {
+            Pinned::To(id) => self.book().find(id).map_or(0, |w| w.conns),
+            Pinned::Unknown | Pinned::Unpinned => 0,
+        }
     }
 
     /// Workers named by an answer within the last minute (or with requests in flight).
@@ -231,6 +295,17 @@ impl Workers {
     fn finish(&self, id: u64) {
         if let Some(w) = self.book().find(id) {
             w.busy = w.busy.saturating_sub(1);
+        }
+    }
+}
+
+/// A connection counted among its worker's while it is open.
+pub struct Counted(Arc<Workers>, u64);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.book().find(self.1) {
+            w.conns = w.conns.saturating_sub(1);
         }
     }
 }
@@ -246,6 +321,133 @@ impl Drop for Turn<'_> {
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Meeting the workers before requests need them (`worker_probe`)
+
+/// Probes at least this far apart: connections opened closer together are taken by one wake-up
+/// of the same worker's accept loop.
+const PROBE_SPACING: Duration = Duration::from_millis(5);
+/// A probe not answered within this is given up (that worker's event loop is blocked).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A session ends after this many probes in a row that met no worker without a connection...
+const MISSES_TO_STOP: u32 = 16;
+/// ...or after this many probes.
+const MAX_PROBES: u32 = 64;
+/// After a session that met no worker without a connection, the next waits twice as long as
+/// the one before, from 1 s up to this.
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// The largest probe answer body read (the connection is kept only if it is read to the end).
+const PROBE_BODY_LIMIT: usize = 64 * 1024;
+
+/// The endpoint's explorer, for its life: a session of probes at once, and another whenever a
+/// request found no connection to a free worker (after a pause of at least a second, longer
+/// while sessions meet no worker without a connection).
+///
+/// Each probe opens a connection (the kernel puts it on some worker), sends `worker_probe` and
+/// reads which worker answered. A connection to a worker that had none joins the pool; any other
+/// is closed. So the pool meets every worker in tens of probes instead of waiting for requests
+/// to land on them, which under uvicorn's skewed accept can take many rounds.
+pub(super) async fn explore(endpoint: Weak<Endpoint>) {
+    let mut pause = Duration::from_secs(1);
+    let mut first = true;
+    loop {
+        let Some(workers) = endpoint.upgrade().and_then(|e| e.workers.clone()) else {
+            return;
+        };
+        if !first {
+            // Woken by a request, or now and then to see whether the endpoint is still in use.
+            let woken = tokio::time::timeout(Duration::from_secs(30), workers.explore.notified());
+            if woken.await.is_err() {
+                continue;
+            }
+        }
+        first = false;
+        let Some(e) = endpoint.upgrade() else {
+            return;
+        };
+        let kept = session(&e, &workers).await;
+        drop(e);
+        pause = if kept > 0 {
+            Duration::from_secs(1)
+        } else {
+            (pause * 2).min(MAX_PAUSE)
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Probes until the pool holds a connection to every worker met; returns the connections kept.
+async fn session(e: &Endpoint, workers: &Arc<Workers>) -> u32 {
+    let Some(path) = workers.probe.clone() else {
+        return 0;
+    };
+    let (mut kept, mut misses, mut sent) = (0, 0, 0);
+    while misses < MISSES_TO_STOP && sent < MAX_PROBES {
+        sent += 1;
+        match tokio::time::timeout(PROBE_TIMEOUT, probe(e, workers, &path)).await {
+            Ok(Ok(conn)) if workers.conns(conn.worker) == 1 => {
+                if e.keep(conn).await {
+                    kept += 1;
+                    misses = 0;
+                    workers.probes[0].increment(1);
+                } else {
+                    misses += 1;
+                    workers.probes[1].increment(1);
+                }
+            }
+            // Dropped, so closed: its worker has a connection already.
+            Ok(Ok(_)) => {
+                misses += 1;
+                workers.probes[1].increment(1);
+            }
+            Ok(Err(_)) | Err(_) => {
+                misses += 1;
+                workers.probes[2].increment(1);
+            }
+        }
+        tokio::time::sleep(PROBE_SPACING).await;
+    }
+    kept
+}
+
+/// A new connection to the endpoint that has answered `path`, with the worker it reaches.
+async fn probe(
+    e: &Endpoint,
+    workers: &Arc<Workers>,
+    path: &PathAndQuery,
+) -> Result<UpstreamConn, String> {
+    let mut conn = e.dedicated().await?;
+    conn.sender.ready().await.map_err(|err| err.to_string())?;
+    let req = http::Request::get(path.as_str())
+        .header(http::header::HOST, e.label.as_ref())
+        .header(http::header::USER_AGENT, "breakwater-worker-probe")
+        .body(crate::body::full(bytes::Bytes::new()))
+        .map_err(|err| err.to_string())?;
+    let resp = conn
+        .sender
+        .send_request(req)
+        .await
+        .map_err(|err| err.to_string())?;
+    let reusable = !super::closes(&resp);
+    let (head, body) = resp.into_parts();
+    http_body_util::BodyExt::collect(http_body_util::Limited::new(body, PROBE_BODY_LIMIT))
+        .await
+        .map_err(|err| err.to_string())?;
+    if !reusable {
+        return Err("the probe's answer closes its connection".into());
+    }
+    workers.learn(&mut conn, &head.headers, Instant::now());
+    if !matches!(conn.worker, Pinned::To(_)) {
+        return Err(format!(
+            "the probe's answer names no worker in {}",
+            workers.header
+        ));
+    }
+    conn.served = 1;
+    conn.clock.went_idle(true);
+    Ok(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,21 +458,26 @@ mod tests {
         h
     }
 
-    fn workers() -> Workers {
-        Workers::new(HeaderName::from_static("x-worker"), "a", "127.0.0.1:1")
+    fn workers() -> Arc<Workers> {
+        Arc::new(Workers::new(
+            HeaderName::from_static("x-worker"),
+            None,
+            "a",
+            "127.0.0.1:1",
+        ))
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_learns_its_worker_and_requests_count_there_until_answered() {
         let w = workers();
         let now = Instant::now();
-        let a = w.learn(Pinned::Unknown, &answer("101"), now);
-        let b = w.learn(Pinned::Unknown, &answer("102"), now);
+        let a = w.learned(Pinned::Unknown, &answer("101"), now);
+        let b = w.learned(Pinned::Unknown, &answer("102"), now);
         assert!(matches!(a, Pinned::To(_)));
         assert_ne!(a, b);
         assert_eq!(w.known(), 2);
         assert_eq!(
-            w.learn(a, &HeaderMap::new(), now),
+            w.learned(a, &HeaderMap::new(), now),
             a,
             "an answer without the header teaches nothing"
         );
@@ -291,7 +498,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_free_worker_is_claimed_by_one_request_only() {
         let w = workers();
-        let a = w.learn(Pinned::Unknown, &answer("101"), Instant::now());
+        let a = w.learned(Pinned::Unknown, &answer("101"), Instant::now());
         let first = w.claim(a).expect("free");
         assert!(w.claim(a).is_none(), "taken by the first");
         assert!(w.claim(Pinned::Unknown).is_none());
@@ -303,10 +510,10 @@ mod tests {
     async fn a_connection_whose_answers_name_different_workers_is_unpinned() {
         let w = workers();
         let now = Instant::now();
-        let a = w.learn(Pinned::Unknown, &answer("101"), now);
-        let moved = w.learn(a, &answer("102"), now);
+        let a = w.learned(Pinned::Unknown, &answer("101"), now);
+        let moved = w.learned(a, &answer("102"), now);
         assert_eq!(moved, Pinned::Unpinned);
-        assert_eq!(w.learn(moved, &answer("101"), now), Pinned::Unpinned);
+        assert_eq!(w.learned(moved, &answer("101"), now), Pinned::Unpinned);
         let turn = w.start(moved);
         assert_eq!(
             w.busy(a),
@@ -320,11 +527,16 @@ mod tests {
     async fn workers_not_heard_from_are_forgotten_unless_busy() {
         let w = workers();
         let t0 = Instant::now();
-        let a = w.learn(Pinned::Unknown, &answer("101"), t0);
-        let b = w.learn(Pinned::Unknown, &answer("102"), t0);
+        let a = w.learned(Pinned::Unknown, &answer("101"), t0);
+        let b = w.learned(Pinned::Unknown, &answer("102"), t0);
+        // Their connections close.
+        for p in [a, b] {
+            let Pinned::To(id) = p else { panic!() };
+            drop(Counted(w.clone(), id));
+        }
         let held = w.start(b);
         let later = t0 + FORGET_AFTER + Duration::from_secs(1);
-        w.learn(Pinned::Unknown, &answer("103"), later);
+        w.learned(Pinned::Unknown, &answer("103"), later);
         assert_eq!(w.known(), 2, "101 forgotten, 102 kept while busy, 103 new");
         assert_eq!(w.busy(a), 0);
         assert_eq!(w.busy(b), 1);
@@ -339,5 +551,31 @@ mod tests {
         assert!(w.may_reroll(t0));
         assert!(!w.may_reroll(t0 + REROLL_EVERY / 2));
         assert!(w.may_reroll(t0 + REROLL_EVERY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_worker_counts_the_open_connections_that_reach_it() {
+        let w = workers();
+        let now = Instant::now();
+        let a = w.learned(Pinned::Unknown, &answer("101"), now);
+        let Pinned::To(id) = a else { panic!() };
+        let first = Counted(w.clone(), id);
+        assert_eq!(w.conns(a), 1);
+        assert_eq!(
+            w.learned(a, &answer("101"), now),
+            a,
+            "known already: not counted again"
+        );
+        assert_eq!(w.conns(a), 1);
+        let second = Counted(w.clone(), id);
+        assert_eq!(w.learned(Pinned::Unknown, &answer("101"), now), a);
+        assert_eq!(w.conns(a), 2);
+        drop(first);
+        assert_eq!(w.conns(a), 1);
+        let later = now + FORGET_AFTER * 2;
+        w.learned(Pinned::Unknown, &answer("999"), later);
+        assert_eq!(w.conns(a), 1, "a worker with a connection is not forgotten");
+        drop(second);
+        assert_eq!(w.conns(a), 0);
     }
 }

@@ -12,7 +12,8 @@
 #                endpoints, `concurrency: 1` each (the route takes their sum; budget 2s, queue
 #                100 / 2s): the recommended layout
 #   bw-header-4, bw-header-auto  bw-4 and bw-auto with `worker_header: x-worker` (the app names
-#                its worker process in that header): the pool keeps requests on free workers
+#                its worker process in that header) and `worker_probe: /healthz`: the pool meets
+#                every worker and keeps requests on free ones
 #   sim-4, sim-endpoints, sim-header-4  bw-4, bw-endpoints and bw-header-4 against the simulated
 #                backend of `breakwater demo`
 #                (pinned like uvicorn, seeded by the round) instead of uvicorn, to compare the
@@ -149,7 +150,8 @@ breakwater_cfg() { # concurrency ("endpoints": four single-worker ports, the rou
   else
     upstream="    url: \"http://127.0.0.1:$UV\"
     pool: { max_connections: 8, min_idle: 4 }${2:+
-    worker_header: $2}"
+    worker_header: $2
+    worker_probe: /healthz}"
     concurrency="    concurrency: $1"
   fi
   cat <<YAML
