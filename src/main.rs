@@ -414,18 +414,20 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                             ("direct to backend", &r.direct),
                             ("through Breakwater", &r.gateway),
                             ("one endpoint per worker", &r.endpoints),
+                            ("one port, worker named", &r.named),
                         ],
                         opts.capacity()
                     )
                 );
-                let row = |label: &str, a: String, b: String, c: String| {
-                    println!("{label:29}  {a:>17}  {b:>18}  {c:>23}");
+                let row = |label: &str, a: String, b: String, c: String, d: String| {
+                    println!("{label:29}  {a:>17}  {b:>18}  {c:>23}  {d:>22}");
                 };
                 row(
                     "backend work for callers gone",
                     r.wasted_direct.to_string(),
                     r.wasted_gateway.to_string(),
                     r.wasted_endpoints.to_string(),
+                    r.wasted_named.to_string(),
                 );
                 let per = |v: &[usize]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("/");
                 row(
@@ -433,6 +435,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                     per(&r.served_direct),
                     per(&r.served_gateway),
                     per(&r.served_endpoints),
+                    per(&r.served_named),
                 );
                 if !r.connections_direct.is_empty() {
                     row(
@@ -440,6 +443,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                         per(&r.connections_direct),
                         per(&r.connections_gateway),
                         "-".into(),
+                        per(&r.connections_named),
                     );
                 }
                 println!("\n{}", demo::verdict(&r, &opts));

@@ -80,6 +80,17 @@ impl DemoOptions {
         self.yaml(&upstream, "")
     }
 
+    /// One port whose answers name their worker: the gateway told so, and meeting the workers
+    /// with a health-check probe (the simulated backend answers `/healthz` at once).
+    pub fn named_yaml(&self, backend: SocketAddr) -> String {
+        let upstream = format!(
+            "    url: \"http://{backend}\"\n    worker_header: x-worker\n    worker_probe: /healthz\n    pool: {{ max_connections: {}, min_idle: {} }}\n",
+            self.workers * 2,
+            self.workers
+        );
+        self.yaml(&upstream, &format!("    concurrency: {}\n", self.workers))
+    }
+
     /// The gateway configuration the demo runs with.
     pub fn gateway_yaml(&self, backend: SocketAddr) -> String {
         let upstream = format!(
@@ -117,16 +128,21 @@ pub struct DemoResult {
     /// Through Breakwater with one endpoint per worker (single-worker backends on their own
     /// ports).
     pub endpoints: Summary,
+    /// Through Breakwater to one port whose answers name their worker (`worker_header`).
+    pub named: Summary,
     pub wasted_direct: usize,
     pub wasted_gateway: usize,
     pub wasted_endpoints: usize,
+    pub wasted_named: usize,
     /// Connections each backend worker accepted (empty with the free model).
     pub connections_direct: Vec<usize>,
     pub connections_gateway: Vec<usize>,
+    pub connections_named: Vec<usize>,
     /// Requests each backend worker finished by the end of the burst.
     pub served_direct: Vec<usize>,
     pub served_gateway: Vec<usize>,
     pub served_endpoints: Vec<usize>,
+    pub served_named: Vec<usize>,
 }
 
 fn progress(msg: &str) {
@@ -141,7 +157,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         Pinning::Free => "any request gets any free worker (--pinning free)",
     };
     progress(&format!(
-        "[1/5] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog, {model}",
+        "[1/6] starting a simulated backend: {} workers x {} per request (capacity {:.0} req/s), unbounded backlog, {model}",
         opts.workers,
         format_duration(opts.service_time),
         opts.capacity()
@@ -150,7 +166,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     let gw_backend = SimBackend::start(any, &opts.backend(1)).await?;
 
     progress(&format!(
-        "[2/5] {} callers at once, straight to the backend, each giving up after {}",
+        "[2/6] {} callers at once, straight to the backend, each giving up after {}",
         opts.callers,
         format_duration(opts.caller_timeout)
     ));
@@ -158,7 +174,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     let direct = fire_elsewhere(&url, opts).await?;
 
     progress(&format!(
-        "[3/5] starting Breakwater in front of a fresh backend: budget {}, concurrency {}, queue {}",
+        "[3/6] starting Breakwater in front of a fresh backend: budget {}, concurrency {}, queue {}",
         format_duration(opts.budget),
         opts.workers,
         opts.queue_depth
@@ -169,14 +185,14 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     warm(&url, opts).await;
 
     progress(&format!(
-        "[4/5] the same {} callers through Breakwater",
+        "[4/6] the same {} callers through Breakwater",
         opts.callers
     ));
     let via = fire_elsewhere(&url, opts).await?;
     running.drain(Duration::from_secs(2)).await;
 
     progress(&format!(
-        "[5/5] the same {} callers through Breakwater, one endpoint per worker: {} single-worker backends on their own ports",
+        "[5/6] the same {} callers through Breakwater, one endpoint per worker: {} single-worker backends on their own ports",
         opts.callers, opts.workers
     ));
     let mut singles = Vec::new();
@@ -194,12 +210,28 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
     warm(&url, opts).await;
     let endpoints = fire_elsewhere(&url, opts).await?;
     by_endpoint.drain(Duration::from_secs(2)).await;
+
+    progress(&format!(
+        "[6/6] the same {} callers through Breakwater to one port again, its answers naming their worker (worker_header, worker_probe)",
+        opts.callers
+    ));
+    let named_backend = SimBackend::start(any, &opts.backend(2 + opts.workers as u64)).await?;
+    let loaded = breakwater::prepare::from_yaml(&opts.named_yaml(named_backend.addr), Vec::new())?;
+    let by_worker = breakwater::gateway::start(loaded).await?;
+    let url: Uri = format!("http://{}/v1/sentiment", by_worker.addr).parse()?;
+    warm(&url, opts).await;
+    let named = fire_elsewhere(&url, opts).await?;
+    by_worker.drain(Duration::from_secs(2)).await;
     // Let abandoned direct work finish counting (bounded: it is all sleeping).
     let wasted_direct = direct_backend
         .stats
         .wasted
         .load(std::sync::atomic::Ordering::Relaxed);
     let wasted_gateway = gw_backend
+        .stats
+        .wasted
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let wasted_named = named_backend
         .stats
         .wasted
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -215,17 +247,21 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoResult, DemoError> {
         direct: Summary::of(&direct),
         gateway: Summary::of(&via),
         endpoints: Summary::of(&endpoints),
+        named: Summary::of(&named),
         wasted_direct,
         wasted_gateway,
         wasted_endpoints,
+        wasted_named,
         connections_direct: landed(&direct_backend),
         connections_gateway: landed(&gw_backend),
+        connections_named: landed(&named_backend),
         served_direct: direct_backend.stats.served_per_worker(),
         served_gateway: gw_backend.stats.served_per_worker(),
         served_endpoints: singles
             .iter()
             .flat_map(|b| b.stats.served_per_worker())
             .collect(),
+        served_named: named_backend.stats.served_per_worker(),
     })
 }
 
@@ -279,9 +315,11 @@ pub fn verdict(r: &DemoResult, opts: &DemoOptions) -> String {
             goodput,
         ) + &if goodput < 90.0 && opts.pinning == Pinning::Uvicorn {
             format!(
-                " The backend is pinned: the gateway's connections reach fewer workers than its concurrency assumes (see the rows above). With one endpoint per worker every worker is reached: {} answered, {:.0}% of capacity.",
+                " The backend is pinned: the gateway's connections reach fewer workers than its concurrency assumes (see the rows above). With one endpoint per worker every worker is reached: {} answered, {:.0}% of capacity; with one port whose answers name their worker, {} answered, {:.0}%.",
                 r.endpoints.ok,
-                r.endpoints.goodput(opts.capacity()).unwrap_or(0.0) * 100.0
+                r.endpoints.goodput(opts.capacity()).unwrap_or(0.0) * 100.0,
+                r.named.ok,
+                r.named.goodput(opts.capacity()).unwrap_or(0.0) * 100.0
             )
         } else {
             String::new()

@@ -197,12 +197,18 @@ impl Endpoint {
         Some(EndpointSlot(self.clone()))
     }
 
-    /// Waits (at most `limit`) until the pool holds its idle connections.
+    /// Waits (at most `limit`) until the pool holds its idle connections and, with
+    /// `worker_probe`, until the first round of probes has met the workers: the first requests
+    /// then go to free workers instead of wherever new connections land.
     pub async fn warm_up(&self, limit: Duration) -> bool {
         let want = self.min_idle;
         let deadline = Instant::now() + limit;
         loop {
-            if self.pool.state().idle_connections >= want {
+            let met = self
+                .workers
+                .as_ref()
+                .is_none_or(|w| w.probe.is_none() || w.explored());
+            if self.pool.state().idle_connections >= want && met {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -289,18 +295,24 @@ impl Endpoint {
             Err(bb8::AddError::Broken(_)) => return false,
             Err(bb8::AddError::NoCapacity(conn)) => conn,
         };
-        let (Some(workers), true) = (&self.workers, self.pool.state().idle_connections > 0) else {
+        let Some(workers) = &self.workers else {
             return false;
         };
-        let Ok(Ok(spare)) = tokio::time::timeout(ANOTHER_WITHIN, self.acquire_any()).await else {
-            return false;
-        };
-        if spare.worker != Pinned::Unknown && workers.conns(spare.worker) < 2 {
-            return false;
+        // Idle connections looked at are held until one is found, so the pool hands out others.
+        let mut looked_at = Vec::new();
+        while looked_at.len() < MAX_LOOKED_AT && self.pool.state().idle_connections > 0 {
+            let Ok(Ok(spare)) = tokio::time::timeout(ANOTHER_WITHIN, self.acquire_any()).await
+            else {
+                break;
+            };
+            if spare.worker == Pinned::Unknown || workers.conns(spare.worker) > 1 {
+                spare.clock.set_busy();
+                drop(spare);
+                return self.pool.add(conn).is_ok();
+            }
+            looked_at.push(spare);
         }
-        spare.clock.set_busy();
-        drop(spare);
-        self.pool.add(conn).is_ok()
+        false
     }
 
     async fn acquire_any(&self) -> Result<PooledConnection<'static, Connector>, String> {

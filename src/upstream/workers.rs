@@ -77,6 +77,8 @@ pub struct Workers {
     pub probe: Option<PathAndQuery>,
     /// Wakes the explorer: a request found no connection to a free worker.
     explore: Notify,
+    /// The explorer's first session is over.
+    explored: AtomicBool,
     probes: [Counter; 3],
     book: Mutex<Book>,
     warned_unpinned: AtomicBool,
@@ -124,6 +126,7 @@ impl Workers {
             header,
             probe,
             explore: Notify::new(),
+            explored: AtomicBool::new(false),
             probes: [
                 probe_result("kept"),
                 probe_result("known"),
@@ -149,6 +152,11 @@ impl Workers {
             Pinned::To(id) => self.book().find(id).map_or(0, |w| w.busy),
             Pinned::Unknown | Pinned::Unpinned => 0,
         }
+    }
+
+    /// Whether the explorer's first session is over (see `Endpoint::warm_up`).
+    pub fn explored(&self) -> bool {
+        self.explored.load(Ordering::Acquire)
     }
 
     pub fn picked(&self, pick: Pick) {
@@ -366,6 +374,7 @@ pub(super) async fn explore(endpoint: Weak<Endpoint>) {
             return;
         };
         let kept = session(&e, &workers).await;
+        workers.explored.store(true, Ordering::Release);
         drop(e);
         pause = if kept > 0 {
             Duration::from_secs(1)
