@@ -16,6 +16,11 @@
 //! connection given back is the one whose worker just came free, and the pool hands it out
 //! first (LIFO), so the spread holds without further churn.
 //!
+//! New connections land where the backend's shared accept puts them, which favours the same
+//! workers, so meeting every worker through requests alone can take long. With `worker_probe`
+//! the explorer (`explore`, below) meets them in the background with a cheap request on each
+//! new connection, keeping one connection per worker.
+//!
 //! A connection whose answers name different workers is not pinned (a load balancer in between
 //! picks per request): it is left out of the book, and a warning says the header does not help.
 
