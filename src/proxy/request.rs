@@ -92,11 +92,21 @@ pub async fn read_body(
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        // No body (a GET): nothing to limit, time or read.
+        return Ok(Received {
+            parts,
+            body: OutBody::Buffered(Bytes::new()),
+            check: Arc::default(),
+        });
+    }
     let idle = route.body_read_timeout;
     let (body, check) = LimitedBody::new(body, limit, idle);
-    let small = body.is_end_stream() || declared.is_some_and(|n| n <= REPLAY_LIMIT);
+    let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
     let body = if small {
-        match tokio::time::timeout_at(ctx.deadline(), body.collect()).await {
+        // Boxed: reading under two timers is a large future, and every request's future is
+        // copied whole where it is awaited.
+        match Box::pin(tokio::time::timeout_at(ctx.deadline(), body.collect())).await {
             Err(_) => return Err(ProxyError::BudgetExhausted),
             Ok(Err(_)) => {
                 return Err(check
