@@ -2,12 +2,20 @@
 //! `X-Forwarded-*` family is set, the request id is kept or made, and the upstream learns how much
 //! budget is left.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const BUDGET_HEADER: &str = "x-breakwater-budget-ms";
+
+// Named once: a header named by a `&str` is parsed and checked on every insert.
+const BUDGET: HeaderName = HeaderName::from_static(BUDGET_HEADER);
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// RFC 9110 §7.6.1. `Trailer` is not among them: it describes the message's own trailer
 /// fields, end to end.
@@ -43,7 +51,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// A caller's request id is kept when it is short printable ASCII; otherwise a new one is made.
 pub fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
@@ -69,44 +77,40 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     strip_hop_by_hop(headers);
 
     // The whole chain, every line in order (as authentication read it), then the peer.
-    let peer_ip = info.peer.ip().to_canonical().to_string();
-    let mut xff: Vec<u8> = Vec::new();
-    for line in headers.get_all("x-forwarded-for") {
+    let mut xff: Vec<u8> = Vec::with_capacity(48);
+    for line in headers.get_all(&X_FORWARDED_FOR) {
         let line = line.as_bytes().trim_ascii();
         if !line.is_empty() {
             xff.extend_from_slice(line);
             xff.extend_from_slice(b", ");
         }
     }
-    xff.extend_from_slice(peer_ip.as_bytes());
-    headers.remove("x-forwarded-for");
+    let _ = write!(xff, "{}", info.peer.ip().to_canonical());
+    headers.remove(&X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_bytes(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(info.proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
     if let Some(h) = info
         .original_host
         .and_then(|h| HeaderValue::from_str(h).ok())
     {
-        headers.insert("x-forwarded-host", h);
+        headers.insert(X_FORWARDED_HOST, h);
     }
     if let Ok(v) = HeaderValue::from_str(info.upstream_host) {
         headers.insert(header::HOST, v);
     }
     if let Ok(v) = HeaderValue::from_str(info.request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(X_REQUEST_ID, v);
     }
-    headers.insert(
-        BUDGET_HEADER,
-        HeaderValue::from(info.remaining.as_millis() as u64),
-    );
+    headers.insert(BUDGET, HeaderValue::from(info.remaining.as_millis() as u64));
 }
 
 /// Rewrites upstream response headers for the caller.
 pub fn response_headers(headers: &mut HeaderMap, request_id: &str) {
     strip_hop_by_hop(headers);
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(X_REQUEST_ID, v);
     }
 }
 

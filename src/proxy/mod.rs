@@ -54,21 +54,24 @@ impl tower::Service<Request<Incoming>> for Proxy {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let shared = self.shared.clone();
-        Box::pin(async move { Ok(handle(shared, req).await) })
+        // Boxed as it is: each layer of future around it would be one more copy of it, whole.
+        Box::pin(handle(self.shared.clone(), req))
     }
 }
 
 /// One request, start to end: a context is opened, the journey runs over it, and whatever the
 /// journey ends in — the upstream's answer or an error — is answered with the context inside the
 /// answer's body. The context accounts for the request when it is dropped (see [`context`]).
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let mut ctx = RequestContext::new(&req);
     let resp = match journey(&shared, &mut ctx, req).await {
         Ok(resp) => resp,
         Err(e) => ctx.answer(e),
     };
-    ctx.respond(resp, shared.draining.load(Ordering::Relaxed))
+    Ok(ctx.respond(resp, shared.draining.load(Ordering::Relaxed)))
 }
 
 /// The request's journey through the gateway, in order.

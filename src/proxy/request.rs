@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HOST};
 use http::request::Parts;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -92,11 +93,21 @@ pub async fn read_body(
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        // No body (a GET): nothing to limit, time or read.
+        return Ok(Received {
+            parts,
+            body: OutBody::Buffered(Bytes::new()),
+            check: Arc::default(),
+        });
+    }
     let idle = route.body_read_timeout;
     let (body, check) = LimitedBody::new(body, limit, idle);
-    let small = body.is_end_stream() || declared.is_some_and(|n| n <= REPLAY_LIMIT);
+    let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
     let body = if small {
-        match tokio::time::timeout_at(ctx.deadline(), body.collect()).await {
+        // Boxed: reading under two timers is a large future, and every request's future is
+        // copied whole where it is awaited.
+        match Box::pin(tokio::time::timeout_at(ctx.deadline(), body.collect())).await {
             Err(_) => return Err(ProxyError::BudgetExhausted),
             Ok(Err(_)) => {
                 return Err(check
@@ -141,19 +152,18 @@ pub fn rewrite(
     mut parts: Parts,
     body: OutBody,
 ) -> Result<(Request<RequestBody>, Option<Replay>), ProxyError> {
-    let original_host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-        parts
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-    });
+    // A clone of the header's value shares its bytes: no copy.
+    let original_host: Option<HeaderValue> = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(HOST).cloned(),
+    };
+    let original_host = original_host.as_ref().and_then(|h| h.to_str().ok());
     let up = &route.upstream.config;
     // With several listed endpoints and the host not preserved, each is sent its own when the
     // upstream picks it.
     let own: &str = &route.upstream.host_authority;
-    let upstream_host = match &original_host {
-        Some(h) if up.preserve_host => h.as_str(),
+    let upstream_host = match original_host {
+        Some(h) if up.preserve_host => h,
         _ => own,
     };
     forward::request_headers(
@@ -161,7 +171,7 @@ pub fn rewrite(
         &ForwardInfo {
             peer: ctx.conn.peer,
             proto: ctx.conn.proto,
-            original_host: original_host.as_deref(),
+            original_host,
             request_id: ctx.request_id(),
             remaining: ctx.deadline().saturating_duration_since(Instant::now()),
             upstream_host,
@@ -204,13 +214,15 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 
 /// The upstream sees origin-form: its base path, then the caller's path and query.
 fn upstream_uri(base_path: &str, uri: &Uri) -> Result<Uri, ProxyError> {
+    if base_path.is_empty() {
+        // The caller's own path and query, shared rather than parsed again.
+        let pq = uri.path_and_query().cloned();
+        return Ok(Uri::from(
+            pq.unwrap_or_else(|| PathAndQuery::from_static("/")),
+        ));
+    }
     let pq = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
-    let joined = if base_path.is_empty() {
-        pq.to_string()
-    } else {
-        format!("{base_path}{pq}")
-    };
-    joined
+    format!("{base_path}{pq}")
         .parse()
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
 }

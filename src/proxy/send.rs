@@ -33,10 +33,9 @@ pub async fn send(
     loop {
         set_budget_header(req.headers_mut(), deadline);
         let sent_at = ctx.sending();
-        let result = route
-            .upstream
-            .send(req, via, deadline, avoid.as_ref())
-            .await;
+        // Boxed: the attempt's future (endpoint slot, pooled connection, exchange) is a large
+        // part of the request's, which is otherwise copied whole at every level it is awaited.
+        let result = Box::pin(route.upstream.send(req, via, deadline, avoid.as_ref())).await;
         let attempt = Attempt {
             route,
             replay: replay.as_ref(),

@@ -643,7 +643,10 @@ impl Upstream {
                 }
                 Err(why) => return Err(no_connection(why, req)),
             },
-            Via::Fresh => match endpoint.dedicated().await {
+            // Boxed: opening a connection (resolving, connecting, TLS) is a large future, and
+            // only resends open one here; inline it would make every request's future that
+            // much larger, and every request moves its future around whole.
+            Via::Fresh => match Box::pin(endpoint.dedicated()).await {
                 Ok(conn) => Held::Fresh {
                     conn,
                     pool: endpoint.pool.clone(),
