@@ -169,6 +169,8 @@ pub struct ConnectorState {
     pub(crate) failed: Notify,
     /// When the upstream closes idle connections, as far as it has shown.
     pub(crate) idle_timer: IdleTimer,
+    /// Whether the upstream's answers wait for our ACKs (see `super::quickack`).
+    pub(crate) acks: Arc<super::quickack::AckPolicy>,
 }
 
 impl ConnectorState {
@@ -278,7 +280,7 @@ impl Connector {
         }
         let (stream, addr) = self.connect_tcp(&addrs, deadline).await?;
         let _ = stream.set_nodelay(true);
-        let stream = super::quickack::QuickAck(stream);
+        let stream = super::quickack::QuickAck::new(stream, self.state.acks.clone());
         let Some(tls) = &self.tls else {
             return self.handshake(stream, addr).await;
         };

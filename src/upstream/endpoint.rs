@@ -20,6 +20,8 @@ pub struct Endpoint {
     pub config: EndpointConfig,
     /// `host:port`: the endpoint in metrics, logs and `/config`.
     pub label: Arc<str>,
+    /// The upstream's name, for logs.
+    pub upstream: Arc<str>,
     /// `label` as a Host header, for upstreams whose endpoints each get their own.
     pub(super) host_header: Option<http::HeaderValue>,
     pub pool: Pool<Connector>,
@@ -117,6 +119,7 @@ impl Endpoint {
             health: Circuit::new(&up.name, &label, &up.circuit),
             host_header: http::HeaderValue::from_str(&label).ok(),
             label: label.clone(),
+            upstream: Arc::from(up.name.as_str()),
             min_idle,
             pool,
             connector: state,

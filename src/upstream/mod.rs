@@ -99,6 +99,8 @@ pub enum Via {
 pub struct Lease {
     held: Held,
     slot: EndpointSlot,
+    /// When the answer's head arrived.
+    head_at: Instant,
 }
 
 enum Held {
@@ -127,7 +129,18 @@ impl Lease {
     }
 
     pub fn release(mut self, reusable: bool) {
+        let endpoint = self.slot.endpoint();
         let conn = self.held.conn();
+        let acks = &endpoint.connector.acks;
+        if reusable && conn.served > 0 && !acks.is_on() && acks.answer_ended(self.head_at.elapsed())
+        {
+            tracing::info!(
+                upstream = %endpoint.upstream,
+                endpoint = %endpoint.label,
+                "the upstream's answers wait for our delayed ACKs (Nagle's algorithm on its \
+                 side): acknowledging its reads at once from now on"
+            );
+        }
         let reusable = reusable && !conn.retire;
         conn.clock.went_idle(reusable);
         conn.served = conn.served.saturating_add(1);
@@ -415,7 +428,8 @@ impl Upstream {
                 })
             }
             Ok(Ok((head, held, written_at))) => {
-                endpoint.answered(Instant::now());
+                let head_at = Instant::now();
+                endpoint.answered(head_at);
                 if head.status().is_server_error() {
                     self.failed(&endpoint);
                 } else {
@@ -423,7 +437,11 @@ impl Upstream {
                 }
                 Ok(Answered {
                     head,
-                    lease: Lease { held, slot },
+                    lease: Lease {
+                        held,
+                        slot,
+                        head_at,
+                    },
                     written_at,
                 })
             }
