@@ -83,18 +83,22 @@ impl DemoOptions {
     /// One port whose answers name their worker: the gateway told so, and meeting the workers
     /// with a health-check probe (the simulated backend answers `/healthz` at once).
     pub fn named_yaml(&self, backend: SocketAddr) -> String {
-        let upstream = format!(
-            "    url: \"http://{backend}\"\n    worker_header: x-worker\n    worker_probe: /healthz\n    pool: {{ max_connections: {}, min_idle: {} }}\n",
-            self.workers * 2,
-            self.workers
-        );
-        self.yaml(&upstream, &format!("    concurrency: {}\n", self.workers))
+        self.one_port_yaml(
+            backend,
+            "    worker_header: x-worker\n    worker_probe: /healthz\n",
+        )
     }
 
     /// The gateway configuration the demo runs with.
     pub fn gateway_yaml(&self, backend: SocketAddr) -> String {
+        self.one_port_yaml(backend, "")
+    }
+
+    /// One url to `backend`, with the upstream's `extra` keys, a pool of twice the workers
+    /// (half kept warm), and the route taking as many as there are workers.
+    fn one_port_yaml(&self, backend: SocketAddr, extra: &str) -> String {
         let upstream = format!(
-            "    url: \"http://{backend}\"\n    pool: {{ max_connections: {}, min_idle: {} }}\n",
+            "    url: \"http://{backend}\"\n{extra}    pool: {{ max_connections: {}, min_idle: {} }}\n",
             self.workers * 2,
             self.workers
         );
