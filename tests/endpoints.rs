@@ -604,3 +604,36 @@ async fn worker_probe_meets_every_worker_before_requests_need_them() {
     assert_eq!(value("breakwater_endpoint_workers{", ""), 4.0, "{m:#?}");
     eprintln!("{probes} probes");
 }
+
+#[tokio::test]
+async fn with_worker_probe_the_route_takes_one_request_per_worker_met() {
+    // The route would take 8; the backend has 4 workers, one request at a time each.
+    let backend = Backend::with(BackendOptions {
+        pin: Some(SKEWED.to_vec()),
+        ..Default::default()
+    })
+    .await;
+    let yaml = "upstreams:\n  app:\n    url: \"{backend}\"\n    worker_header: x-worker\n    worker_probe: /healthz\n    pool: { max_connections: 16, min_idle: 0 }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: app\n    budget: 10s\n    concurrency: 8\n";
+    let gw = Gateway::start(yaml, &backend.url()).await;
+    let route = gw.route("r");
+    // The gateway starts once the first round of probes has met the workers.
+    assert_eq!(route.upstream.capacity(), 4);
+    assert_eq!(route.admission.snapshot().limit, 4, "capped by the workers met");
+
+    // Five requests: four go out, one to each worker; the fifth waits in the route's queue, not
+    // inside a busy worker.
+    let c = client();
+    let held = hold_n(&c, &backend, &gw, 4).await;
+    let fifth = tokio::spawn(hold(c.clone(), gw.url("/x?hold=1")));
+    wait_until(
+        "the fifth request queued at the gateway",
+        || route.admission.snapshot().queued == 1,
+        &backend.stats.changed,
+    )
+    .await;
+    assert_eq!(backend.stats.at_workers(4), [1, 1, 1, 1]);
+    release_all(&backend, held).await;
+    backend.release(1);
+    assert_eq!(fifth.await.unwrap().status, 200);
+    assert_eq!(backend.stats.max_at_workers(4), [1, 1, 1, 1]);
+}

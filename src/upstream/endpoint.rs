@@ -66,7 +66,8 @@ impl Endpoint {
         tls: Option<&crate::tls::ClientTls>,
     ) -> Arc<Self> {
         let e = Arc::new(Endpoint::new(up, config, tls));
-        if e.workers.as_ref().is_some_and(|w| w.probe.is_some()) {
+        if let Some(w) = e.workers.as_ref().filter(|w| w.probe.is_some()) {
+            w.belongs_to(&e);
             tokio::spawn(super::workers::explore(Arc::downgrade(&e)));
         }
         e
@@ -88,6 +89,12 @@ impl Endpoint {
             });
         }
         let state = connector.state.clone();
+        // Workers behind one port are uvicorn's or gunicorn's, which leave Nagle's algorithm
+        // on (see `super::quickack`): acknowledging at once from the first answer spares the
+        // first answers the delayed ACK the policy would otherwise learn from.
+        if up.worker_header.is_some() {
+            state.acks.switch_on();
+        }
         let p = &up.pool;
         // An endpoint that takes one request at a time has no use for more idle connections
         // than that.
@@ -179,7 +186,11 @@ impl Endpoint {
 
     /// How many more requests this endpoint takes at `now` (`usize::MAX`: no limit of its own).
     pub(super) fn capacity(&self, now: Instant) -> usize {
-        let limit = self.config.concurrency.unwrap_or(usize::MAX);
+        let limit = self
+            .config
+            .concurrency
+            .unwrap_or(usize::MAX)
+            .min(self.workers.as_ref().map_or(usize::MAX, |w| w.capacity()));
         match self.health.standing(now) {
             Standing::Closed => limit,
             Standing::Probing(n) => limit.min(n as usize),

@@ -52,6 +52,11 @@ impl AckPolicy {
         self.on.load(Ordering::Relaxed)
     }
 
+    /// Acknowledges at once from now on, without waiting to learn it.
+    pub fn switch_on(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
     /// An answer on a reused connection ended `after` its head arrived. Returns true when this
     /// switches quick ACKs on.
     pub fn answer_ended(&self, after: Duration) -> bool {

@@ -19,14 +19,16 @@
 //! New connections land where the backend's shared accept puts them, which favours the same
 //! workers, so meeting every worker through requests alone can take long. With `worker_probe`
 //! the explorer (`explore`, below) meets them in the background with a cheap request on each
-//! new connection, keeping one connection per worker.
+//! new connection, keeping one connection per worker; and the workers in service become the
+//! endpoint's capacity, one request each (`Workers::capacity`), so a route never admits more
+//! than the workers can run.
 //!
 //! A connection whose answers name different workers is not pinned (a load balancer in between
 //! picks per request): it is left out of the book, and a warning says the header does not help.
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
@@ -84,6 +86,13 @@ pub struct Workers {
     explore: Notify,
     /// The explorer's first session is over.
     explored: AtomicBool,
+    /// Workers with at least one open connection, and the most there have been.
+    met: AtomicUsize,
+    most_met: AtomicUsize,
+    /// A request chose a connection since the explorer last looked.
+    traffic: AtomicBool,
+    /// The endpoint, told when `met` changes (its capacity follows it).
+    endpoint_ref: OnceLock<Weak<Endpoint>>,
     probes: [Counter; 3],
     book: Mutex<Book>,
     warned_unpinned: AtomicBool,
@@ -132,6 +141,10 @@ impl Workers {
             probe,
             explore: Notify::new(),
             explored: AtomicBool::new(false),
+            met: AtomicUsize::new(0),
+            most_met: AtomicUsize::new(0),
+            traffic: AtomicBool::new(false),
+            endpoint_ref: OnceLock::new(),
             probes: [
                 probe_result("kept"),
                 probe_result("known"),
@@ -159,6 +172,62 @@ impl Workers {
         }
     }
 
+    /// The endpoint whose capacity follows the workers met.
+    pub(super) fn belongs_to(&self, endpoint: &Arc<Endpoint>) {
+        let _ = self.endpoint_ref.set(Arc::downgrade(endpoint));
+    }
+
+    /// With `worker_probe`, what the endpoint takes at once: one request per worker in service,
+    /// once it has met any (`usize::MAX`: no limit from here). A worker is in service while the
+    /// pool has a connection to it, and for [`LOST_GRACE`] after it last answered: a worker
+    /// whose only connection closed (an abandoned request, a reset) is not taken out while the
+    /// explorer meets it again, and one that died drops out when the grace ends.
+    pub fn capacity(&self) -> usize {
+        if self.probe.is_none() || self.met.load(Ordering::Acquire) == 0 {
+            return usize::MAX;
+        }
+        let now = Instant::now();
+        let book = self.book();
+        let in_service = book
+            .workers
+            .iter()
+            .filter(|w| w.conns > 0 || now.saturating_duration_since(w.seen) < LOST_GRACE)
+            .count();
+        in_service.max(1)
+    }
+
+    /// A worker gained its first connection (`up`) or lost its last one.
+    fn met_changed(&self, up: bool) {
+        if up {
+            let met = self.met.fetch_add(1, Ordering::AcqRel) + 1;
+            self.most_met.fetch_max(met, Ordering::AcqRel);
+        } else {
+            self.met.fetch_sub(1, Ordering::AcqRel);
+            // A worker lost (restarted, or its connections idled out under traffic): look for
+            // it, or its successor, while requests come; the capacity follows once its grace
+            // is over.
+            if self.traffic.load(Ordering::Relaxed) {
+                self.explore.notify_one();
+            }
+            if self.probe.is_some() {
+                if let Some(e) = self.endpoint_ref.get().cloned() {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(async move {
+                            tokio::time::sleep(LOST_GRACE).await;
+                            recompute_owners(&e);
+                        });
+                    }
+                }
+            }
+            return;
+        }
+        if self.probe.is_some() {
+            if let Some(e) = self.endpoint_ref.get() {
+                recompute_owners(e);
+            }
+        }
+    }
+
     /// Whether the explorer's first session is over (see `Endpoint::warm_up`).
     pub fn explored(&self) -> bool {
         self.explored.load(Ordering::Acquire)
@@ -166,6 +235,9 @@ impl Workers {
 
     pub fn picked(&self, pick: Pick) {
         self.picks[pick as usize].increment(1);
+        if !self.traffic.load(Ordering::Relaxed) {
+            self.traffic.store(true, Ordering::Relaxed);
+        }
         if pick != Pick::Free {
             self.explore.notify_one();
         }
@@ -273,22 +345,30 @@ impl Workers {
         }
         let new_conn = u32::from(pinned == Pinned::Unknown);
         let mut book = self.book();
-        match book.find(id) {
+        let first_conn = match book.find(id) {
             Some(w) => {
                 w.seen = now;
                 w.conns += new_conn;
+                new_conn == 1 && w.conns == 1
             }
-            None => book.workers.push(Worker {
-                id,
-                busy: 0,
-                conns: new_conn,
-                seen: now,
-            }),
-        }
+            None => {
+                book.workers.push(Worker {
+                    id,
+                    busy: 0,
+                    conns: new_conn,
+                    seen: now,
+                });
+                new_conn == 1
+            }
+        };
         book.workers.retain(|w| {
             w.busy > 0 || w.conns > 0 || now.saturating_duration_since(w.seen) < FORGET_AFTER
         });
         self.known.set(book.workers.len() as f64);
+        drop(book);
+        if first_conn {
+            self.met_changed(true);
+        }
         Pinned::To(id)
     }
 
@@ -312,13 +392,29 @@ impl Workers {
     }
 }
 
+/// Every upstream the endpoint belongs to recomputes its capacity.
+fn recompute_owners(endpoint: &Weak<Endpoint>) {
+    if let Some(e) = endpoint.upgrade() {
+        for up in e.owners() {
+            up.recompute();
+        }
+    }
+}
+
 /// A connection counted among its worker's while it is open.
 pub struct Counted(Arc<Workers>, u64);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(w) = self.0.book().find(self.1) {
-            w.conns = w.conns.saturating_sub(1);
+        let last = match self.0.book().find(self.1) {
+            Some(w) if w.conns > 0 => {
+                w.conns -= 1;
+                w.conns == 0
+            }
+            _ => false,
+        };
+        if last {
+            self.0.met_changed(false);
         }
     }
 }
@@ -343,12 +439,17 @@ const PROBE_SPACING: Duration = Duration::from_millis(5);
 /// A probe not answered within this is given up (that worker's event loop is blocked).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A session ends after this many probes in a row that met no worker without a connection...
-const MISSES_TO_STOP: u32 = 16;
+const MISSES_TO_STOP: u32 = 48;
 /// ...or after this many probes.
-const MAX_PROBES: u32 = 64;
+const MAX_PROBES: u32 = 128;
 /// After a session that met no worker without a connection, the next waits twice as long as
 /// the one before, from 1 s up to this.
 const MAX_PAUSE: Duration = Duration::from_secs(60);
+/// How long a worker with no connection left still counts in the capacity after it last
+/// answered (see `Workers::capacity`).
+const LOST_GRACE: Duration = Duration::from_secs(5);
+/// How often an explorer with nothing to do looks whether a worker was lost.
+const LOOK_AGAIN: Duration = Duration::from_secs(30);
 /// The largest probe answer body read (the connection is kept only if it is read to the end).
 const PROBE_BODY_LIMIT: usize = 64 * 1024;
 
@@ -368,10 +469,16 @@ pub(super) async fn explore(endpoint: Weak<Endpoint>) {
             return;
         };
         if !first {
-            // Woken by a request, or now and then to see whether the endpoint is still in use.
-            let woken = tokio::time::timeout(Duration::from_secs(30), workers.explore.notified());
+            // Woken by a request or a lost worker; or now and then, to see whether the endpoint
+            // is still in use, and to look again for a worker lost while requests kept coming
+            // (one that restarts may not be up yet when its loss wakes the explorer).
+            let woken = tokio::time::timeout(LOOK_AGAIN, workers.explore.notified());
             if woken.await.is_err() {
-                continue;
+                let lost = workers.met.load(Ordering::Acquire)
+                    < workers.most_met.load(Ordering::Acquire);
+                if !(lost && workers.traffic.swap(false, Ordering::Relaxed)) {
+                    continue;
+                }
             }
         }
         first = false;
