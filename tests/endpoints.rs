@@ -618,7 +618,11 @@ async fn with_worker_probe_the_route_takes_one_request_per_worker_met() {
     let route = gw.route("r");
     // The gateway starts once the first round of probes has met the workers.
     assert_eq!(route.upstream.capacity(), 4);
-    assert_eq!(route.admission.snapshot().limit, 4, "capped by the workers met");
+    assert_eq!(
+        route.admission.snapshot().limit,
+        4,
+        "capped by the workers met"
+    );
 
     // Five requests: four go out, one to each worker; the fifth waits in the route's queue, not
     // inside a busy worker.

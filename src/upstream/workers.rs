@@ -474,8 +474,8 @@ pub(super) async fn explore(endpoint: Weak<Endpoint>) {
             // (one that restarts may not be up yet when its loss wakes the explorer).
             let woken = tokio::time::timeout(LOOK_AGAIN, workers.explore.notified());
             if woken.await.is_err() {
-                let lost = workers.met.load(Ordering::Acquire)
-                    < workers.most_met.load(Ordering::Acquire);
+                let lost =
+                    workers.met.load(Ordering::Acquire) < workers.most_met.load(Ordering::Acquire);
                 if !(lost && workers.traffic.swap(false, Ordering::Relaxed)) {
                     continue;
                 }
