@@ -442,6 +442,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const MISSES_TO_STOP: u32 = 48;
 /// ...or after this many probes.
 const MAX_PROBES: u32 = 128;
+/// Probes in a row that kept nothing after which the pool counts as having met the workers it
+/// will soon (see `Workers::explored`); the session goes on for any it has not.
+const SETTLED_AFTER: u32 = 16;
 /// After a session that met no worker without a connection, the next waits twice as long as
 /// the one before, from 1 s up to this.
 const MAX_PAUSE: Duration = Duration::from_secs(60);
@@ -504,6 +507,10 @@ async fn session(e: &Endpoint, workers: &Arc<Workers>) -> u32 {
     };
     let (mut kept, mut misses, mut sent) = (0, 0, 0);
     while misses < MISSES_TO_STOP && sent < MAX_PROBES {
+        if misses == SETTLED_AFTER {
+            // Gateway start need not wait for the rest of a long session.
+            workers.explored.store(true, Ordering::Release);
+        }
         sent += 1;
         match tokio::time::timeout(PROBE_TIMEOUT, probe(e, workers, &path)).await {
             Ok(Ok(conn)) if workers.conns(conn.worker) == 1 => {
