@@ -574,7 +574,7 @@ async fn worker_probe_meets_every_worker_before_requests_need_them() {
             s.served_by_workers(4).iter().all(|&n| n > 0)
         })
         .await;
-    let probes = backend.count(|s| &s.requests);
+    let connections = backend.count(|s| &s.accepted);
     let c = client();
     let held = hold_n(&c, &backend, &gw, 4).await;
     assert_eq!(backend.stats.at_workers(4), [1, 1, 1, 1]);
@@ -602,7 +602,7 @@ async fn worker_probe_meets_every_worker_before_requests_need_them() {
     let probes_total = "breakwater_endpoint_worker_probes_total";
     assert_eq!(value(probes_total, "result=\"kept\""), 4.0, "{m:#?}");
     assert_eq!(value("breakwater_endpoint_workers{", ""), 4.0, "{m:#?}");
-    eprintln!("{probes} probes");
+    eprintln!("{connections} connections opened by the probes");
 }
 
 #[tokio::test]

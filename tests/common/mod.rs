@@ -254,6 +254,20 @@ async fn handle(
     opts: BackendOptions,
     per_conn: Arc<AtomicUsize>,
 ) -> Result<Response<TestBody>, BoxError> {
+    // A pinned worker answers its health check at once, beside the one-at-a-time work, as the
+    // FastAPI app's sync `/healthz` does (a `worker_probe` learns the worker from it).
+    if let (Some(w), "/healthz") = (worker, req.uri().path()) {
+        stats.served_by_worker[w].fetch_add(1, Ordering::SeqCst);
+        stats.changed.notify_waiters();
+        let mut resp = Response::new(
+            Full::new(Bytes::from_static(b"ok"))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        );
+        resp.headers_mut()
+            .insert("x-worker", w.to_string().parse().unwrap());
+        return Ok(resp);
+    }
     let q = query(&req);
     let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
     stats.requests.fetch_add(1, Ordering::SeqCst);
