@@ -45,7 +45,7 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// The least time between two connections closed to reach another worker: when every worker
 /// really is busy, closing connections would only churn.
-pub(super) const REROLL_EVERY: Duration = Duration::from_millis(100);
+const REROLL_EVERY: Duration = Duration::from_millis(100);
 
 /// What a connection knows of the worker it reaches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,8 +86,7 @@ pub struct Workers {
     explore: Notify,
     /// The explorer's first session is over.
     explored: AtomicBool,
-    /// Workers with at least one open connection, and the most there have been.
-    met: AtomicUsize,
+    /// The most workers with an open connection there have been.
     most_met: AtomicUsize,
     /// A request chose a connection since the explorer last looked.
     traffic: AtomicBool,
@@ -112,6 +111,28 @@ struct Book {
 impl Book {
     fn find(&mut self, id: u64) -> Option<&mut Worker> {
         self.workers.iter_mut().find(|w| w.id == id)
+    }
+
+    /// The worker `id`, entered with nothing in flight and no connection if it was not known
+    /// (or forgotten while its connection idled).
+    fn entry(&mut self, id: u64, now: Instant) -> &mut Worker {
+        match self.workers.iter().position(|w| w.id == id) {
+            Some(i) => &mut self.workers[i],
+            None => {
+                self.workers.push(Worker {
+                    id,
+                    busy: 0,
+                    conns: 0,
+                    seen: now,
+                });
+                self.workers.last_mut().expect("just pushed")
+            }
+        }
+    }
+
+    /// Workers with at least one open connection.
+    fn met(&self) -> usize {
+        self.workers.iter().filter(|w| w.conns > 0).count()
     }
 }
 
@@ -141,7 +162,6 @@ impl Workers {
             probe,
             explore: Notify::new(),
             explored: AtomicBool::new(false),
-            met: AtomicUsize::new(0),
             most_met: AtomicUsize::new(0),
             traffic: AtomicBool::new(false),
             endpoint_ref: OnceLock::new(),
@@ -183,11 +203,14 @@ impl Workers {
     /// whose only connection closed (an abandoned request, a reset) is not taken out while the
     /// explorer meets it again, and one that died drops out when the grace ends.
     pub fn capacity(&self) -> usize {
-        if self.probe.is_none() || self.met.load(Ordering::Acquire) == 0 {
+        if self.probe.is_none() {
+            return usize::MAX;
+        }
+        let book = self.book();
+        if book.met() == 0 {
             return usize::MAX;
         }
         let now = Instant::now();
-        let book = self.book();
         let in_service = book
             .workers
             .iter()
@@ -199,10 +222,9 @@ impl Workers {
     /// A worker gained its first connection (`up`) or lost its last one.
     fn met_changed(&self, up: bool) {
         if up {
-            let met = self.met.fetch_add(1, Ordering::AcqRel) + 1;
+            let met = self.book().met();
             self.most_met.fetch_max(met, Ordering::AcqRel);
         } else {
-            self.met.fetch_sub(1, Ordering::AcqRel);
             // A worker lost (restarted, or its connections idled out under traffic): look for
             // it, or its successor, while requests come; the capacity follows once its grace
             // is over.
@@ -265,16 +287,11 @@ impl Workers {
             return None;
         };
         let mut book = self.book();
-        match book.find(id) {
-            Some(w) if w.busy > 0 => return None,
-            Some(w) => w.busy = 1,
-            None => book.workers.push(Worker {
-                id,
-                busy: 1,
-                conns: 0,
-                seen: Instant::now(),
-            }),
+        let w = book.entry(id, Instant::now());
+        if w.busy > 0 {
+            return None;
         }
+        w.busy = 1;
         Some(Turn(Some((self, id))))
     }
 
@@ -285,17 +302,7 @@ impl Workers {
             Pinned::To(id) => id,
             Pinned::Unknown | Pinned::Unpinned => return Turn(None),
         };
-        let mut book = self.book();
-        match book.find(id) {
-            Some(w) => w.busy += 1,
-            // Forgotten while the connection idled: known again.
-            None => book.workers.push(Worker {
-                id,
-                busy: 1,
-                conns: 0,
-                seen: Instant::now(),
-            }),
-        }
+        self.book().entry(id, Instant::now()).busy += 1;
         Turn(Some((self, id)))
     }
 
@@ -345,22 +352,10 @@ impl Workers {
         }
         let new_conn = u32::from(pinned == Pinned::Unknown);
         let mut book = self.book();
-        let first_conn = match book.find(id) {
-            Some(w) => {
-                w.seen = now;
-                w.conns += new_conn;
-                new_conn == 1 && w.conns == 1
-            }
-            None => {
-                book.workers.push(Worker {
-                    id,
-                    busy: 0,
-                    conns: new_conn,
-                    seen: now,
-                });
-                new_conn == 1
-            }
-        };
+        let w = book.entry(id, now);
+        w.seen = now;
+        w.conns += new_conn;
+        let first_conn = new_conn == 1 && w.conns == 1;
         book.workers.retain(|w| {
             w.busy > 0 || w.conns > 0 || now.saturating_duration_since(w.seen) < FORGET_AFTER
         });
@@ -381,7 +376,8 @@ impl Workers {
     }
 
     /// Workers named by an answer within the last minute (or with requests in flight).
-    pub fn known(&self) -> usize {
+    #[cfg(test)]
+    fn known(&self) -> usize {
         self.book().workers.len()
     }
 
@@ -477,8 +473,7 @@ pub(super) async fn explore(endpoint: Weak<Endpoint>) {
             // (one that restarts may not be up yet when its loss wakes the explorer).
             let woken = tokio::time::timeout(LOOK_AGAIN, workers.explore.notified());
             if woken.await.is_err() {
-                let lost =
-                    workers.met.load(Ordering::Acquire) < workers.most_met.load(Ordering::Acquire);
+                let lost = workers.book().met() < workers.most_met.load(Ordering::Acquire);
                 if !(lost && workers.traffic.swap(false, Ordering::Relaxed)) {
                     continue;
                 }
