@@ -20,7 +20,7 @@ TIMEOUT=${2:-3s}
 PINNING=${PINNING:-uvicorn}
 SEED=${SEED:-1}
 BIN=${CARGO_TARGET_DIR:-target}/release/breakwater
-[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+require_build "$BIN"
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.3; rm -rf "$WORK"' EXIT
 BACKEND=18301 PROXY=18302 ADMIN=18303

@@ -59,3 +59,18 @@ backend be
 $*
 CFG
 }
+
+# Stops the script unless the release build at $1 exists.
+require_build() {
+  [ -x "$1" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+}
+
+# Stops the script unless every command after the first argument is installed; the first names
+# the Debian packages that bring them.
+require_tools() { # "packages" command...
+  local pkgs=$1 c
+  shift
+  for c in "$@"; do
+    command -v "$c" >/dev/null || { echo "needs: apt-get install $pkgs" >&2; exit 1; }
+  done
+}

@@ -16,7 +16,7 @@ DUR=${1:?duration}
 ROUNDS=${2:?rounds}
 shift 2
 [ $# -gt 0 ] || { echo "name at least one breakwater binary" >&2; exit 1; }
-command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-get install nginx-light wrk" >&2; exit 1; }
+require_tools "nginx-light wrk" nginx wrk
 
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT

@@ -11,8 +11,8 @@ cd "$(dirname "$0")/../.."
 . tests/bench/common.sh
 N=${1:-5000}
 BIN=target/release/breakwater
-[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-command -v nginx >/dev/null || { echo "needs: apt-get install nginx-light" >&2; exit 1; }
+require_build "$BIN"
+require_tools nginx-light nginx
 ulimit -n $((N * 2 + 1000)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 WORK=$(mktemp -d)

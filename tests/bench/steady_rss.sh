@@ -12,8 +12,8 @@ cd "$(dirname "$0")/../.."
 SECS=${1:-60}
 CONNS=${2:-200}
 BIN=target/release/breakwater
-[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-get install nginx-light wrk" >&2; exit 1; }
+require_build "$BIN"
+require_tools "nginx-light wrk" nginx wrk
 
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT

@@ -18,8 +18,8 @@ DUR=${1:-10s}
 CONNS=${2:-32}
 ROUNDS=${3:-3}
 BIN=target/release/breakwater
-[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs: apt-get install nginx-light wrk" >&2; exit 1; }
+require_build "$BIN"
+require_tools "nginx-light wrk" nginx wrk
 
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT

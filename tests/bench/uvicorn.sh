@@ -48,7 +48,7 @@ SCENARIOS=${2:-"burst overload slowdown"}
 TARGETS=${3:-"direct bw-4 bw-auto haproxy-4 ideal bw-endpoints"}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 BIN=$TARGET_DIR/release/breakwater
-[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+require_build "$BIN"
 if ! command -v haproxy >/dev/null; then
   echo "haproxy is not installed (apt-get install haproxy): skipping the haproxy-4 and ideal targets" >&2
   TARGETS=$(echo "$TARGETS" | tr ' ' '\n' | grep -v -e haproxy-4 -e ideal | tr '\n' ' ')
