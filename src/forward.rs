@@ -3,7 +3,7 @@
 //! budget is left.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -32,6 +32,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers, including any header named in `Connection`. `Transfer-Encoding`
 /// goes too: the outgoing connection frames the body itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names is cheaper than a lookup for each
+    // of the nine that could be there.
+    let hop = |name: &HeaderName| HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING;
+    if !headers.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -48,25 +54,52 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+/// The request's id, as the header value it is sent in both ways: made or kept once, then
+/// shared by the upstream request, the answer and the log without being copied again.
+#[derive(Debug, Clone)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        // Only printable ASCII gets in (see `request_id`), which `to_str` never refuses.
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+}
+
 /// A caller's request id is kept when it is short printable ASCII; otherwise a new one is made.
-pub fn request_id(headers: &HeaderMap) -> String {
+pub fn request_id(headers: &HeaderMap) -> RequestId {
     headers
         .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
+        })
+        .cloned()
+        .map(RequestId)
         .unwrap_or_else(new_request_id)
 }
 
-pub fn new_request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// 128 random bits in 32 lowercase hex digits.
+pub fn new_request_id() -> RequestId {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (half, bits) in id.chunks_mut(16).zip([fastrand::u64(..), fastrand::u64(..)]) {
+        for (i, digit) in half.iter_mut().enumerate() {
+            *digit = HEX[((bits >> (60 - 4 * i)) & 0xf) as usize];
+        }
+    }
+    RequestId(HeaderValue::from_bytes(&id).expect("hex digits are a valid header value"))
 }
 
 pub struct ForwardInfo<'a> {
     pub peer: SocketAddr,
     pub proto: &'static str,
     pub original_host: Option<&'a str>,
-    pub request_id: &'a str,
+    pub request_id: &'a RequestId,
     pub remaining: Duration,
     /// Host header for the upstream (its own authority unless the upstream preserves the host).
     pub upstream_host: &'a str,
@@ -85,7 +118,12 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
             xff.extend_from_slice(b", ");
         }
     }
-    let _ = write!(xff, "{}", info.peer.ip().to_canonical());
+    match info.peer.ip().to_canonical() {
+        IpAddr::V4(v4) => write_ipv4(&mut xff, v4),
+        v6 => {
+            let _ = write!(xff, "{v6}");
+        }
+    }
     headers.remove(&X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_bytes(&xff) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -100,23 +138,40 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     if let Ok(v) = HeaderValue::from_str(info.upstream_host) {
         headers.insert(header::HOST, v);
     }
-    if let Ok(v) = HeaderValue::from_str(info.request_id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    headers.insert(X_REQUEST_ID, info.request_id.header());
     headers.insert(BUDGET, HeaderValue::from(info.remaining.as_millis() as u64));
 }
 
-/// Rewrites upstream response headers for the caller.
-pub fn response_headers(headers: &mut HeaderMap, request_id: &str) {
-    strip_hop_by_hop(headers);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID, v);
+/// Dotted decimal, as `Display` writes it, without the formatting machinery (every request
+/// writes one).
+fn write_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        if octet >= 100 {
+            out.push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            out.push(b'0' + octet / 10 % 10);
+        }
+        out.push(b'0' + octet % 10);
     }
+}
+
+/// Rewrites upstream response headers for the caller.
+pub fn response_headers(headers: &mut HeaderMap, request_id: &RequestId) {
+    strip_hop_by_hop(headers);
+    headers.insert(X_REQUEST_ID, request_id.header());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &'static str) -> RequestId {
+        RequestId(HeaderValue::from_static(s))
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
@@ -155,7 +210,7 @@ mod tests {
                 peer: "10.0.0.3:5000".parse().unwrap(),
                 proto: "http",
                 original_host: None,
-                request_id: "r",
+                request_id: &id("r"),
                 remaining: Duration::from_millis(1),
                 upstream_host: "u",
             },
@@ -178,7 +233,7 @@ mod tests {
                 peer: "[::ffff:203.0.113.9]:5000".parse().unwrap(),
                 proto: "http",
                 original_host: Some("gw.example.com"),
-                request_id: "rid-1",
+                request_id: &id("rid-1"),
                 remaining: Duration::from_millis(1234),
                 upstream_host: "10.0.0.1:8000",
             },
@@ -192,12 +247,50 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_is_written_as_display_writes_it() {
+        for ip in [
+            Ipv4Addr::new(0, 0, 0, 0),
+            Ipv4Addr::new(10, 9, 99, 100),
+            Ipv4Addr::new(255, 101, 110, 1),
+            Ipv4Addr::new(127, 0, 0, 1),
+        ] {
+            let mut out = Vec::new();
+            write_ipv4(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+        let mut r = fastrand::Rng::with_seed(7);
+        for _ in 0..10_000 {
+            let ip = Ipv4Addr::from(r.u32(..));
+            let mut out = Vec::new();
+            write_ipv4(&mut out, ip);
+            assert_eq!(String::from_utf8(out).unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_left_as_they_are() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before, "transfer-encoding alone is found too");
+    }
+
+    #[test]
     fn request_ids_are_kept_when_sane() {
         let mut h = HeaderMap::new();
         h.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h), "abc-123");
+        assert_eq!(request_id(&h).as_str(), "abc-123");
         h.insert("x-request-id", HeaderValue::from_static("has space"));
-        assert_eq!(request_id(&h).len(), 32);
-        assert_eq!(request_id(&HeaderMap::new()).len(), 32);
+        assert_eq!(request_id(&h).as_str().len(), 32);
+        let made = request_id(&HeaderMap::new());
+        assert_eq!(made.as_str().len(), 32);
+        assert!(made.as_str().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(made.as_str(), request_id(&HeaderMap::new()).as_str());
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
 use metrics::{Counter, Gauge, Histogram};
 use tokio::time::Instant;
 
@@ -301,9 +301,16 @@ pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
 };
 
 /// Correlation headers Genesys Cloud sends with data action requests.
-const CORRELATION: [(&str, &str); 2] = [
-    ("inin-correlation-id", "correlation_id"),
-    ("inin-organization-id", "organization_id"),
+/// Named once: a header looked up by a `&str` is parsed on every lookup.
+const CORRELATION: [(HeaderName, &str); 2] = [
+    (
+        HeaderName::from_static("inin-correlation-id"),
+        "correlation_id",
+    ),
+    (
+        HeaderName::from_static("inin-organization-id"),
+        "organization_id",
+    ),
 ];
 
 pub struct RequestRecord {
@@ -311,7 +318,7 @@ pub struct RequestRecord {
     pub metrics: Arc<RouteMetrics>,
     pub method: Method,
     pub path: String,
-    pub request_id: String,
+    pub request_id: crate::forward::RequestId,
     pub peer: SocketAddr,
     pub bytes_in: u64,
     pub correlation: Vec<(&'static str, String)>,
@@ -332,7 +339,7 @@ impl RequestRecord {
         arrived: Instant,
         method: &Method,
         path: &str,
-        request_id: String,
+        request_id: crate::forward::RequestId,
         peer: SocketAddr,
         headers: &HeaderMap,
     ) -> Self {
@@ -340,7 +347,7 @@ impl RequestRecord {
             .iter()
             .filter_map(|(h, field)| {
                 headers
-                    .get(*h)
+                    .get(h)
                     .and_then(|v| v.to_str().ok())
                     .map(|v| (*field, v.chars().take(128).collect()))
             })
@@ -418,7 +425,7 @@ impl RequestRecord {
             bytes_in: self.bytes_in,
             bytes_out,
             complete,
-            request_id: &self.request_id,
+            request_id: self.request_id.as_str(),
             client: self.peer,
             correlation_id: find("correlation_id"),
             organization_id: find("organization_id"),

@@ -243,7 +243,7 @@ fn header_forwarding_never_panics_and_strips_every_hop_by_hop_header() {
             }
         }
         let id = breakwater::forward::request_id(&h);
-        assert!(!id.is_empty() && id.len() <= 128);
+        assert!(!id.as_str().is_empty() && id.as_str().len() <= 128);
         breakwater::forward::request_headers(
             &mut h,
             &breakwater::forward::ForwardInfo {

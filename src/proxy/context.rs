@@ -91,7 +91,7 @@ impl RequestContext {
         self.inflight.refused
     }
 
-    pub fn request_id(&self) -> &str {
+    pub fn request_id(&self) -> &crate::forward::RequestId {
         &self.record.request_id
     }
 
@@ -176,7 +176,7 @@ impl RequestContext {
             &err,
             &AnswerContext {
                 route,
-                request_id: &self.record.request_id,
+                request_id: self.record.request_id.as_str(),
             },
         );
         if reason.is_refusal() {
