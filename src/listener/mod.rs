@@ -73,7 +73,7 @@ impl ConnInfo {
         ConnInfo {
             peer: SocketAddr::from(([0, 0, 0, 0], 0)),
             proto: "http",
-            activity: Arc::new(ConnActivity::new()),
+            activity: Arc::new(ConnActivity::new(Duration::MAX, Duration::MAX)),
         }
     }
 }
@@ -100,10 +100,16 @@ pub struct ConnActivity {
     timer_at: AtomicU64,
     /// Set when the connection was closed because an answer was not written in time.
     stalled: AtomicBool,
+    /// `server.header_read_timeout`, in milliseconds.
+    head_timeout_ms: u64,
+    /// How soon a connection that fell idle needs its timer (to park it, or to close it when
+    /// `server.keepalive_timeout` is shorter), in milliseconds.
+    idle_check_ms: u64,
 }
 
 impl ConnActivity {
-    fn new() -> Self {
+    fn new(head_timeout: Duration, keepalive: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         ConnActivity {
             epoch: Instant::now(),
             inflight: AtomicUsize::new(0),
@@ -118,6 +124,19 @@ impl ConnActivity {
             relays: std::sync::Mutex::new(Vec::new()),
             timer_at: AtomicU64::new(NONE),
             stalled: AtomicBool::new(false),
+            head_timeout_ms: ms(head_timeout),
+            idle_check_ms: ms(keepalive.min(PARK_AFTER)),
+        }
+    }
+
+    /// Wakes the connection's timer task when `at_ms` comes before the wake-up it is set for
+    /// (or while that is being worked out). A later deadline needs no wake-up: the timer
+    /// fires at its earlier time, finds nothing due, and sets itself again. So an ordinary
+    /// request, whose head and end only push deadlines later, wakes the task for neither.
+    fn wake_timer_by(&self, at_ms: u64) {
+        let set = self.timer_at.load(Ordering::Acquire);
+        if set == 0 || at_ms < set {
+            self.changed.notify_one();
         }
     }
 
@@ -150,9 +169,10 @@ impl ConnActivity {
                 relays.retain(|(i, _)| *i != index);
             }
         }
-        self.idle_since.store(self.now_ms(), Ordering::Release);
+        let now = self.now_ms();
+        self.idle_since.store(now, Ordering::Release);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.changed.notify_one();
+            self.wake_timer_by(now.saturating_add(self.idle_check_ms));
         }
     }
 
@@ -178,8 +198,9 @@ impl ConnActivity {
             && self.inflight.load(Ordering::Acquire) == 0
             && self.head_started.load(Ordering::Acquire) == NONE
         {
-            self.head_started.store(self.now_ms(), Ordering::Release);
-            self.changed.notify_one();
+            let now = self.now_ms();
+            self.head_started.store(now, Ordering::Release);
+            self.wake_timer_by(now.saturating_add(self.head_timeout_ms));
         }
     }
 
@@ -203,9 +224,11 @@ impl ConnActivity {
             return TimerAction::Idle(self.epoch + Duration::from_millis(idle) + keepalive);
         }
         // Requests in flight: the earliest answer that must be out, or, while none has been
-        // registered yet, a look again after `header_timeout`, by when any answer registered
-        // without waking the timer (see `InFlight::write_by`) is checked.
-        let look_again = Instant::now() + header_timeout;
+        // registered yet, a look again, by when any answer registered without waking the timer
+        // (see `InFlight::write_by`) is checked. No later than an idle connection's first
+        // check, so the end of a request never has to bring its timer forward.
+        let look_again =
+            Instant::now() + header_timeout.min(Duration::from_millis(self.idle_check_ms));
         TimerAction::Write(
             self.earliest_relay()
                 .map_or(look_again, |t| t.min(look_again)),
@@ -256,9 +279,8 @@ impl InFlight {
         // While requests are in flight the timer is always set (for the next check at the
         // latest); it is woken only to keep an exact deadline that comes before it.
         // (0: being worked out right now, from a stream's own task on h2.)
-        let at = a.timer_at.load(Ordering::Acquire);
-        if holds_upstream && (at == 0 || a.ms_of(deadline) < at) {
-            a.changed.notify_one();
+        if holds_upstream {
+            a.wake_timer_by(a.ms_of(deadline));
         }
     }
 
@@ -887,7 +909,10 @@ async fn serve_connection<S, H: Handler>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(ConnActivity::new());
+    let activity = Arc::new(ConnActivity::new(
+        config.header_read_timeout,
+        config.keepalive_timeout,
+    ));
     let mut io = TrackedIo {
         inner: stream,
         activity: activity.clone(),
@@ -937,6 +962,11 @@ async fn serve_connection<S, H: Handler>(
     let mut closing = false;
     // hyper was asked to finish so the connection can be parked.
     let mut parking = false;
+    // One timer for the connection's life, set again rather than made anew: it may fire earlier
+    // than needed (see `ConnActivity::wake_timer_by`), and then only looks again.
+    let timer = tokio::time::sleep_until(activity.epoch);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         // While the next wake-up is being worked out, an exact write deadline wakes the timer.
         activity.timer_at.store(0, Ordering::Release);
@@ -950,16 +980,18 @@ async fn serve_connection<S, H: Handler>(
             _ if closing => None,
             TimerAction::Head(t) | TimerAction::Idle(t) => Some(park_at.map_or(t, |p| p.min(t))),
         };
+        match wake_at {
+            Some(t) if armed.is_none_or(|a| t < a) => {
+                timer.as_mut().reset(t);
+                armed = Some(t);
+            }
+            Some(_) => {}
+            None => armed = None,
+        }
         activity.timer_at.store(
-            wake_at.map_or(NONE, |t| activity.ms_of(t)),
+            armed.map_or(NONE, |t| activity.ms_of(t)),
             Ordering::Release,
         );
-        let timer = async {
-            match wake_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             event = std::future::poll_fn(|cx| conn.poll_event(cx)) => match event {
                 Event::Served(Err(e)) => {
@@ -998,7 +1030,8 @@ async fn serve_connection<S, H: Handler>(
                 }
             },
             _ = activity.changed.notified() => {}
-            _ = timer => {
+            _ = &mut timer, if armed.is_some() => {
+                armed = None;
                 let now = Instant::now();
                 match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
                     TimerAction::Head(t) if t <= now => {
@@ -1041,5 +1074,81 @@ async fn serve_connection<S, H: Handler>(
                 conn.graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// An activity whose timer is set for `timer_at_ms` (`NONE`: not set; 0: being worked out).
+    fn activity(timer_at_ms: u64) -> Arc<ConnActivity> {
+        let a = Arc::new(ConnActivity::new(
+            Duration::from_secs(10),
+            Duration::from_secs(75),
+        ));
+        a.timer_at.store(timer_at_ms, Ordering::Release);
+        a
+    }
+
+    /// Whether the timer task was woken (a stored notification is taken).
+    fn woken(a: &ConnActivity) -> bool {
+        a.changed.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_request_that_only_pushes_deadlines_later_does_not_wake_the_timer() {
+        // Set for the first idle check (park after 1 s): the head's 10 s deadline and the next
+        // idle check, both later, need no wake-up.
+        let a = activity(PARK_AFTER.as_millis() as u64);
+        a.on_read(b"GET / HTTP/1.1\r\n");
+        assert!(!woken(&a), "head began");
+        let req = a.request_started();
+        drop(req);
+        assert!(!woken(&a), "request ended");
+    }
+
+    #[test]
+    fn an_earlier_deadline_or_an_unset_timer_wakes_it() {
+        // Set far out (a long keep-alive): the end of a request brings the park check forward.
+        let a = activity(60_000);
+        drop(a.request_started());
+        assert!(woken(&a));
+        // Not set at all (closing): the next idle check, and a head beginning after it, must
+        // be timed.
+        let a = activity(NONE);
+        drop(a.request_started());
+        assert!(woken(&a));
+        a.on_read(b"G");
+        assert!(woken(&a));
+        // Being worked out: always woken, so the new deadline is not missed.
+        let a = activity(0);
+        drop(a.request_started());
+        assert!(woken(&a));
+    }
+
+    #[test]
+    fn answers_holding_upstream_resources_wake_it_only_for_an_earlier_deadline() {
+        let a = activity(5_000);
+        let req = a.request_started();
+        req.write_by(a.epoch + Duration::from_secs(9), true);
+        assert!(!woken(&a), "later than the timer");
+        req.write_by(a.epoch + Duration::from_secs(2), false);
+        assert!(!woken(&a), "holds nothing: kept at the next wake-up");
+        req.write_by(a.epoch + Duration::from_secs(2), true);
+        assert!(woken(&a));
+    }
+
+    #[test]
+    fn while_requests_run_the_timer_looks_again_no_later_than_an_idle_check() {
+        let a = activity(NONE);
+        let _req = a.request_started();
+        let before = Instant::now();
+        let TimerAction::Write(at) = a.next_action(Duration::from_secs(10), Duration::from_secs(75))
+        else {
+            panic!("a request is in flight");
+        };
+        assert!(at <= Instant::now() + PARK_AFTER && at >= before + PARK_AFTER);
     }
 }
