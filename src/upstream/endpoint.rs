@@ -246,6 +246,17 @@ impl Endpoint {
             workers.picked(Pick::Free);
             return Ok((first, Some(turn)));
         }
+        // Boxed: looking further holds several connections and waits for more, a large state
+        // that every request's future would carry (and copy) if it were inline.
+        Box::pin(self.look_further(first, workers)).await
+    }
+
+    /// The first connection reaches a busy worker (or one not known yet): look at others.
+    async fn look_further<'a>(
+        &'a self,
+        first: PooledConnection<'static, Connector>,
+        workers: &'a Workers,
+    ) -> Result<(PooledConnection<'static, Connector>, Option<Turn<'a>>), String> {
         // Connections looked at are held until a choice is made, so the pool hands out another
         // idle one, or opens a new one while it has room. A connection whose worker is not
         // known yet (new, or opened to replace one) may reach a busy worker: it is taken only
