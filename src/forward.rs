@@ -87,7 +87,10 @@ pub fn request_id(headers: &HeaderMap) -> RequestId {
 pub fn new_request_id() -> RequestId {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
-    for (half, bits) in id.chunks_mut(16).zip([fastrand::u64(..), fastrand::u64(..)]) {
+    for (half, bits) in id
+        .chunks_mut(16)
+        .zip([fastrand::u64(..), fastrand::u64(..)])
+    {
         for (i, digit) in half.iter_mut().enumerate() {
             *digit = HEX[((bits >> (60 - 4 * i)) & 0xf) as usize];
         }
@@ -276,7 +279,10 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h);
         assert_eq!(h, before);
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         strip_hop_by_hop(&mut h);
         assert_eq!(h, before, "transfer-encoding alone is found too");
     }
@@ -290,7 +296,10 @@ mod tests {
         assert_eq!(request_id(&h).as_str().len(), 32);
         let made = request_id(&HeaderMap::new());
         assert_eq!(made.as_str().len(), 32);
-        assert!(made.as_str().bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(made
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_ne!(made.as_str(), request_id(&HeaderMap::new()).as_str());
     }
 }

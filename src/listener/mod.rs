@@ -513,17 +513,31 @@ pub async fn serve<H: Handler>(listener: TcpListener, proxy: H, serving: Serving
                 backoff = Duration::from_millis(5);
                 accepted_total.increment(1);
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(accept_connection(
-                    stream,
-                    peer,
-                    proxy.clone(),
-                    builder.clone(),
-                    config.clone(),
-                    tls.clone(),
-                    sources.clone(),
-                    shutdown.clone(),
-                    permit,
-                ));
+                if tls.is_none() && sources.is_none() && !config.proxy_protocol {
+                    // Nothing comes before HTTP: the connection's task is its serving alone.
+                    tokio::spawn(serve_connection(
+                        stream,
+                        peer,
+                        "http",
+                        proxy.clone(),
+                        builder.clone(),
+                        config.clone(),
+                        shutdown.clone(),
+                        Holds::new(permit, None),
+                    ));
+                } else {
+                    tokio::spawn(accept_connection(
+                        stream,
+                        peer,
+                        proxy.clone(),
+                        builder.clone(),
+                        config.clone(),
+                        tls.clone(),
+                        sources.clone(),
+                        shutdown.clone(),
+                        permit,
+                    ));
+                }
             }
             Err(e) if is_per_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
@@ -700,8 +714,26 @@ fn refused(reason: &'static str) {
     metrics::counter!("breakwater_connections_refused_total", "reason" => reason).increment(1);
 }
 
+/// What an open client connection holds until it closes: its place under
+/// `server.max_connections`, and under the per-source limit when there is one.
+struct Holds {
+    _permit: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
+
+impl Holds {
+    fn new(permit: OwnedSemaphorePermit, source: Option<SourceSlot>) -> Self {
+        Holds {
+            _permit: permit,
+            _source: source,
+        }
+    }
+}
+
 /// Everything before HTTP: the PROXY protocol header, the per-source limit and the TLS
-/// handshake, bounded together by `header_read_timeout` from accept. Then serves HTTP.
+/// handshake, bounded together by `header_read_timeout` from accept. Then HTTP is served in a
+/// task of its own, so that task (which lives as long as the connection) carries none of this
+/// one's state: a task is as large as its largest state.
 #[allow(clippy::too_many_arguments)]
 async fn accept_connection<H: Handler>(
     mut stream: TcpStream,
@@ -735,7 +767,7 @@ async fn accept_connection<H: Handler>(
             }
         }
     }
-    let _slot = match &sources {
+    let source = match &sources {
         None => None,
         Some(limit) => match limit.acquire(peer.ip()) {
             Some(slot) => Some(slot),
@@ -746,16 +778,17 @@ async fn accept_connection<H: Handler>(
             }
         },
     };
+    let holds = Holds::new(permit, source);
     let Some(tls) = tls else {
-        return serve_connection(
-            stream, peer, "http", proxy, builder, config, shutdown, permit,
-        )
-        .await;
+        tokio::spawn(serve_connection(
+            stream, peer, "http", proxy, builder, config, shutdown, holds,
+        ));
+        return;
     };
-    // rustls's state is kilobytes and lives inside the stream: boxed, it is not part of every
-    // plain connection's task as well (a task is as large as its largest state).
+    // rustls's handshake state is kilobytes: boxed, it is not part of every plain connection's
+    // preamble as well.
     Box::pin(accept_tls(
-        stream, peer, deadline, tls, proxy, builder, config, shutdown, permit,
+        stream, peer, deadline, tls, proxy, builder, config, shutdown, holds,
     ))
     .await
 }
@@ -771,7 +804,7 @@ async fn accept_tls<H: Handler>(
     builder: Arc<Protocols>,
     config: Arc<ServerConfig>,
     shutdown: watch::Receiver<bool>,
-    permit: OwnedSemaphorePermit,
+    holds: Holds,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
     let stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
@@ -789,10 +822,9 @@ async fn accept_tls<H: Handler>(
             return;
         }
     };
-    serve_connection(
-        stream, peer, "https", proxy, builder, config, shutdown, permit,
-    )
-    .await
+    tokio::spawn(serve_connection(
+        stream, peer, "https", proxy, builder, config, shutdown, holds,
+    ));
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -897,7 +929,7 @@ async fn starts_h2<S: AsyncRead + Unpin>(io: &mut TrackedIo<S>) -> io::Result<bo
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve_connection<S, H: Handler>(
+fn serve_connection<S, H: Handler>(
     stream: S,
     peer: SocketAddr,
     proto: &'static str,
@@ -905,173 +937,189 @@ async fn serve_connection<S, H: Handler>(
     protocols: Arc<Protocols>,
     config: Arc<ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
-) where
+    _holds: Holds,
+) -> impl std::future::Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(ConnActivity::new(
-        config.header_read_timeout,
-        config.keepalive_timeout,
-    ));
-    let mut io = TrackedIo {
-        inner: stream,
-        activity: activity.clone(),
-        guard: guard::Guard::new(config.max_header_size, config.max_headers),
-        pending: Vec::new(),
-        eof: false,
-    };
-    let service = TowerToHyperService::new(WithConn {
-        inner: proxy,
-        info: ConnInfo {
-            peer,
-            proto,
-            activity: activity.clone(),
-        },
-    });
-    let h2 = match &protocols.h2 {
-        None => false,
-        Some(_) => {
-            // The first head's timer runs from accept (`ConnActivity::new`).
-            let deadline = activity.epoch + config.header_read_timeout;
+    // An async block rather than an async fn: an async fn keeps its arguments twice in its
+    // state (as passed, and as moved into its body), for the connection's whole life.
+    async move {
+        let activity = Arc::new(ConnActivity::new(
+            config.header_read_timeout,
+            config.keepalive_timeout,
+        ));
+        let service = TowerToHyperService::new(WithConn {
+            inner: proxy,
+            info: ConnInfo {
+                peer,
+                proto,
+                activity: activity.clone(),
+            },
+        });
+        // In a block: the stream is moved into hyper's connection below, and a local that outlives
+        // its move still takes room in the task for the connection's whole life.
+        let mut conn: Conn<S, H> = {
+            let mut io = TrackedIo {
+                inner: stream,
+                activity: activity.clone(),
+                guard: guard::Guard::new(config.max_header_size, config.max_headers),
+                pending: Vec::new(),
+                eof: false,
+            };
+            let h2 = match &protocols.h2 {
+                None => false,
+                Some(_) => {
+                    // The first head's timer runs from accept (`ConnActivity::new`).
+                    let deadline = activity.epoch + config.header_read_timeout;
+                    tokio::select! {
+                        // Boxed: it runs once, and inline it would take room in the task for the
+                        // connection's whole life.
+                        found = Box::pin(tokio::time::timeout_at(deadline, starts_h2(&mut io))) => match found {
+                            Ok(Ok(h2)) => h2,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "client connection failed before its first request");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "request head not received in time; closing");
+                                return;
+                            }
+                        },
+                        _ = crate::listener::stopped(&mut shutdown) => return,
+                    }
+                }
+            };
+            match (&protocols.h2, h2) {
+                (Some(h2), true) => Conn::H2(Box::pin(
+                    h2.serve_connection(TokioIo::new(io), service.clone()),
+                )),
+                _ => Conn::H1(Box::new(
+                    protocols
+                        .h1
+                        .serve_connection(TokioIo::new(io), service.clone()),
+                )),
+            }
+        };
+        let mut closing = false;
+        // hyper was asked to finish so the connection can be parked.
+        let mut parking = false;
+        // One timer for the connection's life, set again rather than made anew: it may fire earlier
+        // than needed (see `ConnActivity::wake_timer_by`), and then only looks again.
+        let timer = tokio::time::sleep_until(activity.epoch);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
+        loop {
+            // While the next wake-up is being worked out, an exact write deadline wakes the timer.
+            activity.timer_at.store(0, Ordering::Release);
+            let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
+            let park_at = match (&conn, activity.idle_at()) {
+                (Conn::H1(_), Some(idle)) if !closing && !parking => Some(idle + PARK_AFTER),
+                _ => None,
+            };
+            let wake_at = match action {
+                TimerAction::Write(t) => Some(t),
+                _ if closing => None,
+                TimerAction::Head(t) | TimerAction::Idle(t) => {
+                    Some(park_at.map_or(t, |p| p.min(t)))
+                }
+            };
+            match wake_at {
+                Some(t) if armed.is_none_or(|a| t < a) => {
+                    timer.as_mut().reset(t);
+                    armed = Some(t);
+                }
+                Some(_) => {}
+                None => armed = None,
+            }
+            activity
+                .timer_at
+                .store(armed.map_or(NONE, |t| activity.ms_of(t)), Ordering::Release);
             tokio::select! {
-                found = tokio::time::timeout_at(deadline, starts_h2(&mut io)) => match found {
-                    Ok(Ok(h2)) => h2,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "client connection failed before its first request");
+                event = std::future::poll_fn(|cx| conn.poll_event(cx)) => match event {
+                    Event::Served(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         return;
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, "request head not received in time; closing");
+                    Event::Served(Ok(())) => {
+                        let Conn::H1(done) = conn else { return };
+                        // In a block: what hyper hands back is not kept across the close below.
+                        let mut io = {
+                            let parts = done.into_parts();
+                            let mut io = parts.io.into_inner();
+                            io.unread(&parts.read_buf);
+                            io
+                        };
+                        if !parking || closing {
+                            // hyper left the closing of the stream to us (`poll_without_shutdown`).
+                            let _ = tokio::time::timeout(config.header_read_timeout, io.shutdown()).await;
+                            return;
+                        }
+                        parking = false;
+                        io.release_buffers();
+                        conn = Conn::Parked {
+                            io,
+                            _counted: ParkedCount::new(&protocols.parked),
+                        };
+                    }
+                    Event::Woken(Ok(0)) => return,
+                    Event::Woken(Ok(_)) => {
+                        let Conn::Parked { io, .. } = conn else { return };
+                        conn = Conn::H1(Box::new(
+                            protocols
+                                .h1
+                                .serve_connection(TokioIo::new(io), service.clone()),
+                        ));
+                    }
+                    Event::Woken(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "idle client connection failed");
                         return;
                     }
                 },
-                _ = crate::listener::stopped(&mut shutdown) => return,
-            }
-        }
-    };
-    let mut conn: Conn<S, H> = match (&protocols.h2, h2) {
-        (Some(h2), true) => Conn::H2(Box::pin(
-            h2.serve_connection(TokioIo::new(io), service.clone()),
-        )),
-        _ => Conn::H1(Box::new(
-            protocols
-                .h1
-                .serve_connection(TokioIo::new(io), service.clone()),
-        )),
-    };
-    let mut closing = false;
-    // hyper was asked to finish so the connection can be parked.
-    let mut parking = false;
-    // One timer for the connection's life, set again rather than made anew: it may fire earlier
-    // than needed (see `ConnActivity::wake_timer_by`), and then only looks again.
-    let timer = tokio::time::sleep_until(activity.epoch);
-    tokio::pin!(timer);
-    let mut armed: Option<Instant> = None;
-    loop {
-        // While the next wake-up is being worked out, an exact write deadline wakes the timer.
-        activity.timer_at.store(0, Ordering::Release);
-        let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
-        let park_at = match (&conn, activity.idle_at()) {
-            (Conn::H1(_), Some(idle)) if !closing && !parking => Some(idle + PARK_AFTER),
-            _ => None,
-        };
-        let wake_at = match action {
-            TimerAction::Write(t) => Some(t),
-            _ if closing => None,
-            TimerAction::Head(t) | TimerAction::Idle(t) => Some(park_at.map_or(t, |p| p.min(t))),
-        };
-        match wake_at {
-            Some(t) if armed.is_none_or(|a| t < a) => {
-                timer.as_mut().reset(t);
-                armed = Some(t);
-            }
-            Some(_) => {}
-            None => armed = None,
-        }
-        activity.timer_at.store(
-            armed.map_or(NONE, |t| activity.ms_of(t)),
-            Ordering::Release,
-        );
-        tokio::select! {
-            event = std::future::poll_fn(|cx| conn.poll_event(cx)) => match event {
-                Event::Served(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                    return;
-                }
-                Event::Served(Ok(())) => {
-                    let Conn::H1(done) = conn else { return };
-                    let parts = done.into_parts();
-                    let mut io = parts.io.into_inner();
-                    io.unread(&parts.read_buf);
-                    if !parking || closing {
-                        // hyper left the closing of the stream to us (`poll_without_shutdown`).
-                        let _ = tokio::time::timeout(config.header_read_timeout, io.shutdown()).await;
-                        return;
-                    }
-                    parking = false;
-                    io.release_buffers();
-                    conn = Conn::Parked {
-                        io,
-                        _counted: ParkedCount::new(&protocols.parked),
-                    };
-                }
-                Event::Woken(Ok(0)) => return,
-                Event::Woken(Ok(_)) => {
-                    let Conn::Parked { io, .. } = conn else { return };
-                    conn = Conn::H1(Box::new(
-                        protocols
-                            .h1
-                            .serve_connection(TokioIo::new(io), service.clone()),
-                    ));
-                }
-                Event::Woken(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "idle client connection failed");
-                    return;
-                }
-            },
-            _ = activity.changed.notified() => {}
-            _ = &mut timer, if armed.is_some() => {
-                armed = None;
-                let now = Instant::now();
-                match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
-                    TimerAction::Head(t) if t <= now => {
-                        tracing::debug!(%peer, "request head not received in time; closing");
-                        return;
-                    }
-                    TimerAction::Idle(t) if t <= now => {
-                        if matches!(conn, Conn::Parked { .. }) {
+                _ = activity.changed.notified() => {}
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    let now = Instant::now();
+                    match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
+                        TimerAction::Head(t) if t <= now => {
+                            tracing::debug!(%peer, "request head not received in time; closing");
                             return;
                         }
-                        closing = true;
-                        conn.graceful_shutdown();
+                        TimerAction::Idle(t) if t <= now => {
+                            if matches!(conn, Conn::Parked { .. }) {
+                                return;
+                            }
+                            closing = true;
+                            conn.graceful_shutdown();
+                        }
+                        TimerAction::Write(t) if t <= now => {
+                            // Dropping the connection drops what its requests hold; they see why.
+                            tracing::debug!(%peer, "answer not written within its budget; closing");
+                            activity.stalled.store(true, Ordering::Release);
+                            return;
+                        }
+                        // Still idle since before `park_at` (the same task checks and asks, so no
+                        // request can have begun in between): hyper finishes, and hands the stream
+                        // back instead of closing it.
+                        TimerAction::Idle(_)
+                            if matches!(conn, Conn::H1(_))
+                                && !closing
+                                && !parking
+                                && activity.idle_at().is_some_and(|idle| idle + PARK_AFTER <= now) =>
+                        {
+                            parking = true;
+                            conn.graceful_shutdown();
+                        }
+                        _ => {}
                     }
-                    TimerAction::Write(t) if t <= now => {
-                        // Dropping the connection drops what its requests hold; they see why.
-                        tracing::debug!(%peer, "answer not written within its budget; closing");
-                        activity.stalled.store(true, Ordering::Release);
+                }
+                _ = crate::listener::stopped(&mut shutdown), if !closing => {
+                    if matches!(conn, Conn::Parked { .. }) {
                         return;
                     }
-                    // Still idle since before `park_at` (the same task checks and asks, so no
-                    // request can have begun in between): hyper finishes, and hands the stream
-                    // back instead of closing it.
-                    TimerAction::Idle(_)
-                        if matches!(conn, Conn::H1(_))
-                            && !closing
-                            && !parking
-                            && activity.idle_at().is_some_and(|idle| idle + PARK_AFTER <= now) =>
-                    {
-                        parking = true;
-                        conn.graceful_shutdown();
-                    }
-                    _ => {}
+                    closing = true;
+                    conn.graceful_shutdown();
                 }
-            }
-            _ = crate::listener::stopped(&mut shutdown), if !closing => {
-                if matches!(conn, Conn::Parked { .. }) {
-                    return;
-                }
-                closing = true;
-                conn.graceful_shutdown();
             }
         }
     }
@@ -1145,7 +1193,8 @@ mod tests {
         let a = activity(NONE);
         let _req = a.request_started();
         let before = Instant::now();
-        let TimerAction::Write(at) = a.next_action(Duration::from_secs(10), Duration::from_secs(75))
+        let TimerAction::Write(at) =
+            a.next_action(Duration::from_secs(10), Duration::from_secs(75))
         else {
             panic!("a request is in flight");
         };
