@@ -928,7 +928,7 @@ async fn starts_h2<S: AsyncRead + Unpin>(io: &mut TrackedIo<S>) -> io::Result<bo
     Ok(buf[..filled] == *H2_PREFACE)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
 fn serve_connection<S, H: Handler>(
     stream: S,
     peer: SocketAddr,
