@@ -887,3 +887,42 @@ async fn connect_is_refused_with_400_and_the_connection_closed() {
     assert!(refusal.contains("CONNECT is not supported"), "{out}");
     assert_eq!(backend.count(|s| &s.requests), 1);
 }
+
+/// A connection keeps its place under `server.max_connections` until it closes: while one is
+/// open (idle between requests) the next is not served; once it closes, the next is.
+#[tokio::test]
+async fn an_open_connection_holds_its_place_under_max_connections_until_it_closes() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        &format!(
+            "server:\n  listen: 127.0.0.1:0\n  max_connections: 1\nadmin:\n  enabled: false\n{ONE_ROUTE}"
+        ),
+        &backend.url(),
+    )
+    .await;
+    let request = b"GET /api/one HTTP/1.1\r\nhost: gw\r\n\r\n";
+    let mut first = TcpStream::connect(gw.addr).await.unwrap();
+    first.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "first connection served"
+    );
+
+    // The kernel completes the handshake (backlog); the gateway must not take the connection.
+    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+    second.write_all(request).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a second connection was served while the first held the only place"
+    );
+
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("served once the first connection closed")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}

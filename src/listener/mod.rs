@@ -937,7 +937,7 @@ fn serve_connection<S, H: Handler>(
     protocols: Arc<Protocols>,
     config: Arc<ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
-    _holds: Holds,
+    holds: Holds,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -945,6 +945,9 @@ where
     // An async block rather than an async fn: an async fn keeps its arguments twice in its
     // state (as passed, and as moved into its body), for the connection's whole life.
     async move {
+        // Moved in by name: an async block takes only what it uses, and what the connection
+        // holds must be given back when it closes, not when its task is made.
+        let _holds = holds;
         let activity = Arc::new(ConnActivity::new(
             config.header_read_timeout,
             config.keepalive_timeout,
