@@ -126,7 +126,8 @@ pub async fn read_body(
     Ok(Received { parts, body, check })
 }
 
-/// Everything needed to build the request again: kept when its body was read whole.
+/// Everything needed to build the request again: kept when its body was read whole and it is
+/// repeatable.
 pub struct Replay {
     pub method: http::Method,
     pub uri: Uri,
@@ -145,7 +146,8 @@ impl Replay {
 }
 
 /// Rewrites the request for the upstream: forwarding headers, its target under the upstream's
-/// base path, HTTP/1.1. Returns it with its replay when the body was read whole.
+/// base path, HTTP/1.1. Returns it with its replay when the body was read whole and the request
+/// is repeatable.
 pub fn rewrite(
     ctx: &RequestContext,
     route: &RouteState,
@@ -181,16 +183,17 @@ pub fn rewrite(
     parts.version = http::Version::HTTP_11;
     Ok(match body {
         OutBody::Buffered(bytes) => {
-            let replay = Replay {
+            // Built again only when it may be sent again after it went out: a request the
+            // upstream never got is handed back whole, and any other resend is for a repeatable
+            // one (see `crate::retry`). A data action's POST is copied for nothing otherwise.
+            let repeatable = route.config.idempotent || crate::retry::is_idempotent(&parts.method);
+            let replay = repeatable.then(|| Replay {
                 method: parts.method.clone(),
                 uri: parts.uri.clone(),
                 headers: parts.headers.clone(),
                 body: bytes.clone(),
-            };
-            (
-                Request::from_parts(parts, crate::body::full(bytes)),
-                Some(replay),
-            )
+            });
+            (Request::from_parts(parts, crate::body::full(bytes)), replay)
         }
         OutBody::Streaming(stream) => (Request::from_parts(parts, stream), None),
     })
