@@ -7,15 +7,22 @@
 //! the head timer runs from the first byte of a head (or from accept) until the request is
 //! dispatched; the idle timer runs while no request is in flight.
 //!
+//! The timers are one tokio timer per connection, set lazily: a deadline that comes later than
+//! the time it is set for wakes nothing (it fires, finds nothing due, and is set again), so an
+//! ordinary request's head and end never wake the connection's task (see
+//! `ConnActivity::wake_timer_by`).
+//!
 //! A third timer bounds the writing of answers: every request registers the moment its answer
 //! must have been written by (its budget), and a connection whose answer is still being written
 //! then is closed. hyper stops polling a response body while the caller's socket is full, so a
 //! caller that stops reading would otherwise hold its admission slot and upstream connection for
 //! as long as it likes.
 //!
-//! Before HTTP, in the connection's own task (never the accept loop): the PROXY protocol header
-//! when `server.proxy_protocol` is on, the per-source connection limit, and the TLS handshake
-//! when `server.tls` is set, all within `server.header_read_timeout` of accept.
+//! Before HTTP, in a task of its own (never the accept loop): the PROXY protocol header when
+//! `server.proxy_protocol` is on, the per-source connection limit, and the TLS handshake when
+//! `server.tls` is set, all within `server.header_read_timeout` of accept. HTTP is then served in
+//! the connection's own task, which lives as long as the connection and so carries none of that
+//! state (a task is as large as its future's largest state: 856 bytes for a plain connection).
 //!
 //! An HTTP/1 connection idle for a second is parked: hyper hands the stream back, its buffers and
 //! state are dropped, and the next request's first bytes start a fresh hyper connection on the
@@ -262,8 +269,8 @@ impl InFlight {
     /// `holds_upstream`: the answer holds an admission slot or an upstream connection, so the
     /// connection's timer is woken to keep the deadline exactly. Otherwise (a small answer read
     /// whole, the gateway's own answer: only this connection is at stake) the deadline is kept
-    /// at the timer's next wake-up, at the latest `header_read_timeout` after the request
-    /// arrived. Waking the timer means polling the whole connection once more, which every
+    /// at the timer's next wake-up, at the latest a second after the request arrived (sooner
+    /// when `header_read_timeout` or `keepalive_timeout` is shorter). Waking the timer means polling the whole connection once more, which every
     /// ordinary request is spared this way.
     pub fn write_by(&self, deadline: Instant, holds_upstream: bool) {
         let a = &self.activity;
