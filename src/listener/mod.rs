@@ -270,8 +270,8 @@ impl InFlight {
     /// connection's timer is woken to keep the deadline exactly. Otherwise (a small answer read
     /// whole, the gateway's own answer: only this connection is at stake) the deadline is kept
     /// at the timer's next wake-up, at the latest a second after the request arrived (sooner
-    /// when `header_read_timeout` or `keepalive_timeout` is shorter). Waking the timer means polling the whole connection once more, which every
-    /// ordinary request is spared this way.
+    /// when `header_read_timeout` or `keepalive_timeout` is shorter). Waking the timer means
+    /// polling the whole connection once more, which every ordinary request is spared this way.
     pub fn write_by(&self, deadline: Instant, holds_upstream: bool) {
         let a = &self.activity;
         let deadline = if a.h2.load(Ordering::Acquire) {
