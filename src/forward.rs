@@ -4,14 +4,13 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const BUDGET_HEADER: &str = "x-breakwater-budget-ms";
 
 // Named once: a header named by a `&str` is parsed and checked on every insert.
-const BUDGET: HeaderName = HeaderName::from_static(BUDGET_HEADER);
+pub(crate) const BUDGET: HeaderName = HeaderName::from_static(BUDGET_HEADER);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -103,7 +102,6 @@ pub struct ForwardInfo<'a> {
     pub proto: &'static str,
     pub original_host: Option<&'a str>,
     pub request_id: &'a RequestId,
-    pub remaining: Duration,
     /// Host header for the upstream (its own authority unless the upstream preserves the host).
     pub upstream_host: &'a str,
 }
@@ -142,7 +140,6 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
         headers.insert(header::HOST, v);
     }
     headers.insert(X_REQUEST_ID, info.request_id.header());
-    headers.insert(BUDGET, HeaderValue::from(info.remaining.as_millis() as u64));
 }
 
 /// Dotted decimal, as `Display` writes it, without the formatting machinery (every request
@@ -214,7 +211,6 @@ mod tests {
                 proto: "http",
                 original_host: None,
                 request_id: &id("r"),
-                remaining: Duration::from_millis(1),
                 upstream_host: "u",
             },
         );
@@ -237,7 +233,6 @@ mod tests {
                 proto: "http",
                 original_host: Some("gw.example.com"),
                 request_id: &id("rid-1"),
-                remaining: Duration::from_millis(1234),
                 upstream_host: "10.0.0.1:8000",
             },
         );
@@ -246,7 +241,10 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "gw.example.com");
         assert_eq!(h[header::HOST], "10.0.0.1:8000");
         assert_eq!(h["x-request-id"], "rid-1");
-        assert_eq!(h[BUDGET_HEADER], "1234");
+        assert!(
+            h.get(BUDGET_HEADER).is_none(),
+            "set per attempt, as it goes out (`set_budget_header`)"
+        );
     }
 
     #[test]

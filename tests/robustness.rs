@@ -251,7 +251,6 @@ fn header_forwarding_never_panics_and_strips_every_hop_by_hop_header() {
                 proto: "http",
                 original_host: Some("gw"),
                 request_id: &id,
-                remaining: std::time::Duration::from_millis(r.u64(..100_000)),
                 upstream_host: "10.0.0.1:8000",
             },
         );

@@ -175,7 +175,6 @@ pub fn rewrite(
             proto: ctx.conn.proto,
             original_host,
             request_id: ctx.request_id(),
-            remaining: ctx.deadline().saturating_duration_since(Instant::now()),
             upstream_host,
         },
     );
@@ -202,10 +201,7 @@ pub fn rewrite(
 /// Tells the upstream how much of the budget is left, at the moment an attempt goes out.
 pub fn set_budget_header(headers: &mut http::HeaderMap, deadline: Instant) {
     let left = deadline.saturating_duration_since(Instant::now());
-    headers.insert(
-        forward::BUDGET_HEADER,
-        HeaderValue::from(left.as_millis() as u64),
-    );
+    headers.insert(forward::BUDGET, HeaderValue::from(left.as_millis() as u64));
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
