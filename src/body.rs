@@ -42,6 +42,11 @@ pub struct BodyCheck(AtomicU8);
 
 const TOO_LARGE: u8 = 1;
 const TIMED_OUT: u8 = 2;
+const OUT_OF_BUDGET: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the route's budget ran out while the request body was read")]
+pub struct BodyReadOutOfBudget;
 
 impl BodyCheck {
     /// The answer owed to the caller when the body stream failed because of us.
@@ -49,6 +54,7 @@ impl BodyCheck {
         match self.0.load(Ordering::Acquire) {
             TOO_LARGE => Some(crate::error::ProxyError::BodyTooLarge { limit }),
             TIMED_OUT => Some(crate::error::ProxyError::BodyTimeout { after: idle }),
+            OUT_OF_BUDGET => Some(crate::error::ProxyError::BudgetExhausted),
             _ => None,
         }
     }
@@ -57,14 +63,17 @@ impl BodyCheck {
 pin_project! {
     /// Counts bytes as they stream and fails the stream the moment the limit is passed, so a
     /// large body is never buffered to be measured; and fails it when the client sends nothing
-    /// for `idle`, so a trickling body cannot hold a slot. `check` tells the proxy why the
-    /// upstream call failed, so it can answer 413 or 408 instead of 502.
+    /// for `idle`, so a trickling body cannot hold a slot; and, when given one, at the request's
+    /// deadline, on the same timer (a body read whole before admission would otherwise need a
+    /// second). `check` tells the proxy why the upstream call failed, so it can answer 413, 408
+    /// or 503 instead of 502.
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
         #[pin]
         idle: Sleep,
         idle_for: Duration,
+        deadline: Option<Instant>,
         seen: u64,
         limit: u64,
         check: Arc<BodyCheck>,
@@ -73,12 +82,23 @@ pin_project! {
 
 impl<B> LimitedBody<B> {
     pub fn new(inner: B, limit: u64, idle_for: Duration) -> (Self, Arc<BodyCheck>) {
+        Self::until(inner, limit, idle_for, None)
+    }
+
+    /// As `new`, and the stream also fails at `deadline` (when given).
+    pub fn until(
+        inner: B,
+        limit: u64,
+        idle_for: Duration,
+        deadline: Option<Instant>,
+    ) -> (Self, Arc<BodyCheck>) {
         let check = Arc::new(BodyCheck::default());
         (
             LimitedBody {
                 inner,
-                idle: tokio::time::sleep(idle_for),
+                idle: tokio::time::sleep_until(wake_at(Instant::now(), idle_for, deadline)),
                 idle_for,
+                deadline,
                 seen: 0,
                 limit,
                 check: check.clone(),
@@ -86,6 +106,12 @@ impl<B> LimitedBody<B> {
             check,
         )
     }
+}
+
+/// The idle timer's next end, or the deadline when that comes first.
+fn wake_at(now: Instant, idle_for: Duration, deadline: Option<Instant>) -> Instant {
+    let idle = now + idle_for;
+    deadline.map_or(idle, |d| d.min(idle))
 }
 
 impl<B> Body for LimitedBody<B>
@@ -104,6 +130,10 @@ where
         let polled = this.inner.poll_frame(cx);
         if polled.is_pending() {
             if this.idle.as_mut().poll(cx).is_ready() {
+                if this.deadline.is_some_and(|d| Instant::now() >= d) {
+                    this.check.0.store(OUT_OF_BUDGET, Ordering::Release);
+                    return Poll::Ready(Some(Err(Box::new(BodyReadOutOfBudget))));
+                }
                 this.check.0.store(TIMED_OUT, Ordering::Release);
                 return Poll::Ready(Some(Err(Box::new(BodyReadTimeout))));
             }
@@ -120,7 +150,7 @@ where
                         }))));
                     }
                 }
-                let next = Instant::now() + *this.idle_for;
+                let next = wake_at(Instant::now(), *this.idle_for, *this.deadline);
                 this.idle.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -307,6 +337,50 @@ mod tests {
             check.failure(1 << 20, idle),
             Some(crate::error::ProxyError::BodyTimeout { .. })
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_read_under_a_deadline_fails_at_whichever_comes_first() {
+        let stalled = || {
+            http_body_util::StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, std::convert::Infallible>,
+            >())
+        };
+        // The budget ends first: out of budget, not an idle client.
+        let idle = Duration::from_secs(10);
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(300);
+        let (body, check) = LimitedBody::until(stalled(), 1 << 20, idle, Some(deadline));
+        assert!(body.collect().await.is_err());
+        assert_eq!(Instant::now(), deadline);
+        assert!(matches!(
+            check.failure(1 << 20, idle),
+            Some(crate::error::ProxyError::BudgetExhausted)
+        ));
+        // The idle timeout ends first: the client stalled.
+        let idle = Duration::from_millis(200);
+        let start = Instant::now();
+        let (body, check) = LimitedBody::until(
+            stalled(),
+            1 << 20,
+            idle,
+            Some(start + Duration::from_secs(5)),
+        );
+        assert!(body.collect().await.is_err());
+        assert_eq!(Instant::now(), start + idle);
+        assert!(matches!(
+            check.failure(1 << 20, idle),
+            Some(crate::error::ProxyError::BodyTimeout { .. })
+        ));
+        // A body that arrives in time is read whole.
+        let (body, check) = LimitedBody::until(
+            Full::new(Bytes::from_static(b"{}")),
+            1 << 20,
+            idle,
+            Some(Instant::now() + Duration::from_millis(1)),
+        );
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"{}");
+        assert!(check.failure(1 << 20, idle).is_none());
     }
 
     #[tokio::test]

@@ -102,23 +102,25 @@ pub async fn read_body(
         });
     }
     let idle = route.body_read_timeout;
-    let (body, check) = LimitedBody::new(body, limit, idle);
     let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
     let body = if small {
-        // Boxed: reading under two timers is a large future, and every request's future is
-        // copied whole where it is awaited.
-        match Box::pin(tokio::time::timeout_at(ctx.deadline(), body.collect())).await {
-            Err(_) => return Err(ProxyError::BudgetExhausted),
-            Ok(Err(_)) => {
+        // Read whole under one timer, the idle timeout's or the budget's, whichever ends first.
+        let (body, check) = LimitedBody::until(body, limit, idle, Some(ctx.deadline()));
+        // Boxed: a body with its timer is a large future, and every request's future is copied
+        // whole where it is awaited.
+        match Box::pin(body.collect()).await {
+            Err(_) => {
                 return Err(check
                     .failure(limit, idle)
                     .unwrap_or(ProxyError::BadRequest("request body ended early")))
             }
-            Ok(Ok(collected)) => OutBody::Buffered(collected.to_bytes()),
+            Ok(collected) => (OutBody::Buffered(collected.to_bytes()), check),
         }
     } else {
-        OutBody::Streaming(body.boxed_unsync())
+        let (body, check) = LimitedBody::new(body, limit, idle);
+        (OutBody::Streaming(body.boxed_unsync()), check)
     };
+    let (body, check) = body;
     ctx.record.bytes_in = match &body {
         OutBody::Buffered(b) => b.len() as u64,
         OutBody::Streaming(_) => declared.unwrap_or(0),
