@@ -14,11 +14,12 @@ pub(crate) const BUDGET: HeaderName = HeaderName::from_static(BUDGET_HEADER);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// RFC 9110 §7.6.1. `Trailer` is not among them: it describes the message's own trailer
-/// fields, end to end.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// What is never forwarded: the hop-by-hop headers of RFC 9110 §7.6.1, and `Transfer-Encoding`,
+/// since the outgoing connection frames the body itself. `Trailer` is not among them: it
+/// describes the message's own trailer fields, end to end.
+const STRIPPED: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -26,15 +27,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
     header::TE,
     header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
 
-/// Removes hop-by-hop headers, including any header named in `Connection`. `Transfer-Encoding`
-/// goes too: the outgoing connection frames the body itself.
+/// Removes hop-by-hop headers, including any header named in `Connection`, and
+/// `Transfer-Encoding` (see `STRIPPED`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over their few names is cheaper than a lookup for each
-    // of the nine that could be there.
-    let hop = |name: &HeaderName| HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING;
-    if !headers.keys().any(hop) {
+    // of the eight that could be there.
+    if !headers.keys().any(|name| STRIPPED.contains(name)) {
         return;
     }
     let named: Vec<HeaderName> = headers
@@ -47,10 +48,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP.iter() {
+    for name in STRIPPED.iter() {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 /// The request's id, as the header value it is sent in both ways: made or kept once, then
@@ -59,6 +59,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct RequestId(HeaderValue);
 
 impl RequestId {
+    /// An id known in advance (tests, fixed ids); it must be printable ASCII.
+    pub fn from_static(id: &'static str) -> Self {
+        RequestId(HeaderValue::from_static(id))
+    }
+
     pub fn as_str(&self) -> &str {
         // Only printable ASCII gets in (see `request_id`), which `to_str` never refuses.
         self.0.to_str().unwrap_or_default()
@@ -169,10 +174,6 @@ pub fn response_headers(headers: &mut HeaderMap, request_id: &RequestId) {
 mod tests {
     use super::*;
 
-    fn id(s: &'static str) -> RequestId {
-        RequestId(HeaderValue::from_static(s))
-    }
-
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
@@ -210,7 +211,7 @@ mod tests {
                 peer: "10.0.0.3:5000".parse().unwrap(),
                 proto: "http",
                 original_host: None,
-                request_id: &id("r"),
+                request_id: &RequestId::from_static("r"),
                 upstream_host: "u",
             },
         );
@@ -232,7 +233,7 @@ mod tests {
                 peer: "[::ffff:203.0.113.9]:5000".parse().unwrap(),
                 proto: "http",
                 original_host: Some("gw.example.com"),
-                request_id: &id("rid-1"),
+                request_id: &RequestId::from_static("rid-1"),
                 upstream_host: "10.0.0.1:8000",
             },
         );

@@ -5,20 +5,22 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::body::{full, ResponseBody};
 use crate::config::RouteConfig;
 use crate::error::{ProxyError, Reason};
+use crate::forward::{RequestId, X_REQUEST_ID};
 
 pub const REASON_HEADER: &str = "x-breakwater-reason";
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+// Named once: a header named by a `&str` is parsed on every insert, and refusals come in bursts.
+const REASON: HeaderName = HeaderName::from_static(REASON_HEADER);
 
 /// What the answer needs to know about the request it answers.
 pub struct AnswerContext<'a> {
     pub route: Option<&'a RouteConfig>,
-    pub request_id: &'a str,
+    pub request_id: &'a RequestId,
 }
 
 /// Builds the gateway's own answer for `err`.
@@ -53,7 +55,7 @@ pub fn error_response(err: &ProxyError, cx: &AnswerContext<'_>) -> Response<Resp
         standard_body(
             reason,
             route_name,
-            cx.request_id,
+            cx.request_id.as_str(),
             &err.public_message(),
             retry_after,
         )
@@ -113,14 +115,12 @@ fn status_for(err: &ProxyError, route: Option<&RouteConfig>) -> StatusCode {
 fn stamp(
     resp: &mut Response<ResponseBody>,
     reason: Reason,
-    request_id: &str,
+    request_id: &RequestId,
     retry_after: Option<u64>,
 ) {
     let h = resp.headers_mut();
-    h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        h.insert(REQUEST_ID_HEADER, id);
-    }
+    h.insert(REASON, HeaderValue::from_static(reason.as_str()));
+    h.insert(X_REQUEST_ID, request_id.header());
     if let Some(s) = retry_after {
         h.insert(RETRY_AFTER, HeaderValue::from(s));
     }
@@ -164,13 +164,13 @@ mod tests {
                 &err,
                 &AnswerContext {
                     route: None,
-                    request_id: "abc",
+                    request_id: &RequestId::from_static("abc"),
                 },
             );
             assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(resp.headers()[REASON_HEADER], reason.as_str());
             assert_eq!(resp.headers()[RETRY_AFTER], "2");
-            assert_eq!(resp.headers()[REQUEST_ID_HEADER], "abc");
+            assert_eq!(resp.headers()[X_REQUEST_ID], "abc");
             assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
         }
     }
@@ -179,7 +179,7 @@ mod tests {
     fn auth_failures_are_401_or_403_without_retry_after() {
         let cx = AnswerContext {
             route: None,
-            request_id: "r",
+            request_id: &RequestId::from_static("r"),
         };
         let resp = error_response(&ProxyError::Unauthorized { challenge: true }, &cx);
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
@@ -203,7 +203,7 @@ mod tests {
     fn upstream_failures_do_not_tell_the_caller_internal_addresses() {
         let cx = AnswerContext {
             route: None,
-            request_id: "r",
+            request_id: &RequestId::from_static("r"),
         };
         for err in [
             ProxyError::Upstream("connection to 10.0.1.7:8000 reset".into()),
@@ -228,7 +228,7 @@ mod tests {
             &ProxyError::NoRoute,
             &AnswerContext {
                 route: None,
-                request_id: "x",
+                request_id: &RequestId::from_static("x"),
             },
         );
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);

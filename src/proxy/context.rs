@@ -176,7 +176,7 @@ impl RequestContext {
             &err,
             &AnswerContext {
                 route,
-                request_id: self.record.request_id.as_str(),
+                request_id: &self.record.request_id,
             },
         );
         if reason.is_refusal() {
