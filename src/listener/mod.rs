@@ -520,31 +520,17 @@ pub async fn serve<H: Handler>(listener: TcpListener, proxy: H, serving: Serving
                 backoff = Duration::from_millis(5);
                 accepted_total.increment(1);
                 let _ = stream.set_nodelay(true);
-                if tls.is_none() && sources.is_none() && !config.proxy_protocol {
-                    // Nothing comes before HTTP: the connection's task is its serving alone.
-                    tokio::spawn(serve_connection(
-                        stream,
-                        peer,
-                        "http",
-                        proxy.clone(),
-                        builder.clone(),
-                        config.clone(),
-                        shutdown.clone(),
-                        Holds::new(permit, None),
-                    ));
-                } else {
-                    tokio::spawn(accept_connection(
-                        stream,
-                        peer,
-                        proxy.clone(),
-                        builder.clone(),
-                        config.clone(),
-                        tls.clone(),
-                        sources.clone(),
-                        shutdown.clone(),
-                        permit,
-                    ));
-                }
+                tokio::spawn(accept_connection(
+                    stream,
+                    peer,
+                    proxy.clone(),
+                    builder.clone(),
+                    config.clone(),
+                    tls.clone(),
+                    sources.clone(),
+                    shutdown.clone(),
+                    permit,
+                ));
             }
             Err(e) if is_per_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection failed before it was accepted");
@@ -740,7 +726,8 @@ impl Holds {
 /// Everything before HTTP: the PROXY protocol header, the per-source limit and the TLS
 /// handshake, bounded together by `header_read_timeout` from accept. Then HTTP is served in a
 /// task of its own, so that task (which lives as long as the connection) carries none of this
-/// one's state: a task is as large as its largest state.
+/// one's state: a task is as large as its largest state. (With none of these to do, this task
+/// costs one spawn per connection, not per request.)
 #[allow(clippy::too_many_arguments)]
 async fn accept_connection<H: Handler>(
     mut stream: TcpStream,

@@ -103,7 +103,7 @@ pub async fn read_body(
     }
     let idle = route.body_read_timeout;
     let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
-    let body = if small {
+    let (body, check) = if small {
         // Read whole under one timer, the idle timeout's or the budget's, whichever ends first.
         let (body, check) = LimitedBody::until(body, limit, idle, Some(ctx.deadline()));
         // Boxed: a body with its timer is a large future, and every request's future is copied
@@ -120,7 +120,6 @@ pub async fn read_body(
         let (body, check) = LimitedBody::new(body, limit, idle);
         (OutBody::Streaming(body.boxed_unsync()), check)
     };
-    let (body, check) = body;
     ctx.record.bytes_in = match &body {
         OutBody::Buffered(b) => b.len() as u64,
         OutBody::Streaming(_) => declared.unwrap_or(0),
