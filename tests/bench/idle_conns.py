@@ -1,7 +1,10 @@
 """Opens N keep-alive connections to a proxy, sends one small GET on each, reads the answer and
 keeps the connection open and idle; prints how much the proxy's RSS grew per connection.
 
-    python3 tests/bench/idle_conns.py PID PORT [N=5000]
+    python3 tests/bench/idle_conns.py PID PORT [N=5000] [HEALTH_PORT]
+
+With HEALTH_PORT, RSS is read once more after three `GET /healthz` on that port a second apart
+(what a container health check or a load balancer's probe does to an otherwise idle process).
 
 Used by tests/bench/idle_memory.sh for NGINX and Breakwater side by side. Loopback only.
 """
@@ -61,6 +64,17 @@ async def main():
     after = rss_kib(pid)
     print(f"{n} idle connections, {ok} answered 200: RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
           f"{(after - before) / n:.1f} KiB per connection" + (f"; other answers: {other}" if other else ""))
+    if len(sys.argv) > 4:
+        for _ in range(3):
+            await asyncio.sleep(1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(sys.argv[4]))
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+            await reader.read()
+            writer.close()
+        await asyncio.sleep(0.5)
+        probed = rss_kib(pid)
+        print(f"{'':12}the same {n}, after three health checks a second apart: RSS {probed / 1024:.1f} MiB, "
+              f"{(probed - before) / n:.1f} KiB per connection")
     # An allocator may hand freed memory back to the system only when it next does some work
     # (mimalloc's delayed purge): the same idle connections once other traffic has gone on.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

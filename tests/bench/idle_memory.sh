@@ -9,6 +9,9 @@
 # POOL sets Breakwater's upstream pool (default 64, as NGINX's `keepalive 64` here): the
 # connections arrive 200 at a time, and every upstream connection a larger pool keeps idle holds
 # hyper's client buffers (~27 KiB), shared by all client connections but counted in the figure.
+# Breakwater's RSS is read three times: once the connections are idle, after three health checks
+# on its admin port (all an idle process probed by a load balancer sees), and after 1000 requests
+# on another connection (the allocator returns freed memory only when it next does some work).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/common.sh
@@ -67,4 +70,4 @@ BW_PID=$!
 sleep 1
 echo "$(nproc) cores, $(date -u +%F)"
 printf "nginx       "; python3 tests/bench/idle_conns.py "$NGINX_PID" "$NGINX" "$N"
-printf "breakwater  "; python3 tests/bench/idle_conns.py "$BW_PID" "$BW" "$N"
+printf "breakwater  "; python3 tests/bench/idle_conns.py "$BW_PID" "$BW" "$N" "$BW_ADMIN"

@@ -9,7 +9,11 @@
 # BASELINE=path/to/another/breakwater adds that build as a fourth column, in the same run (to
 # compare a change with the build before it). LOGS=1 has both proxies write an access-log line
 # per request to a file (NGINX's combined format; Breakwater's JSON lines), as every deployment
-# does; by default both have access logs off.
+# does; by default both have access logs off. FLOOR=1 adds the floor (tests/bench/floor_proxy.rs,
+# built with `cargo build --release --example floor_proxy`): a bare httparse forwarder in one
+# tokio worker, what a codec of our own could at best reach, and `floor-http`, the same with
+# every head going through the `http` crate's types as the gateway's stages take them. Each line also gives the CPU time the
+# proxy spent per request (user + system, all its threads or worker processes, from /proc).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/common.sh
@@ -23,7 +27,9 @@ require_tools "nginx-light wrk" nginx wrk
 
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
-BACKEND=18101 NGINX=18102 BW=18103 BW_ADMIN=18104 BASE=18105 BASE_ADMIN=18106
+BACKEND=18101 NGINX=18102 BW=18103 BW_ADMIN=18104 BASE=18105 BASE_ADMIN=18106 FLOOR_PORT=18107 FLOOR_HTTP_PORT=18108
+FLOOR_BIN=target/release/examples/floor_proxy
+[ -z "${FLOOR:-}" ] || [ -x "$FLOOR_BIN" ] || { echo "FLOOR=1 needs: cargo build --release --example floor_proxy" >&2; exit 1; }
 
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
@@ -52,26 +58,54 @@ NGX
 breakwater_fast_conf "$BW" "$BW_ADMIN" "$BACKEND" 1 "$([ -n "${LOGS:-}" ] && echo info || echo warn)" >"$WORK/breakwater.yaml"
 
 nginx -c "$WORK/backend.conf" -p "$WORK" &
+BACKEND_PID=$!
 nginx -c "$WORK/proxy.conf" -p "$WORK" &
+NGINX_PID=$!
 "$BIN" --config "$WORK/breakwater.yaml" >"$WORK/bw-access.log" 2>&1 &
+BW_PID=$!
 if [ -n "${BASELINE:-}" ]; then
   sed -e "s/$BW_ADMIN/$BASE_ADMIN/" -e "s/$BW/$BASE/" "$WORK/breakwater.yaml" >"$WORK/baseline.yaml"
   "$BASELINE" --config "$WORK/baseline.yaml" >"$WORK/baseline-access.log" 2>&1 &
+  BASE_PID=$!
+fi
+if [ -n "${FLOOR:-}" ]; then
+  "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$BACKEND" 2>"$WORK/floor.err" &
+  FLOOR_PID=$!
+  "$FLOOR_BIN" "127.0.0.1:$FLOOR_HTTP_PORT" "127.0.0.1:$BACKEND" --http-types 2>"$WORK/floor-http.err" &
+  FLOOR_HTTP_PID=$!
 fi
 sleep 1
 
-run() { # name url
-  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$2" | awk -v name="$1" '
+ticks() { # pid: user + system clock ticks of the process and its children (NGINX's workers)
+  local t=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+run() { # name pid url
+  local before after
+  before=$(ticks "$2")
+  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$3" >"$WORK/wrk.out"
+  after=$(ticks "$2")
+  awk -v name="$1" -v cpu=$((after - before)) -v hz="$HZ" '
+    /requests in/ {n=$1}
     /Requests\/sec/ {rps=$2}
     /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
-    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s\n", name, rps, p50, p99}'
+    /Non-2xx/ {bad=$NF}
+    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request%s\n", name, rps, p50, p99, cpu / hz / n * 1e6, bad ? "   NON-2XX: " bad : ""}' "$WORK/wrk.out"
 }
 
 echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, access logs $([ -n "${LOGS:-}" ] && echo on || echo off), $(nproc) cores, $(date -u +%F)"
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
-  run direct     "http://127.0.0.1:$BACKEND/v1/sentiment"
-  run nginx      "http://127.0.0.1:$NGINX/v1/sentiment"
-  run breakwater "http://127.0.0.1:$BW/v1/sentiment"
-  if [ -n "${BASELINE:-}" ]; then run baseline "http://127.0.0.1:$BASE/v1/sentiment"; fi
+  run direct     "$BACKEND_PID" "http://127.0.0.1:$BACKEND/v1/sentiment"
+  run nginx      "$NGINX_PID" "http://127.0.0.1:$NGINX/v1/sentiment"
+  run breakwater "$BW_PID" "http://127.0.0.1:$BW/v1/sentiment"
+  if [ -n "${BASELINE:-}" ]; then run baseline "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
+  if [ -n "${FLOOR:-}" ]; then
+    run floor "$FLOOR_PID" "http://127.0.0.1:$FLOOR_PORT/v1/sentiment"
+    run floor-http "$FLOOR_HTTP_PID" "http://127.0.0.1:$FLOOR_HTTP_PORT/v1/sentiment"
+  fi
 done

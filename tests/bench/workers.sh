@@ -6,10 +6,13 @@
 # nginx-light and wrk, and a release build.
 #
 #   bash tests/bench/workers.sh [duration=5s] [connections=64] [rounds=2]
+#   QUOTA=0.4 bash tests/bench/workers.sh 5s 64 4     # each proxy held to 0.4 cores per worker
 #
 # On a machine where wrk and the backend share the proxy's cores, requests/s cannot double; the
 # CPU time per request staying level from one worker to two shows whether a second core would be
-# used as well as the first. BASELINE=path/to/another/breakwater adds that build with
+# used as well as the first. QUOTA (needs root: a cgroup per proxy) makes each proxy's own CPU the
+# limit instead, so requests/s can show the scaling here: with c cores per worker, two workers
+# have 2c to one worker's c, and wrk and the backend keep what is left. BASELINE=path/to/another/breakwater adds that build with
 # `workers: 2` as a fifth column (before this change, `workers: 2` was one multi-threaded runtime
 # of two threads accepting on one socket).
 set -euo pipefail
@@ -72,6 +75,29 @@ if [ -n "${BASELINE:-}" ]; then
 fi
 sleep 1
 
+# QUOTA=c: each proxy gets c cores per worker of CPU time (a CFS quota on its own cgroup), so the
+# proxy, not the shared cores, is what limits requests/s: one worker at c, two at 2c.
+if [ -n "${QUOTA:-}" ]; then
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then CG=/sys/fs/cgroup; else CG=/sys/fs/cgroup/cpu; fi
+  limit() { # name pid workers
+    local dir="$CG/breakwater-bench-$1" period=100000 p
+    mkdir -p "$dir"
+    CGDIRS+=("$dir")
+    local quota
+    quota=$(awk -v c="$QUOTA" -v w="$3" -v p=$period 'BEGIN {printf "%d", c * w * p}')
+    if [ -f "$dir/cpu.max" ]; then echo "$quota $period" >"$dir/cpu.max"; else
+      echo "$period" >"$dir/cpu.cfs_period_us"; echo "$quota" >"$dir/cpu.cfs_quota_us"; fi
+    for p in "$2" $(pgrep -P "$2" || true); do echo "$p" >"$dir/cgroup.procs"; done
+  }
+  CGDIRS=()
+  trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; for d in "${CGDIRS[@]}"; do rmdir "$d" 2>/dev/null || true; done; rm -rf "$WORK"' EXIT
+  limit nginx1 "$NGINX1_PID" 1
+  limit nginx2 "$NGINX2_PID" 2
+  limit bw1 "$BW1_PID" 1
+  limit bw2 "$BW2_PID" 2
+  if [ -n "${BASELINE:-}" ]; then limit base "$BASE_PID" 2; fi
+fi
+
 ticks() { # pid: user + system clock ticks of the process, and of NGINX's worker processes
   local t=0 p
   for p in "$1" $(pgrep -P "$1" || true); do
@@ -98,7 +124,7 @@ run() { # name pid url
     END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request   %4.2f cores busy\n", name, rps, p50, p99, cpu / hz / n * 1e6, cpu / hz / secs}' "$WORK/wrk.out"
 }
 
-echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)"
+echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)${QUOTA:+, CPU quota $QUOTA cores per worker}"
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
   run nginx-1 "$NGINX1_PID" "http://127.0.0.1:$NGINX1/v1/sentiment"
