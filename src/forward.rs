@@ -33,23 +33,47 @@ const STRIPPED: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including any header named in `Connection`, and
 /// `Transfer-Encoding` (see `STRIPPED`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over their few names is cheaper than a lookup for each
-    // of the eight that could be there.
-    if !headers.keys().any(|name| STRIPPED.contains(name)) {
+    // One pass over the message's few names notes which of `STRIPPED` are there: most requests
+    // carry none, and most answers only `Connection: keep-alive`, so a removal (a lookup) is
+    // spent only on what is present.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = STRIPPED.iter().position(|s| s == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // `STRIPPED[0]` is `Connection`; its values are taken out first so that the map can be
+        // changed while they are read.
+        let listed: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for value in &listed {
+            let Ok(value) = value.to_str() else { continue };
+            for name in value.split(',').map(str::trim) {
+                // Those in `STRIPPED` go below if present; `close` and `keep-alive` are the
+                // usual options and name no other header. A name is looked up by `&str`,
+                // without being made into a `HeaderName` (which allocates for a name `http`
+                // does not know).
+                if !name.is_empty()
+                    && !STRIPPED
+                        .iter()
+                        .any(|s| name.eq_ignore_ascii_case(s.as_str()))
+                {
+                    headers.remove(name);
+                }
+            }
+        }
     }
-    for name in STRIPPED.iter() {
-        headers.remove(name);
+    for (i, name) in STRIPPED.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -105,15 +129,20 @@ pub fn new_request_id() -> RequestId {
 pub struct ForwardInfo<'a> {
     pub peer: SocketAddr,
     pub proto: &'static str,
-    pub original_host: Option<&'a str>,
+    /// The caller's Host (printable ASCII only), as the value it came in: a clone shares its
+    /// bytes.
+    pub original_host: Option<&'a HeaderValue>,
     pub request_id: &'a RequestId,
     /// Host header for the upstream (its own authority unless the upstream preserves the host).
-    pub upstream_host: &'a str,
+    pub upstream_host: Option<&'a HeaderValue>,
 }
 
 /// Rewrites request headers for the upstream.
 pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
     strip_hop_by_hop(headers);
+    // Room for what is added here and for the budget as the attempt goes out, made once: the
+    // map hyper parsed is sized for the caller's few headers, and would grow twice or more.
+    headers.reserve(6);
 
     // The whole chain, every line in order (as authentication read it), then the peer.
     let mut xff: Vec<u8> = Vec::with_capacity(48);
@@ -130,19 +159,21 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
             let _ = write!(xff, "{v6}");
         }
     }
-    headers.remove(&X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_bytes(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
+    // `insert` replaces every line the caller sent; the value takes the buffer without a copy.
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
+        Ok(v) => {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        Err(_) => {
+            headers.remove(&X_FORWARDED_FOR);
+        }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
-    if let Some(h) = info
-        .original_host
-        .and_then(|h| HeaderValue::from_str(h).ok())
-    {
-        headers.insert(X_FORWARDED_HOST, h);
+    if let Some(h) = info.original_host {
+        headers.insert(X_FORWARDED_HOST, h.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(info.upstream_host) {
-        headers.insert(header::HOST, v);
+    if let Some(h) = info.upstream_host {
+        headers.insert(header::HOST, h.clone());
     }
     headers.insert(X_REQUEST_ID, info.request_id.header());
 }
@@ -195,6 +226,23 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h["x-keep"], "yes");
         assert_eq!(h[header::TRAILER], "x-checksum", "end-to-end");
+
+        // Several Connection values, names in any case, options that name no header.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-One ,, keep-alive"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-two"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.append("x-two", HeaderValue::from_static("2"));
+        h.append("x-two", HeaderValue::from_static("2b"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
     }
 
     #[test]
@@ -212,7 +260,7 @@ mod tests {
                 proto: "http",
                 original_host: None,
                 request_id: &RequestId::from_static("r"),
-                upstream_host: "u",
+                upstream_host: Some(&HeaderValue::from_static("u")),
             },
         );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
@@ -232,9 +280,9 @@ mod tests {
             &ForwardInfo {
                 peer: "[::ffff:203.0.113.9]:5000".parse().unwrap(),
                 proto: "http",
-                original_host: Some("gw.example.com"),
+                original_host: Some(&HeaderValue::from_static("gw.example.com")),
                 request_id: &RequestId::from_static("rid-1"),
-                upstream_host: "10.0.0.1:8000",
+                upstream_host: Some(&HeaderValue::from_static("10.0.0.1:8000")),
             },
         );
         assert_eq!(h["x-forwarded-for"], "198.51.100.7, 203.0.113.9");

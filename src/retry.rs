@@ -118,7 +118,7 @@ impl Request<'_> {
 }
 
 /// What one request has spent on resends so far.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Spent {
     /// Resends under the route's `retry` settings.
     pub retries: u32,
@@ -172,15 +172,21 @@ impl RetryPolicy {
         deadline: Instant,
         expected: impl FnOnce() -> Option<Duration>,
     ) -> Decision {
-        if !req.can_build() || Instant::now() >= deadline {
+        if !req.can_build() {
             return Decision::GiveUp;
         }
+        // Past the deadline nothing is resent. Looked at only where a resend is otherwise due:
+        // most answers are given up on before, and a clock read is spared.
+        let past = || Instant::now() >= deadline;
         let stale = match attempted {
             Attempted::NotSent { stale } => stale,
             Attempted::ClosedBeforeAnswer { reused } => reused && req.repeatable(),
             Attempted::Failed | Attempted::Answered(_) => false,
         };
         if stale && !spent.stale {
+            if past() {
+                return Decision::GiveUp;
+            }
             spent.stale = true;
             return Decision::Resend {
                 reason: RetryReason::StaleConnection,
@@ -189,6 +195,9 @@ impl RetryPolicy {
         }
         if attempted == (Attempted::NotSent { stale: false }) && req.other_endpoint && !spent.moved
         {
+            if past() {
+                return Decision::GiveUp;
+            }
             spent.moved = true;
             return Decision::Resend {
                 reason: RetryReason::OtherEndpoint,
@@ -206,7 +215,7 @@ impl RetryPolicy {
             }
             _ => return Decision::GiveUp,
         };
-        if !self.allow(spent.retries, deadline, expected()) {
+        if past() || !self.allow(spent.retries, deadline, expected()) {
             return Decision::GiveUp;
         }
         spent.retries += 1;
@@ -299,6 +308,39 @@ mod tests {
             replayable,
             handed_back: false,
             other_endpoint: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_resent_past_the_deadline_and_nothing_is_spent() {
+        let p = policy(3, 1.0, 1.0);
+        p.on_request();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let mut other = req(&Method::GET, false, true);
+        other.other_endpoint = true;
+        let cases = [
+            (Attempted::NotSent { stale: true }, other),
+            (Attempted::ClosedBeforeAnswer { reused: true }, other),
+            (Attempted::NotSent { stale: false }, other),
+            (Attempted::Answered(StatusCode::BAD_GATEWAY), other),
+        ];
+        for (attempted, r) in cases {
+            let mut spent = Spent::default();
+            assert_ne!(
+                p.decide(attempted, r, &mut spent, deadline, || None),
+                Decision::GiveUp,
+                "{attempted:?} is resent in time"
+            );
+        }
+        tokio::time::advance(Duration::from_millis(100)).await;
+        for (attempted, r) in cases {
+            let mut spent = Spent::default();
+            assert_eq!(
+                p.decide(attempted, r, &mut spent, deadline, || None),
+                Decision::GiveUp,
+                "{attempted:?} past the deadline"
+            );
+            assert_eq!(spent, Spent::default(), "{attempted:?} spent nothing");
         }
     }
 

@@ -249,9 +249,9 @@ fn header_forwarding_never_panics_and_strips_every_hop_by_hop_header() {
             &breakwater::forward::ForwardInfo {
                 peer: "[::ffff:10.1.2.3]:80".parse().unwrap(),
                 proto: "http",
-                original_host: Some("gw"),
+                original_host: Some(&HeaderValue::from_static("gw")),
                 request_id: &id,
-                upstream_host: "10.0.0.1:8000",
+                upstream_host: Some(&HeaderValue::from_static("10.0.0.1:8000")),
             },
         );
         for hop in [

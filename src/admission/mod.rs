@@ -95,11 +95,12 @@ impl DrainRate {
     /// Intervals seen before the measured rate is trusted.
     const MIN_INTERVALS: u32 = 8;
 
-    fn released(&mut self, now: Instant, queued: bool) {
+    fn released(&mut self, queued: bool) {
         if !queued {
             *self = DrainRate::default();
             return;
         }
+        let now = Instant::now();
         if let Some(last) = self.last {
             let dt = now.duration_since(last).as_secs_f64();
             self.interval = Some(match self.interval {
@@ -485,13 +486,17 @@ impl Admission {
         let mut s = self.lock();
         s.learn(sample);
         let queued = !s.queue.is_empty();
-        s.drain.released(Instant::now(), queued);
+        s.drain.released(queued);
         s.running.remove(&slot);
         self.dispatch(&mut s);
         self.publish(&s);
     }
 
     fn dispatch(&self, s: &mut State) {
+        // Most releases find nobody queued: nothing to hand out, judge or time.
+        if s.queue.is_empty() {
+            return;
+        }
         let now = Instant::now();
         if s.limit() == 0 {
             for w in s.queue.drain(..) {

@@ -204,7 +204,7 @@ impl RequestContext {
     /// Hands the answer to hyper with the context inside its body, so the request ends when the
     /// last byte is written, or when the body is dropped unfinished.
     pub fn respond(
-        mut self,
+        mut self: Box<Self>,
         resp: Response<ResponseBody>,
         draining: bool,
     ) -> Response<ResponseBody> {
@@ -239,7 +239,7 @@ impl RequestContext {
             self.deadline().max(Instant::now() + ANSWER_WRITE_MIN)
         };
         self.inflight.write_by(write_by, holds_upstream);
-        let body = RelayBody::new(body, write_by, Box::new(self));
+        let body = RelayBody::new(body, write_by, self);
         Response::from_parts(parts, body.boxed_unsync())
     }
 }

@@ -66,7 +66,9 @@ async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let mut ctx = RequestContext::new(&req);
+    // Boxed from the start: it ends up in the answer's body (`respond`), and the request's
+    // future would otherwise carry it inline and copy it whole at every move.
+    let mut ctx = Box::new(RequestContext::new(&req));
     let resp = match journey(&shared, &mut ctx, req).await {
         Ok(resp) => resp,
         Err(e) => ctx.answer(e),

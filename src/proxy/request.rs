@@ -159,22 +159,21 @@ pub fn rewrite(
     let original_host: Option<HeaderValue> = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(HOST).cloned(),
-    };
-    let original_host = original_host.as_ref().and_then(|h| h.to_str().ok());
+    }
+    .filter(|h| h.to_str().is_ok());
     let up = &route.upstream.config;
     // With several listed endpoints and the host not preserved, each is sent its own when the
     // upstream picks it.
-    let own: &str = &route.upstream.host_authority;
-    let upstream_host = match original_host {
-        Some(h) if up.preserve_host => h,
-        _ => own,
+    let upstream_host = match &original_host {
+        Some(h) if up.preserve_host => Some(h),
+        _ => route.upstream.host_header.as_ref(),
     };
     forward::request_headers(
         &mut parts.headers,
         &ForwardInfo {
             peer: ctx.conn.peer,
             proto: ctx.conn.proto,
-            original_host,
+            original_host: original_host.as_ref(),
             request_id: ctx.request_id(),
             upstream_host,
         },
@@ -200,8 +199,8 @@ pub fn rewrite(
 }
 
 /// Tells the upstream how much of the budget is left, at the moment an attempt goes out.
-pub fn set_budget_header(headers: &mut http::HeaderMap, deadline: Instant) {
-    let left = deadline.saturating_duration_since(Instant::now());
+pub fn set_budget_header(headers: &mut http::HeaderMap, deadline: Instant, now: Instant) {
+    let left = deadline.saturating_duration_since(now);
     headers.insert(forward::BUDGET, HeaderValue::from(left.as_millis() as u64));
 }
 

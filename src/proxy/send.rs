@@ -31,8 +31,8 @@ pub async fn send(
     // The endpoint the last failed attempt went to: the next one goes elsewhere if it can.
     let mut avoid = None;
     loop {
-        set_budget_header(req.headers_mut(), deadline);
         let sent_at = ctx.sending();
+        set_budget_header(req.headers_mut(), deadline, sent_at);
         // Boxed: the attempt's future (endpoint slot, pooled connection, exchange) is a large
         // part of the request's, which is otherwise copied whole at every level it is awaited.
         let result = Box::pin(route.upstream.send(req, via, deadline, avoid.as_ref())).await;
@@ -114,13 +114,13 @@ impl Attempt<'_> {
         spent: &mut Spent,
     ) -> Option<(Request<RequestBody>, Via)> {
         let (route, status) = (self.route, resp.status());
-        let took = self.sent_at.elapsed();
+        // Timed only when the policy asks (an answer it may resend): a 2xx costs no clock read.
         let decision = route.retry.decide(
             Attempted::Answered(status),
             self.request(ctx, false, false),
             spent,
             self.deadline,
-            || expected(route, took),
+            || expected(route, self.sent_at.elapsed()),
         );
         match (decision, self.replay) {
             // The answer is dropped unread: its connection is closed rather than drained.

@@ -55,8 +55,13 @@ impl IdleClock {
 
     /// The exchange is over; `reusable`: it ended cleanly, so the connection may idle in the pool.
     pub fn went_idle(&self, reusable: bool) {
-        let now = self.epoch.elapsed().as_micros() as u64;
-        self.idle_since.store(now, Ordering::Release);
+        self.went_idle_at(Instant::now(), reusable);
+    }
+
+    /// `went_idle`, with the time the caller has already read.
+    pub fn went_idle_at(&self, now: Instant, reusable: bool) {
+        let at = now.saturating_duration_since(self.epoch).as_micros() as u64;
+        self.idle_since.store(at, Ordering::Release);
         self.busy.store(!reusable, Ordering::Release);
     }
 

@@ -132,7 +132,12 @@ impl Lease {
         let endpoint = self.slot.endpoint();
         let conn = self.held.conn();
         let acks = &endpoint.connector.acks;
-        if reusable && conn.served > 0 && !acks.is_on() && acks.answer_ended(self.head_at.elapsed())
+        // One clock read serves the answer's length and the connection's idle clock.
+        let now = Instant::now();
+        if reusable
+            && conn.served > 0
+            && !acks.is_on()
+            && acks.answer_ended(now.saturating_duration_since(self.head_at))
         {
             tracing::info!(
                 upstream = %endpoint.upstream,
@@ -142,7 +147,7 @@ impl Lease {
             );
         }
         let reusable = reusable && !conn.retire;
-        conn.clock.went_idle(reusable);
+        conn.clock.went_idle_at(now, reusable);
         conn.served = conn.served.saturating_add(1);
         if let Held::Fresh { conn, pool } = self.held {
             if reusable {
@@ -159,8 +164,9 @@ pub struct Upstream {
     /// Built from `config.tls` and the files it names (exactly for `https://` upstreams).
     pub tls: Option<crate::tls::ClientTls>,
     /// The Host the rewritten request carries: the url's authority (with several listed
-    /// endpoints and the host not preserved, each endpoint's own replaces it when sent).
-    pub host_authority: Arc<str>,
+    /// endpoints and the host not preserved, each endpoint's own replaces it when sent), as the
+    /// header value every request shares (none if the authority cannot be one).
+    pub host_header: Option<http::HeaderValue>,
     /// Each listed endpoint is sent its own Host.
     host_per_endpoint: bool,
     /// Round-robin position.
@@ -242,7 +248,7 @@ impl Upstream {
                 })
                 .collect()
         });
-        let host_authority: Arc<str> = Arc::from(config.endpoints[0].authority());
+        let host_header = http::HeaderValue::from_str(&config.endpoints[0].authority()).ok();
         let host_per_endpoint =
             !config.preserve_host && config.discovery.is_none() && config.endpoints.len() > 1;
         let name = config.name.clone();
@@ -250,7 +256,7 @@ impl Upstream {
             config,
             endpoints: ArcSwap::from_pointee(endpoints),
             tls,
-            host_authority,
+            host_header,
             host_per_endpoint,
             next: AtomicUsize::new(0),
             capacity: AtomicUsize::new(usize::MAX),
@@ -888,7 +894,7 @@ mod tests {
         let yaml = "upstreams:\n  app:\n    url: http://svc.internal:8000\n    discovery: { every: 1s, endpoint_concurrency: 2 }\n    pool: { min_idle: 0 }\nroutes:\n  - { name: r, upstream: app }\n";
         let config = crate::config::from_yaml(yaml, Vec::new()).expect("valid");
         let up = Arc::new(Upstream::new(config.upstreams["app"].clone(), None));
-        assert_eq!(&*up.host_authority, "svc.internal:8000");
+        assert_eq!(up.host_header.as_ref().unwrap(), "svc.internal:8000");
         let resolver = Arc::new(Fixed(Mutex::new(addrs(&[
             "10.0.0.2:8000",
             "10.0.0.1:8000",
