@@ -502,7 +502,11 @@ fn run(given: Option<&Path>) -> anyhow::Result<()> {
         Some(_) => tokio::runtime::Builder::new_current_thread(),
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    let rt = rt.enable_all().build().context("starting the runtime")?;
+    let rt = rt
+        .event_interval(breakwater::gateway::EVENT_INTERVAL)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     rt.block_on(async move {
         tracing::info!(config = %path.display(), "starting");
         // Taken over before anything listens: a signal's default action kills the process, and
