@@ -56,10 +56,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         for value in &listed {
             let Ok(value) = value.to_str() else { continue };
             for name in value.split(',').map(str::trim) {
-                // Those in `STRIPPED` go below if present; `close` and `keep-alive` are the
-                // usual options and name no other header. A name is looked up by `&str`,
-                // without being made into a `HeaderName` (which allocates for a name `http`
-                // does not know).
+                // Those in `STRIPPED` (`keep-alive`, the usual one) go below if present. Any
+                // other is looked up by `&str`, without being made into a `HeaderName` (which
+                // allocates for a name `http` does not know).
                 if !name.is_empty()
                     && !STRIPPED
                         .iter()
