@@ -12,8 +12,9 @@
 # does; by default both have access logs off. FLOOR=1 adds the floor (tests/bench/floor_proxy.rs,
 # built with `cargo build --release --example floor_proxy`): a bare httparse forwarder in one
 # tokio worker, what a codec of our own could at best reach, and `floor-http`, the same with
-# every head going through the `http` crate's types as the gateway's stages take them. Each line also gives the CPU time the
-# proxy spent per request (user + system, all its threads or worker processes, from /proc).
+# every head going through the `http` crate's types as the gateway's stages take them. Each
+# line also gives the CPU time the proxy spent per request (user + system, all its threads or
+# worker processes, from /proc).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/common.sh

@@ -10,10 +10,11 @@
 #
 # On a machine where wrk and the backend share the proxy's cores, requests/s cannot double; the
 # CPU time per request staying level from one worker to two shows whether a second core would be
-# used as well as the first. QUOTA (needs root: a cgroup per proxy) makes each proxy's own CPU the
-# limit instead, so requests/s can show the scaling here: with c cores per worker, two workers
-# have 2c to one worker's c, and wrk and the backend keep what is left. BASELINE=path/to/another/breakwater adds that build with
-# `workers: 2` as a fifth column (before this change, `workers: 2` was one multi-threaded runtime
+# used as well as the first. QUOTA (needs root: a cgroup per proxy) makes each proxy's own CPU
+# the limit instead, so requests/s can show the scaling here: with c cores per worker, two
+# workers have 2c to one worker's c, and wrk and the backend keep what is left.
+# BASELINE=path/to/another/breakwater adds that build with `workers: 2` as a fifth column
+# (before `server.workers` ran a runtime per worker, `workers: 2` was one multi-threaded runtime
 # of two threads accepting on one socket).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
