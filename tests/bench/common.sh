@@ -1,5 +1,15 @@
 # Shared by the benchmark scripts (sourced, not run): the fast backend they all proxy to.
 
+# User + system clock ticks a process has used, with its children's (NGINX's worker processes):
+# read around a wrk run for the CPU time a proxy spent on it.   ticks PID
+ticks() {
+  local t=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+
 # Writes an NGINX config for a backend answering every request at once with a 35-byte JSON body,
 # one worker, no access log: the backend costs as little as possible, so the proxy in front is
 # what is measured.   fast_backend_conf WORKDIR PORT > FILE

@@ -34,18 +34,17 @@ for bin in "$@"; do
 done
 sleep 1
 
-ticks=$(getconf CLK_TCK)
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
 echo "wrk -t1 -c64 -d$DUR, $ROUNDS rounds, access logs $([ -n "${LOGS:-}" ] && echo on || echo off), $(nproc) cores, $(date -u +%F)"
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
   for i in "${!pids[@]}"; do
-    before=$(cpu "${pids[$i]}")
+    before=$(ticks "${pids[$i]}")
     out=$(wrk -t1 -c64 -d"$DUR" "http://127.0.0.1:${ports[$i]}/v1/sentiment")
-    after=$(cpu "${pids[$i]}")
+    after=$(ticks "${pids[$i]}")
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    awk -v name="$(basename "${bins[$i]}")" -v rps="$rps" -v t=$((after - before)) -v hz="$ticks" -v n="$reqs" \
+    awk -v name="$(basename "${bins[$i]}")" -v rps="$rps" -v t=$((after - before)) -v hz="$hz" -v n="$reqs" \
       'BEGIN {printf "%-24s %10s req/s   %6.1f us CPU per request\n", name, rps, t * 1e6 / hz / n}'
   done
 done

@@ -77,13 +77,6 @@ if [ -n "${FLOOR:-}" ]; then
 fi
 sleep 1
 
-ticks() { # pid: user + system clock ticks of the process and its children (NGINX's workers)
-  local t=0 p
-  for p in "$1" $(pgrep -P "$1" || true); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
-  echo "$t"
-}
 HZ=$(getconf CLK_TCK)
 run() { # name pid url
   local before after

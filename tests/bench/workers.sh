@@ -99,13 +99,6 @@ if [ -n "${QUOTA:-}" ]; then
   if [ -n "${BASELINE:-}" ]; then limit base "$BASE_PID" 2; fi
 fi
 
-ticks() { # pid: user + system clock ticks of the process, and of NGINX's worker processes
-  local t=0 p
-  for p in "$1" $(pgrep -P "$1" || true); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
-  echo "$t"
-}
 threads() { # pid: clock ticks per thread name
   for t in /proc/"$1"/task/*; do
     awk '{gsub(/[()]/, "", $2); print $2, $14 + $15}' "$t/stat"
