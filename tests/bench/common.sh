@@ -1,11 +1,12 @@
 # Shared by the benchmark scripts (sourced, not run): the fast backend they all proxy to.
 
 # User + system clock ticks a process has used, with its children's (NGINX's worker processes):
-# read around a wrk run for the CPU time a proxy spent on it.   ticks PID
+# read around a wrk run for the CPU time a proxy spent on it.   ticks PID [user|sys]
 ticks() {
-  local t=0 p
+  local t=0 p field='$14 + $15'
+  case "${2:-}" in user) field='$14' ;; sys) field='$15' ;; esac
   for p in "$1" $(pgrep -P "$1" || true); do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    t=$((t + $(awk "{print $field}" "/proc/$p/stat")))
   done
   echo "$t"
 }

@@ -39,12 +39,12 @@ echo "wrk -t1 -c64 -d$DUR, $ROUNDS rounds, access logs $([ -n "${LOGS:-}" ] && e
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
   for i in "${!pids[@]}"; do
-    before=$(ticks "${pids[$i]}")
+    user0=$(ticks "${pids[$i]}" user) sys0=$(ticks "${pids[$i]}" sys)
     out=$(wrk -t1 -c64 -d"$DUR" "http://127.0.0.1:${ports[$i]}/v1/sentiment")
-    after=$(ticks "${pids[$i]}")
+    user1=$(ticks "${pids[$i]}" user) sys1=$(ticks "${pids[$i]}" sys)
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    awk -v name="$(basename "${bins[$i]}")" -v rps="$rps" -v t=$((after - before)) -v hz="$hz" -v n="$reqs" \
-      'BEGIN {printf "%-24s %10s req/s   %6.1f us CPU per request\n", name, rps, t * 1e6 / hz / n}'
+    awk -v name="$(basename "${bins[$i]}")" -v rps="$rps" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" -v n="$reqs" \
+      'BEGIN {printf "%-24s %10s req/s   %6.1f us CPU per request (user %4.1f, system %4.1f)\n", name, rps, (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n}'
   done
 done
