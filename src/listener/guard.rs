@@ -185,7 +185,7 @@ impl Guard {
         let held = self.line.len();
         self.line.extend_from_slice(bytes);
         let from = held.saturating_sub(end.len() - 1);
-        match self.line[from..].windows(end.len()).position(|w| w == end) {
+        match memchr::memmem::find(&self.line[from..], end) {
             Some(p) if from + p + end.len() <= limit => {
                 let stop = from + p + end.len();
                 self.line.truncate(stop);

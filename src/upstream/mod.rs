@@ -703,10 +703,11 @@ impl Upstream {
         match sent {
             Ok(resp) => {
                 let conn = held.conn();
-                if let Some(timer) = idle::announced(resp.headers()) {
+                let said = ConnectionSaid::of(&resp);
+                if let Some(timer) = said.idle_timeout {
                     endpoint.connector.idle_timer.observe(timer);
                 }
-                if closes(&resp) {
+                if said.closes {
                     conn.clock.mark_closing();
                 }
                 Ok((resp, held, written_at))
@@ -770,16 +771,36 @@ impl Upstream {
     }
 }
 
-/// The upstream said it closes the connection after this answer.
-pub(super) fn closes(resp: &Response<Incoming>) -> bool {
-    let close = resp
-        .headers()
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"));
-    close || resp.version() == http::Version::HTTP_10
+/// What an answer's head says about its connection.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct ConnectionSaid {
+    /// The upstream closes the connection after this answer.
+    pub closes: bool,
+    /// The idle timeout it announces (`Keep-Alive: timeout=N`, the first such header).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnectionSaid {
+    /// Read in one pass over the head's names: two lookups by name, one of them a name
+    /// outside the standard set, cost several times that on every answer.
+    pub(super) fn of<B>(resp: &Response<B>) -> Self {
+        let mut said = ConnectionSaid {
+            closes: resp.version() == http::Version::HTTP_10,
+            idle_timeout: None,
+        };
+        let mut keep_alive_seen = false;
+        for (name, value) in resp.headers() {
+            if name == http::header::CONNECTION {
+                said.closes |= value
+                    .to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            } else if !keep_alive_seen && name.as_str() == "keep-alive" {
+                keep_alive_seen = true;
+                said.idle_timeout = idle::announced(value);
+            }
+        }
+        said
+    }
 }
 
 /// The connection ended before any answer arrived: closed or reset by the peer.
@@ -819,6 +840,53 @@ mod tests {
         let config = crate::config::from_yaml(&yaml, Vec::new()).expect("valid");
         let up = config.upstreams["app"].clone();
         Arc::new(Upstream::new(up, None))
+    }
+
+    #[test]
+    fn an_answer_says_whether_its_connection_closes_and_how_long_it_may_idle() {
+        let said = |version, headers: &[(&'static str, &'static str)]| {
+            let mut resp = Response::new(());
+            *resp.version_mut() = version;
+            for (name, value) in headers {
+                resp.headers_mut()
+                    .append(*name, http::HeaderValue::from_static(value));
+            }
+            ConnectionSaid::of(&resp)
+        };
+        let v11 = http::Version::HTTP_11;
+        assert_eq!(said(v11, &[]), ConnectionSaid::default());
+        assert!(
+            said(http::Version::HTTP_10, &[]).closes,
+            "HTTP/1.0 closes unless it says otherwise"
+        );
+        let keep = said(
+            v11,
+            &[
+                ("connection", "keep-alive"),
+                ("keep-alive", "timeout=5, max=100"),
+                ("keep-alive", "timeout=1"),
+            ],
+        );
+        assert_eq!(
+            keep,
+            ConnectionSaid {
+                closes: false,
+                idle_timeout: Some(Duration::from_secs(5)),
+            },
+            "the first Keep-Alive header is the one read"
+        );
+        let close = said(
+            v11,
+            &[
+                ("connection", "keep-alive"),
+                ("Connection", "Upgrade, CLOSE "),
+            ],
+        );
+        assert!(
+            close.closes,
+            "a later Connection line, any case, with spaces"
+        );
+        assert!(!said(v11, &[("connection", "closed, keep-alive")]).closes);
     }
 
     #[tokio::test(start_paused = true)]

@@ -551,7 +551,7 @@ async fn probe(
         .send_request(req)
         .await
         .map_err(|err| err.to_string())?;
-    let reusable = !super::closes(&resp);
+    let reusable = !super::ConnectionSaid::of(&resp).closes;
     let (head, body) = resp.into_parts();
     http_body_util::BodyExt::collect(http_body_util::Limited::new(body, PROBE_BODY_LIMIT))
         .await
