@@ -45,7 +45,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if present & 1 != 0 {
+    if present & 1 != 0 && lists_other_names(headers) {
         // `STRIPPED[0]` is `Connection`; its values are taken out first so that the map can be
         // changed while they are read.
         let listed: Vec<HeaderValue> = headers
@@ -59,11 +59,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 // Those in `STRIPPED` (`keep-alive`, the usual one) go below if present. Any
                 // other is looked up by `&str`, without being made into a `HeaderName` (which
                 // allocates for a name `http` does not know).
-                if !name.is_empty()
-                    && !STRIPPED
-                        .iter()
-                        .any(|s| name.eq_ignore_ascii_case(s.as_str()))
-                {
+                if !name.is_empty() && !is_stripped(name) {
                     headers.remove(name);
                 }
             }
@@ -74,6 +70,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+}
+
+fn is_stripped(name: &str) -> bool {
+    STRIPPED
+        .iter()
+        .any(|s| name.eq_ignore_ascii_case(s.as_str()))
+}
+
+/// Whether `Connection` lists any name that `STRIPPED` does not already remove. Most list only
+/// `keep-alive`: then nothing needs copying out of the map to be looked up on its own.
+fn lists_other_names(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value.to_str().map_or(true, |v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|name| !name.is_empty() && !is_stripped(name))
+        })
+    })
 }
 
 /// The request's id, as the header value it is sent in both ways: made or kept once, then
@@ -238,6 +252,15 @@ mod tests {
         h.append("x-two", HeaderValue::from_static("2"));
         h.append("x-two", HeaderValue::from_static("2b"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+
+        // `Connection` naming only what is stripped anyway (the usual answer).
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");

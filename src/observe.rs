@@ -371,8 +371,8 @@ impl RequestRecord {
     }
 
     /// Records metrics and writes the access-log line.
-    pub fn finish(&self, ending: Ending) {
-        let total = self.arrived.elapsed();
+    pub fn finish(&self, ending: Ending, now: Instant) {
+        let total = now.saturating_duration_since(self.arrived);
         let m = &self.metrics;
         let (status, reason, phase, bytes_out, complete) = match ending {
             Ending::Answered {

@@ -351,7 +351,16 @@ impl Admission {
     /// `deadline` when the expected wait plus service time exceeds what is left of the budget,
     /// `queue_timeout` after `max_wait`.
     pub async fn admit(self: &Arc<Self>, deadline: Instant) -> Result<Permit, ProxyError> {
-        let now = Instant::now();
+        self.admit_at(deadline, Instant::now()).await
+    }
+
+    /// [`Admission::admit`], asked at `now`: the caller's clock read, which a slot free on
+    /// arrival is granted at.
+    pub async fn admit_at(
+        self: &Arc<Self>,
+        deadline: Instant,
+        now: Instant,
+    ) -> Result<Permit, ProxyError> {
         let (rx, id, give_up_at, by_max_wait) = {
             let mut s = self.lock();
             if s.inflight() < s.limit() && s.queue.is_empty() {
@@ -364,7 +373,7 @@ impl Admission {
                 }
                 let slot = s.grant(now);
                 self.publish(&s);
-                return Ok(self.permit(slot));
+                return Ok(self.permit(slot, Duration::ZERO));
             }
             if s.limit() == 0 {
                 // Every endpoint is ejected: nothing will free a slot before one is probed.
@@ -414,14 +423,13 @@ impl Admission {
             handed = queued.rx.as_mut().expect("set above") => Some(handed),
             _ = tokio::time::sleep_until(give_up_at) => None,
         };
-        self.metrics
-            .queue_wait
-            .record(enqueued.elapsed().as_secs_f64());
+        let waited = enqueued.elapsed();
+        self.metrics.queue_wait.record(waited.as_secs_f64());
         match handed {
             Some(handed) => {
                 queued.rx = None;
                 match handed {
-                    Ok(Ok(slot)) => Ok(self.permit(slot)),
+                    Ok(Ok(slot)) => Ok(self.permit(slot, waited)),
                     Ok(Err(reason)) => Err(self.refuse(&self.lock(), reason)),
                     Err(_) => Err(self.refuse_waiter(id, Reason::QueueTimeout)),
                 }
@@ -437,7 +445,7 @@ impl Admission {
                     // The timer raced a hand-over: if a slot arrived, use it.
                     if let Some(mut rx) = queued.rx.take() {
                         match rx.try_recv() {
-                            Ok(Ok(slot)) => return Ok(self.permit(slot)),
+                            Ok(Ok(slot)) => return Ok(self.permit(slot, waited)),
                             Ok(Err(r)) => return Err(self.refuse(&self.lock(), r)),
                             Err(_) => {}
                         }
@@ -448,10 +456,11 @@ impl Admission {
         }
     }
 
-    fn permit(self: &Arc<Self>, slot: Slot) -> Permit {
+    fn permit(self: &Arc<Self>, slot: Slot, waited: Duration) -> Permit {
         Permit {
             admission: Some(self.clone()),
             slot,
+            waited,
         }
     }
 
@@ -599,9 +608,15 @@ pub enum Sample {
 pub struct Permit {
     admission: Option<Arc<Admission>>,
     slot: Slot,
+    /// How long the request queued for it (zero when a slot was free on arrival).
+    waited: Duration,
 }
 
 impl Permit {
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
     /// Gives the slot back with what the exchange taught.
     pub fn release(mut self, sample: Sample) {
         if let Some(a) = self.admission.take() {
@@ -660,6 +675,22 @@ routes:
             Err(ProxyError::Refused { reason, .. }) => Some(*reason),
             _ => None,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permit_says_how_long_its_request_queued() {
+        let a = admission(1);
+        let first = arrive(&a).expect("a free slot").expect("admitted");
+        assert_eq!(first.waited(), Duration::ZERO, "a free slot is no wait");
+        let mut queued = Box::pin(a.admit(Instant::now() + BUDGET));
+        assert!(
+            queued.as_mut().now_or_never().is_none(),
+            "no free slot: it queues"
+        );
+        tokio::time::advance(Duration::from_millis(150)).await;
+        first.release(Sample::Took(Duration::from_millis(150)));
+        let second = queued.await.expect("handed the slot");
+        assert_eq!(second.waited(), Duration::from_millis(150));
     }
 
     #[tokio::test(start_paused = true)]

@@ -162,6 +162,7 @@ impl ConnActivity {
             activity: self.clone(),
             index,
             refused: refused.filter(|(i, _)| *i == index).map(|(_, why)| why),
+            ended_at: None,
         }
     }
 
@@ -169,14 +170,13 @@ impl ConnActivity {
         *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((index, why));
     }
 
-    fn request_finished(&self, index: u64) {
+    fn request_finished(&self, index: u64, now: u64) {
         {
             let mut relays = self.relays.lock().unwrap_or_else(|p| p.into_inner());
             if !relays.is_empty() {
                 relays.retain(|(i, _)| *i != index);
             }
         }
-        let now = self.now_ms();
         self.idle_since.store(now, Ordering::Release);
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.wake_timer_by(now.saturating_add(self.idle_check_ms));
@@ -256,6 +256,8 @@ pub struct InFlight {
     index: u64,
     /// Why the framing guard refused this request, if it did.
     pub refused: Option<&'static str>,
+    /// When the request ended, if its owner read the clock for it already.
+    ended_at: Option<Instant>,
 }
 
 impl InFlight {
@@ -291,6 +293,11 @@ impl InFlight {
         }
     }
 
+    /// The request ended at `now` (a clock read its owner shares); counted out when dropped.
+    pub fn ended_at(&mut self, now: Instant) {
+        self.ended_at = Some(now);
+    }
+
     /// Whether the connection was closed because an answer on it was not written in time.
     pub fn closed_for_stall(&self) -> bool {
         self.activity.stalled.load(Ordering::Acquire)
@@ -299,7 +306,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.activity.request_finished(self.index);
+        let a = &self.activity;
+        let now = self.ended_at.map_or_else(|| a.now_ms(), |t| a.ms_of(t));
+        a.request_finished(self.index, now);
     }
 }
 

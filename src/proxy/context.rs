@@ -112,9 +112,12 @@ impl RequestContext {
     /// Waits for an admission slot on `route`, or returns its refusal.
     pub async fn admit(&mut self, route: &RouteState) -> Result<(), ProxyError> {
         self.phase = Phase::Queued;
-        let asked = Instant::now();
-        let permit = route.admission.admit(self.deadline()).await?;
-        self.record.queue_wait = Some(asked.elapsed());
+        // One clock read: a slot free on arrival is granted at it, and waited for no time.
+        let permit = route
+            .admission
+            .admit_at(self.deadline(), Instant::now())
+            .await?;
+        self.record.queue_wait = Some(permit.waited());
         self.permit = Some(permit);
         self.phase = Phase::Upstream;
         Ok(())
@@ -131,7 +134,8 @@ impl RequestContext {
     /// From here on the exchange is timed from `written_at`, when the request went out on its
     /// connection: waiting for a connection is the gateway's delay, not the upstream's.
     pub fn answered(&mut self, lease: Lease, written_at: Instant) {
-        self.record.upstream_time = self.sent_at.map(|t| t.elapsed());
+        let head_at = lease.head_at();
+        self.record.upstream_time = self.sent_at.map(|t| head_at.saturating_duration_since(t));
         self.record.endpoint = Some(lease.endpoint().label.clone());
         self.lease = Some(lease);
         self.sent_at = Some(written_at);
@@ -139,7 +143,12 @@ impl RequestContext {
 
     /// What the current attempt took so far.
     fn took(&self) -> Option<Duration> {
-        self.sent_at.map(|t| t.elapsed())
+        self.took_by(Instant::now())
+    }
+
+    /// What the current attempt had taken at `now`.
+    fn took_by(&self, now: Instant) -> Option<Duration> {
+        self.sent_at.map(|t| now.saturating_duration_since(t))
     }
 
     /// The exchange ended (completed, or failed after the upstream had it): its time is a sample.
@@ -155,10 +164,23 @@ impl RequestContext {
     /// The upstream side is over: the connection goes back to the pool when the exchange was
     /// read to its end (closed otherwise), and the slot is given back with `sample`.
     pub fn upstream_done(&mut self, complete: bool, sample: Sample) {
+        self.upstream_done_at(complete, sample, Instant::now());
+    }
+
+    /// [`RequestContext::upstream_done`] at `now`, a clock read the caller shares.
+    fn upstream_done_at(&mut self, complete: bool, sample: Sample, now: Instant) {
         if let Some(lease) = self.lease.take() {
-            lease.release(complete);
+            lease.release(complete, now);
         }
         self.release_slot(sample);
+    }
+
+    /// The answer's body was read (whole, or as far as it went): the exchange's time is a
+    /// sample, timed by the same clock read that gives the connection back.
+    pub fn upstream_read(&mut self, complete: bool) {
+        let now = Instant::now();
+        let sample = self.took_by(now).map_or(Sample::Nothing, Sample::Took);
+        self.upstream_done_at(complete, sample, now);
     }
 
     /// Gives the admission slot back, with what the exchange taught.
@@ -279,13 +301,16 @@ impl Drop for RequestContext {
         // A relay that ended (complete or cut short by the upstream or the budget) timed the
         // upstream; a caller leaving while it worked says it took at least that long.
         let complete = matches!(ending, Ending::Answered { complete: true, .. });
-        let sample = match (self.ended.is_some(), self.took()) {
+        // One clock read ends the request: its sample, its connection, its record, its count.
+        let now = Instant::now();
+        let sample = match (self.ended.is_some(), self.took_by(now)) {
             (true, Some(took)) => Sample::Took(took),
             (false, Some(took)) => Sample::AtLeast(took),
             (_, None) => Sample::Nothing,
         };
-        self.upstream_done(complete, sample);
-        self.record.finish(ending);
+        self.upstream_done_at(complete, sample, now);
+        self.record.finish(ending, now);
         // `inflight` is dropped after this, counting the request out of its connection.
+        self.inflight.ended_at(now);
     }
 }

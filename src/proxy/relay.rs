@@ -34,15 +34,15 @@ pub async fn prepare(
     // and the upstream connection and slot are free before the client has read it.
     match tokio::time::timeout_at(ctx.deadline(), body.collect()).await {
         Ok(Ok(collected)) => {
-            ctx.upstream_done(true, ctx.sample_took());
+            ctx.upstream_read(true);
             Ok(Response::from_parts(parts, full(collected.to_bytes())))
         }
         Ok(Err(e)) => {
-            ctx.upstream_done(false, ctx.sample_took());
+            ctx.upstream_read(false);
             Err(ProxyError::Upstream(e.to_string()))
         }
         Err(_elapsed) => {
-            ctx.upstream_done(false, ctx.sample_took());
+            ctx.upstream_read(false);
             Err(ProxyError::BudgetExhausted)
         }
     }

@@ -128,12 +128,18 @@ impl Lease {
         self.slot.endpoint()
     }
 
-    pub fn release(mut self, reusable: bool) {
+    /// When the answer's head arrived.
+    pub fn head_at(&self) -> Instant {
+        self.head_at
+    }
+
+    /// Gives the connection back (closed unless `reusable`) at `now`: one clock read, the
+    /// caller's, serves the answer's length, the connection's idle clock and the caller's own
+    /// timing.
+    pub fn release(mut self, reusable: bool, now: Instant) {
         let endpoint = self.slot.endpoint();
         let conn = self.held.conn();
         let acks = &endpoint.connector.acks;
-        // One clock read serves the answer's length and the connection's idle clock.
-        let now = Instant::now();
         if reusable
             && conn.served > 0
             && !acks.is_on()
