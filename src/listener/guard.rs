@@ -185,7 +185,7 @@ impl Guard {
         let held = self.line.len();
         self.line.extend_from_slice(bytes);
         let from = held.saturating_sub(end.len() - 1);
-        match memchr::memmem::find(&self.line[from..], end) {
+        match find_line_end(&self.line[from..], end) {
             Some(p) if from + p + end.len() <= limit => {
                 let stop = from + p + end.len();
                 self.line.truncate(stop);
@@ -285,9 +285,40 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
 }
 
+/// Where `end` (`\r\n\r\n` or `\r\n`, ending in `\n`) first starts in `hay`. Only a `\n` can
+/// end it, and a head has a handful: checking behind each is cheaper than a substring search,
+/// whose set-up alone costs more than a short head.
+fn find_line_end(hay: &[u8], end: &[u8]) -> Option<usize> {
+    debug_assert_eq!(end.last(), Some(&b'\n'));
+    let behind = end.len() - 1;
+    memchr::memchr_iter(b'\n', hay)
+        .find(|&i| i >= behind && &hay[i - behind..=i] == end)
+        .map(|i| i - behind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_ends_are_found_where_a_plain_search_finds_them() {
+        // Every input of up to eight bytes from `\r`, `\n` and `a`, against comparing every
+        // window.
+        let plain = |hay: &[u8], end: &[u8]| hay.windows(end.len()).position(|w| w == end);
+        let mut inputs = vec![Vec::new()];
+        for _ in 0..8 {
+            let longer: Vec<Vec<u8>> = inputs
+                .iter()
+                .flat_map(|i: &Vec<u8>| [b'\r', b'\n', b'a'].map(|c| [i.as_slice(), &[c]].concat()))
+                .collect();
+            for hay in &longer {
+                for end in [&b"\r\n\r\n"[..], b"\r\n"] {
+                    assert_eq!(find_line_end(hay, end), plain(hay, end), "{hay:?} {end:?}");
+                }
+            }
+            inputs = longer;
+        }
+    }
 
     /// Feeds `input` whole, byte by byte and split in three at every pair of points: the verdict and the bytes
     /// passed on must not depend on read boundaries.
