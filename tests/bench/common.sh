@@ -32,6 +32,45 @@ http {
 NGX
 }
 
+# Writes an NGINX config proxying to that backend over keep-alive connections, the way every
+# comparison here runs it.   nginx_proxy_conf DIR NAME PORT BACKEND_PORT WORKERS [LISTEN] [MAIN] [SERVER] > FILE
+# NAME names its pid and error-log files in DIR; LISTEN: options of the `listen` directive
+# (`reuseport`); MAIN and SERVER: more directives for the main and the server context.
+nginx_proxy_conf() {
+  cat <<NGX
+worker_processes $5;
+${7:-}
+pid $1/$2.pid;
+error_log $1/$2.err;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$4; keepalive 64; keepalive_requests 1000000; }
+  server {
+    ${8:-}
+    listen 127.0.0.1:$3${6:+ $6};
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGX
+}
+
+# Runs `wrk -t1 -c64` for DURATION against URL and prints its rate and the CPU time PID (with its
+# children) spent per request, split into user and system.   cpu_line NAME PID URL DURATION
+cpu_line() {
+  local hz out reqs rps user0 sys0 user1 sys1
+  hz=$(getconf CLK_TCK)
+  user0=$(ticks "$2" user) sys0=$(ticks "$2" sys)
+  out=$(wrk -t1 -c64 -d"$4" "$3")
+  user1=$(ticks "$2" user) sys1=$(ticks "$2" sys)
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  awk -v name="$1" -v rps="$rps" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" -v n="$reqs" \
+    'BEGIN {printf "%-24s %10s req/s   %6.1f us CPU per request (user %4.1f, system %4.1f)\n", name, rps, (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n}'
+}
+
 # Writes a Breakwater config in front of that backend: one route for everything, a pool of 64
 # with 8 kept warm, budget 10 s.   breakwater_fast_conf PORT ADMIN_PORT BACKEND_PORT WORKERS LEVEL > FILE
 breakwater_fast_conf() {

@@ -29,23 +29,8 @@ trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
 BACKEND=18321 PROXY=18323 ADMIN=18324
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 nginx -c "$WORK/backend.conf" -p "$WORK" &
-cat >"$WORK/proxy.conf" <<NGX
-worker_processes 1;
-master_process off;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$PROXY;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGX
+# One process, so that callgrind sees the worker.
+nginx_proxy_conf "$WORK" proxy "$PROXY" "$BACKEND" 1 "" "master_process off;" >"$WORK/proxy.conf"
 breakwater_fast_conf "$PROXY" "$ADMIN" "$BACKEND" 1 warn >"$WORK/breakwater.yaml"
 FLOOR_BIN=target/release/examples/floor_proxy
 

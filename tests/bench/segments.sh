@@ -20,22 +20,7 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.2; rm -rf "$WORK"' EXIT
 BACKEND=18331 NGINX=18332 BW=18333 BW_ADMIN=18334
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
-cat >"$WORK/proxy.conf" <<NGX
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGX
+nginx_proxy_conf "$WORK" proxy "$NGINX" "$BACKEND" 1 >"$WORK/proxy.conf"
 breakwater_fast_conf "$BW" "$BW_ADMIN" "$BACKEND" 1 warn >"$WORK/breakwater.yaml"
 nginx -c "$WORK/backend.conf" -p "$WORK" &
 nginx -c "$WORK/proxy.conf" -p "$WORK" &

@@ -34,27 +34,8 @@ FLOOR_BIN=target/release/examples/floor_proxy
 
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
-cat >"$WORK/proxy.conf" <<NGX
-worker_processes 1;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
-  server {
-    $([ -n "${LOGS:-}" ] && echo "access_log $WORK/nginx-access.log;")
-    listen 127.0.0.1:$NGINX;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-NGX
+nginx_proxy_conf "$WORK" proxy "$NGINX" "$BACKEND" 1 "" "" \
+  "$([ -n "${LOGS:-}" ] && echo "access_log $WORK/nginx-access.log;")" >"$WORK/proxy.conf"
 
 breakwater_fast_conf "$BW" "$BW_ADMIN" "$BACKEND" 1 "$([ -n "${LOGS:-}" ] && echo info || echo warn)" >"$WORK/breakwater.yaml"
 

@@ -33,26 +33,8 @@ BACKEND=18131 NGINX1=18132 NGINX2=18133 BW1=18134 BW1_ADMIN=18135 BW2=18136 BW2_
 
 fast_backend_conf "$WORK" "$BACKEND" >"$WORK/backend.conf"
 
-nginx_proxy_conf() { # workers port
-  cat <<NGX
-worker_processes $1;
-pid $WORK/proxy$1.pid;
-error_log $WORK/proxy$1.err;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 64; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$2 reuseport;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGX
-}
-nginx_proxy_conf 1 "$NGINX1" >"$WORK/nginx1.conf"
-nginx_proxy_conf 2 "$NGINX2" >"$WORK/nginx2.conf"
+nginx_proxy_conf "$WORK" proxy1 "$NGINX1" "$BACKEND" 1 reuseport >"$WORK/nginx1.conf"
+nginx_proxy_conf "$WORK" proxy2 "$NGINX2" "$BACKEND" 2 reuseport >"$WORK/nginx2.conf"
 
 bw_conf() { # workers port admin
   breakwater_fast_conf "$2" "$3" "$BACKEND" "$1" warn

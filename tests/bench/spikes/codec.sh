@@ -56,16 +56,9 @@ for name in static-bare static; do
   port=$((port + 10))
 done
 sleep 1
-hz=$(getconf CLK_TCK)
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
   for i in "${!pids[@]}"; do
-    user0=$(ticks "${pids[$i]}" user) sys0=$(ticks "${pids[$i]}" sys)
-    out=$(wrk -t1 -c64 -d"$DUR" "http://127.0.0.1:${ports[$i]}/v1/sentiment")
-    user1=$(ticks "${pids[$i]}" user) sys1=$(ticks "${pids[$i]}" sys)
-    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    awk -v name="${names[$i]}" -v rps="$rps" -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v hz="$hz" -v n="$reqs" \
-      'BEGIN {printf "%-12s %10s req/s   %5.1f us CPU per request (user %4.1f, system %4.1f)\n", name, rps, (u + s) * 1e6 / hz / n, u * 1e6 / hz / n, s * 1e6 / hz / n}'
+    cpu_line "${names[$i]}" "${pids[$i]}" "http://127.0.0.1:${ports[$i]}/v1/sentiment" "$DUR"
   done
 done
