@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=tests/bench/common.sh
 . tests/bench/common.sh
 N=${1:-5000}
-BIN=target/release/breakwater
+BIN=${BIN:-target/release/breakwater}
 require_build "$BIN"
 require_tools nginx-light nginx
 ulimit -n $((N * 2 + 1000)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
