@@ -5,7 +5,7 @@
 //! address gets its own share, so one that never answers cannot keep the others from being tried.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -167,6 +167,9 @@ pub struct ConnectorState {
     /// Woken on every failed connect, so a request waiting for a connection to a dead upstream is
     /// answered at once instead of at its deadline.
     pub(crate) failed: Notify,
+    /// Failed connects so far, counted before `failed` wakes anyone: a request that registers
+    /// for `failed` only after it first looked at the pool compares it to see what it missed.
+    pub(crate) failures: AtomicU64,
     /// When the upstream closes idle connections, as far as it has shown.
     pub(crate) idle_timer: IdleTimer,
     /// Whether the upstream's answers wait for our ACKs (see `super::quickack`).
@@ -246,6 +249,7 @@ impl Connector {
             );
         }
         *self.state.last_failure.lock().expect("not poisoned") = Some((now, err.clone()));
+        self.state.failures.fetch_add(1, Ordering::SeqCst);
         self.state.failed.notify_waiters();
         err
     }

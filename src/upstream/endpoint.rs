@@ -1,8 +1,10 @@
 //! One server of an upstream: its pool of keep-alive connections, how many requests it has in
 //! flight against its own `concurrency`, and its health (a circuit of its own).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use bb8::{Pool, PooledConnection};
@@ -10,7 +12,7 @@ use metrics::{Counter, Gauge};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::connector::{ConnectorState, QuietErrors, TlsTarget};
+use super::connector::{ConnectError, ConnectorState, QuietErrors, TlsTarget};
 use super::workers::{Pick, Pinned, Turn, Workers};
 use super::{Connector, UpstreamConn};
 use crate::circuit::{Circuit, Standing};
@@ -343,27 +345,52 @@ impl Endpoint {
     async fn acquire_any(&self) -> Result<PooledConnection<'static, Connector>, String> {
         let get = self.pool.get_owned();
         tokio::pin!(get);
+        // Read before the pool is first looked at: a connect that fails after that look and
+        // before the wait below registers for `failed` woke nobody, and shows here instead.
+        let mut failures_seen = self.connector.failures.load(Ordering::SeqCst);
+        // Most checkouts find an idle connection at once; those register for nothing.
+        let first = std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await;
+        if let Poll::Ready(got) = first {
+            return got.map_err(|e| self.checkout_error(e));
+        }
         loop {
             let failed = self.connector.failed.notified();
             tokio::pin!(failed);
             failed.as_mut().enable();
-            tokio::select! {
-                got = &mut get => {
-                    return got.map_err(|e| match self.connector.last_failure() {
-                        Some((_, err)) => err.to_string(),
-                        None => e.to_string(),
-                    });
+            if self.connector.failures.load(Ordering::SeqCst) != failures_seen {
+                if let Some(why) = self.nothing_to_wait_for() {
+                    return Err(why);
                 }
+            }
+            tokio::select! {
+                got = &mut get => return got.map_err(|e| self.checkout_error(e)),
                 _ = &mut failed => {
-                    if self.pool.state().connections == 0 {
-                        let why = self.connector.last_failure()
-                            .map(|(_, e)| e.to_string())
-                            .unwrap_or_else(|| "connect failed".into());
+                    failures_seen = self.connector.failures.load(Ordering::SeqCst);
+                    if let Some(why) = self.nothing_to_wait_for() {
                         return Err(why);
                     }
                 }
             }
         }
+    }
+
+    /// Why a checkout failed: the last connect failure says more than bb8's timeout.
+    fn checkout_error(&self, e: bb8::RunError<ConnectError>) -> String {
+        match self.connector.last_failure() {
+            Some((_, err)) => err.to_string(),
+            None => e.to_string(),
+        }
+    }
+
+    /// After a connect failed: the answer for a request waiting for a connection, when no
+    /// connection is open or opening that could still serve it.
+    fn nothing_to_wait_for(&self) -> Option<String> {
+        (self.pool.state().connections == 0).then(|| {
+            self.connector
+                .last_failure()
+                .map(|(_, e)| e.to_string())
+                .unwrap_or_else(|| "connect failed".into())
+        })
     }
 
     /// A connection opened for one attempt, outside the pool (see `Via::Fresh`).
