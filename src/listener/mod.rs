@@ -34,10 +34,12 @@
 
 mod guard;
 pub mod proxy_protocol;
+mod woken;
 pub use guard::{Guard, Rejected, STAND_IN};
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -1015,6 +1017,9 @@ where
         let timer = tokio::time::sleep_until(activity.epoch);
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        // The activity, timer and shutdown branches: polled when one of them woke the task, not
+        // on each of hyper's wake-ups.
+        let side = woken::Woken::new();
         loop {
             // While the next wake-up is being worked out, an exact write deadline wakes the timer.
             activity.timer_at.store(0, Ordering::Release);
@@ -1041,8 +1046,36 @@ where
             activity
                 .timer_at
                 .store(armed.map_or(NONE, |t| activity.ms_of(t)), Ordering::Release);
-            tokio::select! {
-                event = std::future::poll_fn(|cx| conn.poll_event(cx)) => match event {
+            // In a block: the branches' futures are gone before what woke is handled, which may
+            // wait (the stream's shutdown), so they take no room in the task at that point.
+            let woke = {
+                let changed = activity.changed.notified();
+                tokio::pin!(changed);
+                let stop = crate::listener::stopped(&mut shutdown);
+                tokio::pin!(stop);
+                // New futures, and a timer perhaps set again: each is polled once before it waits.
+                side.again();
+                let (timed, stoppable) = (armed.is_some(), !closing);
+                let side_event = std::future::poll_fn(|cx| {
+                    side.poll(cx, |cx| {
+                        if changed.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Side::Changed)
+                        } else if timed && timer.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Side::Timer)
+                        } else if stoppable && stop.as_mut().poll(cx).is_ready() {
+                            Poll::Ready(Side::Stopped)
+                        } else {
+                            Poll::Pending
+                        }
+                    })
+                });
+                tokio::select! {
+                    event = std::future::poll_fn(|cx| conn.poll_event(cx)) => Woke::Conn(event),
+                    side_event = side_event => Woke::Side(side_event),
+                }
+            };
+            match woke {
+                Woke::Conn(event) => match event {
                     Event::Served(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                         return;
@@ -1058,7 +1091,8 @@ where
                         };
                         if !parking || closing {
                             // hyper left the closing of the stream to us (`poll_without_shutdown`).
-                            let _ = tokio::time::timeout(config.header_read_timeout, io.shutdown()).await;
+                            let _ = tokio::time::timeout(config.header_read_timeout, io.shutdown())
+                                .await;
                             return;
                         }
                         parking = false;
@@ -1070,7 +1104,9 @@ where
                     }
                     Event::Woken(Ok(0)) => return,
                     Event::Woken(Ok(_)) => {
-                        let Conn::Parked { io, .. } = conn else { return };
+                        let Conn::Parked { io, .. } = conn else {
+                            return;
+                        };
                         conn = Conn::H1(Box::new(
                             protocols
                                 .h1
@@ -1082,53 +1118,73 @@ where
                         return;
                     }
                 },
-                _ = activity.changed.notified() => {}
-                _ = &mut timer, if armed.is_some() => {
-                    armed = None;
-                    let now = Instant::now();
-                    match activity.next_action(config.header_read_timeout, config.keepalive_timeout) {
-                        TimerAction::Head(t) if t <= now => {
-                            tracing::debug!(%peer, "request head not received in time; closing");
-                            return;
-                        }
-                        TimerAction::Idle(t) if t <= now => {
-                            if matches!(conn, Conn::Parked { .. }) {
+                Woke::Side(side_event) => match side_event {
+                    Side::Changed => {}
+                    Side::Timer => {
+                        armed = None;
+                        let now = Instant::now();
+                        match activity
+                            .next_action(config.header_read_timeout, config.keepalive_timeout)
+                        {
+                            TimerAction::Head(t) if t <= now => {
+                                tracing::debug!(%peer, "request head not received in time; closing");
                                 return;
                             }
-                            closing = true;
-                            conn.graceful_shutdown();
+                            TimerAction::Idle(t) if t <= now => {
+                                if matches!(conn, Conn::Parked { .. }) {
+                                    return;
+                                }
+                                closing = true;
+                                conn.graceful_shutdown();
+                            }
+                            TimerAction::Write(t) if t <= now => {
+                                // Dropping the connection drops what its requests hold; they see why.
+                                tracing::debug!(%peer, "answer not written within its budget; closing");
+                                activity.stalled.store(true, Ordering::Release);
+                                return;
+                            }
+                            // Still idle since before `park_at` (the same task checks and asks, so no
+                            // request can have begun in between): hyper finishes, and hands the stream
+                            // back instead of closing it.
+                            TimerAction::Idle(_)
+                                if matches!(conn, Conn::H1(_))
+                                    && !closing
+                                    && !parking
+                                    && activity
+                                        .idle_at()
+                                        .is_some_and(|idle| idle + PARK_AFTER <= now) =>
+                            {
+                                parking = true;
+                                conn.graceful_shutdown();
+                            }
+                            _ => {}
                         }
-                        TimerAction::Write(t) if t <= now => {
-                            // Dropping the connection drops what its requests hold; they see why.
-                            tracing::debug!(%peer, "answer not written within its budget; closing");
-                            activity.stalled.store(true, Ordering::Release);
+                    }
+                    Side::Stopped => {
+                        if matches!(conn, Conn::Parked { .. }) {
                             return;
                         }
-                        // Still idle since before `park_at` (the same task checks and asks, so no
-                        // request can have begun in between): hyper finishes, and hands the stream
-                        // back instead of closing it.
-                        TimerAction::Idle(_)
-                            if matches!(conn, Conn::H1(_))
-                                && !closing
-                                && !parking
-                                && activity.idle_at().is_some_and(|idle| idle + PARK_AFTER <= now) =>
-                        {
-                            parking = true;
-                            conn.graceful_shutdown();
-                        }
-                        _ => {}
+                        closing = true;
+                        conn.graceful_shutdown();
                     }
-                }
-                _ = crate::listener::stopped(&mut shutdown), if !closing => {
-                    if matches!(conn, Conn::Parked { .. }) {
-                        return;
-                    }
-                    closing = true;
-                    conn.graceful_shutdown();
-                }
+                },
             }
         }
     }
+}
+
+/// What woke the connection's loop.
+enum Woke {
+    Conn(Event),
+    Side(Side),
+}
+
+/// Which of the connection loop's other branches woke it.
+enum Side {
+    /// The activity asked for the timer to be worked out again.
+    Changed,
+    Timer,
+    Stopped,
 }
 
 #[cfg(test)]
