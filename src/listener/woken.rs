@@ -94,6 +94,13 @@ mod tests {
         }
     }
 
+    /// Polls `probe` through `branch`, with the task's waker `task`.
+    fn poll_probe(branch: &Woken, task: &Waker, probe: &mut Probe) -> Poll<()> {
+        branch.poll(&mut Context::from_waker(task), |cx| {
+            Pin::new(probe).poll(cx)
+        })
+    }
+
     #[derive(Default)]
     struct Count(AtomicUsize);
 
@@ -107,52 +114,36 @@ mod tests {
     fn polls_only_first_and_after_its_own_wake() {
         let task = Arc::new(Count::default());
         let task_waker = Waker::from(task.clone());
-        let mut cx = Context::from_waker(&task_waker);
         let branch = Woken::new();
         let mut probe = Probe::default();
 
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut probe).poll(cx))
-            .is_pending());
+        assert!(poll_probe(&branch, &task_waker, &mut probe).is_pending());
         assert_eq!(probe.polls, 1, "a new branch is polled");
         // Woken for something else: the branch is not polled.
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut probe).poll(cx))
-            .is_pending());
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut probe).poll(cx))
-            .is_pending());
+        assert!(poll_probe(&branch, &task_waker, &mut probe).is_pending());
+        assert!(poll_probe(&branch, &task_waker, &mut probe).is_pending());
         assert_eq!(probe.polls, 1);
 
         // Its own waker fires: the task is woken, and the branch is polled once.
         probe.ready = true;
         probe.waker.take().unwrap().wake();
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was woken");
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut probe).poll(cx))
-            .is_ready());
+        assert!(poll_probe(&branch, &task_waker, &mut probe).is_ready());
         assert_eq!(probe.polls, 2);
     }
 
     #[test]
     fn again_polls_a_future_that_has_not_been_woken() {
         let task_waker = Waker::from(Arc::new(Count::default()));
-        let mut cx = Context::from_waker(&task_waker);
         let branch = Woken::new();
         let mut first = Probe::default();
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut first).poll(cx))
-            .is_pending());
+        assert!(poll_probe(&branch, &task_waker, &mut first).is_pending());
         // A new future in the branch's place.
         let mut next = Probe::default();
         branch.again();
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut next).poll(cx))
-            .is_pending());
+        assert!(poll_probe(&branch, &task_waker, &mut next).is_pending());
         assert_eq!(next.polls, 1);
-        assert!(branch
-            .poll(&mut cx, |cx| Pin::new(&mut next).poll(cx))
-            .is_pending());
+        assert!(poll_probe(&branch, &task_waker, &mut next).is_pending());
         assert_eq!(next.polls, 1);
     }
 
@@ -162,20 +153,12 @@ mod tests {
         let mut probe = Probe::default();
         let old = Arc::new(Count::default());
         let old_waker = Waker::from(old.clone());
-        assert!(branch
-            .poll(&mut Context::from_waker(&old_waker), |cx| {
-                Pin::new(&mut probe).poll(cx)
-            })
-            .is_pending());
+        assert!(poll_probe(&branch, &old_waker, &mut probe).is_pending());
         // The task moved on with another waker (hyper's, a new runtime tick): the branch's wake
         // must reach that one.
         let new = Arc::new(Count::default());
         let new_waker = Waker::from(new.clone());
-        assert!(branch
-            .poll(&mut Context::from_waker(&new_waker), |cx| {
-                Pin::new(&mut probe).poll(cx)
-            })
-            .is_pending());
+        assert!(poll_probe(&branch, &new_waker, &mut probe).is_pending());
         probe.waker.take().unwrap().wake_by_ref();
         assert_eq!(new.0.load(Ordering::SeqCst), 1);
         assert_eq!(old.0.load(Ordering::SeqCst), 0);
