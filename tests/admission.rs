@@ -320,6 +320,50 @@ async fn retries_stay_inside_the_budget_and_the_retry_budget() {
     assert_eq!(backend.count(|s| &s.requests), before + 1);
 }
 
+/// A resent request is the one that went out the first time (it is kept packed between the
+/// attempts): the same headers in the same order, repeated names included, and the same body;
+/// only the budget header is its own.
+#[tokio::test]
+async fn a_resent_request_is_the_request_sent_the_first_time() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        &route_yaml(
+            "    budget: 5s\n    retry: { attempts: 1, on_status: [503], budget_ratio: 1.0, min_per_second: 100 }",
+        ),
+        &backend.url(),
+    )
+    .await;
+    let req = http::Request::put(gw.url("/flaky?status=503"))
+        .header("x-trace", "first")
+        .header("accept", "*/*")
+        .header("x-trace", "second")
+        .header(
+            "x-opaque",
+            http::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        )
+        .header("content-type", "text/plain")
+        .body(body(&b"hello"[..]))
+        .unwrap();
+    let a = send(&client(), req).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let seen = backend.stats.headers.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "the first attempt and one resend");
+    let lines = |h: &http::HeaderMap| -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .filter(|(name, _)| name.as_str() != "x-breakwater-budget-ms")
+            .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+            .collect()
+    };
+    assert_eq!(lines(&seen[1].1), lines(&seen[0].1));
+    let traces: Vec<_> = seen[1].1.get_all("x-trace").iter().collect();
+    assert_eq!(traces, ["first", "second"]);
+    assert_eq!(seen[1].1["x-opaque"].as_bytes(), b"caf\xe9");
+    assert!(seen[1].1.contains_key("x-breakwater-budget-ms"));
+    assert_eq!(seen[0].0, seen[1].0, "the same target");
+    assert_eq!(backend.count(|s| &s.body_bytes), 2 * b"hello".len());
+}
+
 #[tokio::test]
 async fn adaptive_limit_reaches_the_backends_workers() {
     // 4 workers, 10 ms each: beyond 4 in flight, latency grows.

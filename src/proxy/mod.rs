@@ -14,6 +14,7 @@
 
 pub mod context;
 mod relay;
+mod replay;
 mod request;
 mod send;
 mod table;

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::context::RequestContext;
+use super::replay::Replay;
 use super::{RouteState, Table};
 use crate::body::{BodyCheck, LimitedBody, RequestBody};
 use crate::error::ProxyError;
@@ -127,25 +128,6 @@ pub async fn read_body(
     Ok(Received { parts, body, check })
 }
 
-/// Everything needed to build the request again: kept when its body was read whole and it is
-/// repeatable.
-pub struct Replay {
-    pub method: http::Method,
-    pub uri: Uri,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-impl Replay {
-    pub fn build(&self) -> Request<RequestBody> {
-        let mut req = Request::new(crate::body::full(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
 /// Rewrites the request for the upstream: forwarding headers, its target under the upstream's
 /// base path, HTTP/1.1. Returns it with its replay when the body was read whole and the request
 /// is repeatable.
@@ -186,12 +168,8 @@ pub fn rewrite(
             // upstream never got is handed back whole, and any other resend is for a repeatable
             // one (see `crate::retry`). A data action's POST is copied for nothing otherwise.
             let repeatable = route.config.idempotent || crate::retry::is_idempotent(&parts.method);
-            let replay = repeatable.then(|| Replay {
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                headers: parts.headers.clone(),
-                body: bytes.clone(),
-            });
+            let replay =
+                repeatable.then(|| Replay::new(&parts.method, &parts.uri, &parts.headers, &bytes));
             (Request::from_parts(parts, crate::body::full(bytes)), replay)
         }
         OutBody::Streaming(stream) => (Request::from_parts(parts, stream), None),

@@ -9,7 +9,8 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::context::RequestContext;
-use super::request::{set_budget_header, Replay};
+use super::replay::Replay;
+use super::request::set_budget_header;
 use super::RouteState;
 use crate::admission::Sample;
 use crate::body::{BodyCheck, RequestBody};
