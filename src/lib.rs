@@ -31,3 +31,32 @@ pub mod retry;
 pub mod routing;
 pub mod tls;
 pub mod upstream;
+
+/// Inputs for the unit tests that check a fast path against the plain rule it replaces.
+#[cfg(test)]
+pub(crate) mod exhaustive {
+    /// Every string of 1 to `max_len` bytes drawn from `alphabet`, shortest first.
+    pub(crate) fn every_string(alphabet: &[u8], max_len: usize) -> Vec<Vec<u8>> {
+        let mut all = Vec::new();
+        let mut shorter = vec![Vec::new()];
+        for _ in 0..max_len {
+            let longer: Vec<Vec<u8>> = shorter
+                .iter()
+                .flat_map(|s: &Vec<u8>| {
+                    alphabet.iter().map(move |&c| [s.as_slice(), &[c]].concat())
+                })
+                .collect();
+            all.extend(longer.iter().cloned());
+            shorter = longer;
+        }
+        all
+    }
+
+    #[test]
+    fn every_string_counts() {
+        let all = every_string(b"ab", 3);
+        assert_eq!(all.len(), 2 + 4 + 8);
+        assert_eq!(all[0], b"a");
+        assert_eq!(all.last().unwrap(), b"bbb");
+    }
+}

@@ -305,18 +305,14 @@ mod tests {
         // Every input of up to eight bytes from `\r`, `\n` and `a`, against comparing every
         // window.
         let plain = |hay: &[u8], end: &[u8]| hay.windows(end.len()).position(|w| w == end);
-        let mut inputs = vec![Vec::new()];
-        for _ in 0..8 {
-            let longer: Vec<Vec<u8>> = inputs
-                .iter()
-                .flat_map(|i: &Vec<u8>| [b'\r', b'\n', b'a'].map(|c| [i.as_slice(), &[c]].concat()))
-                .collect();
-            for hay in &longer {
-                for end in [&b"\r\n\r\n"[..], b"\r\n"] {
-                    assert_eq!(find_line_end(hay, end), plain(hay, end), "{hay:?} {end:?}");
-                }
+        for hay in crate::exhaustive::every_string(b"\r\na", 8) {
+            for end in [&b"\r\n\r\n"[..], b"\r\n"] {
+                assert_eq!(
+                    find_line_end(&hay, end),
+                    plain(&hay, end),
+                    "{hay:?} {end:?}"
+                );
             }
-            inputs = longer;
         }
     }
 
