@@ -30,7 +30,8 @@
 //! connections then cost little more than their sockets.
 //!
 //! The listener knows nothing of what serves the requests: it is handed any tower service that
-//! answers every request (see [`serve`]); the proxy reads [`ConnInfo`] from each request.
+//! answers every request (see [`Handler`]), and gives it each request with the [`ConnInfo`] of
+//! the connection it came on.
 
 mod guard;
 pub mod proxy_protocol;
@@ -52,7 +53,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -75,16 +75,6 @@ pub struct ConnInfo {
     /// `https` on a TLS listener, else `http`.
     pub proto: &'static str,
     pub activity: Arc<ConnActivity>,
-}
-
-impl ConnInfo {
-    pub fn unknown() -> Self {
-        ConnInfo {
-            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
-            proto: "http",
-            activity: Arc::new(ConnActivity::new(Duration::MAX, Duration::MAX)),
-        }
-    }
 }
 
 /// Shared between a connection's IO, its requests and its timer task.
@@ -413,11 +403,13 @@ impl<S: AsyncWrite> AsyncWrite for TrackedIo<S> {
     }
 }
 
-/// What the listener serves: any service that answers every request (it never fails; an error
-/// is an answer too).
+/// What the listener serves: a tower service given each request with the details of the
+/// connection it came on. It answers every request (it never fails; an error is an answer too),
+/// and it is always ready: the listener calls it without `poll_ready`, as hyper's own
+/// `service_fn` would be.
 pub trait Handler:
     tower::Service<
-        Request<Incoming>,
+        (Request<Incoming>, ConnInfo),
         Response = Response<ResponseBody>,
         Error = Infallible,
         Future: Send + Unpin + 'static,
@@ -431,7 +423,7 @@ pub trait Handler:
 
 impl<S> Handler for S where
     S: tower::Service<
-            Request<Incoming>,
+            (Request<Incoming>, ConnInfo),
             Response = Response<ResponseBody>,
             Error = Infallible,
             Future: Send + Unpin + 'static,
@@ -443,25 +435,21 @@ impl<S> Handler for S where
 {
 }
 
-/// The handler with this connection's details attached to every request.
+/// The handler with this connection's details, handed to it beside every request. (In the
+/// request's extensions they cost a map, a box and a hash lookup per request.)
 #[derive(Clone)]
 struct WithConn<S> {
     inner: S,
     info: ConnInfo,
 }
 
-impl<S: Handler> tower::Service<Request<Incoming>> for WithConn<S> {
+impl<S: Handler> hyper::service::Service<Request<Incoming>> for WithConn<S> {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = S::Future;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.info.clone());
-        self.inner.call(req)
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.inner.clone().call((req, self.info.clone()))
     }
 }
 
@@ -840,7 +828,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 type Io<S> = TokioIo<TrackedIo<S>>;
-type Service<H> = TowerToHyperService<WithConn<H>>;
+type Service<H> = WithConn<H>;
 type H2Connection<S, H> = http2::Connection<Io<S>, Service<H>, TokioExecutor>;
 
 /// A connection as its task holds it.
@@ -957,14 +945,14 @@ where
             config.header_read_timeout,
             config.keepalive_timeout,
         ));
-        let service = TowerToHyperService::new(WithConn {
+        let service = WithConn {
             inner: proxy,
             info: ConnInfo {
                 peer,
                 proto,
                 activity: activity.clone(),
             },
-        });
+        };
         // In a block: the stream is moved into hyper's connection below, and a local that outlives
         // its move still takes room in the task for the connection's whole life.
         let mut conn: Conn<S, H> = {

@@ -53,14 +53,9 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    /// Counts the request in on its connection and opens its record.
-    pub fn new(req: &Request<Incoming>) -> Self {
+    /// Counts the request in on `conn`, the connection it came on, and opens its record.
+    pub fn new(req: &Request<Incoming>, conn: ConnInfo) -> Self {
         let arrived = Instant::now();
-        let conn = req
-            .extensions()
-            .get::<ConnInfo>()
-            .cloned()
-            .unwrap_or_else(ConnInfo::unknown);
         let inflight = conn.activity.request_started();
         let request_id = crate::forward::request_id(req.headers());
         RequestContext {

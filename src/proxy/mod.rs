@@ -9,8 +9,9 @@
 //! 4. [`send`]: one attempt at a time, the resend policy ([`crate::retry`]) after each failure;
 //! 5. [`relay`]: the answer read whole (small) or streamed, inside the context.
 //!
-//! [`Proxy`] is the tower service hyper is given (through `TowerToHyperService`); it never fails:
-//! every error becomes an answer in [`context::RequestContext::answer`].
+//! [`Proxy`] is the tower service the listener hands each request to, with its connection's
+//! details; it never fails: every error becomes an answer in
+//! [`context::RequestContext::answer`].
 
 pub mod context;
 mod relay;
@@ -31,6 +32,7 @@ use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
 use crate::error::ProxyError;
+use crate::listener::ConnInfo;
 use context::RequestContext;
 pub use table::{RouteState, Shared, Table};
 
@@ -45,7 +47,7 @@ impl Proxy {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Proxy {
+impl tower::Service<(Request<Incoming>, ConnInfo)> for Proxy {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -54,50 +56,61 @@ impl tower::Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, (req, conn): (Request<Incoming>, ConnInfo)) -> Self::Future {
         // Boxed as it is: each layer of future around it would be one more copy of it, whole.
-        Box::pin(handle(self.shared.clone(), req))
+        Box::pin(handle(self.shared.clone(), req, conn))
     }
 }
 
 /// One request, start to end: a context is opened, the journey runs over it, and whatever the
 /// journey ends in — the upstream's answer or an error — is answered with the context inside the
 /// answer's body. The context accounts for the request when it is dropped (see [`context`]).
-async fn handle(
+///
+/// This and the stages below that take the request by value are `fn`s returning an `async move`
+/// block rather than `async fn`s: an `async fn` keeps each argument twice in its future (as
+/// passed, and as moved into its body) and copies it from one to the other when first polled.
+#[allow(clippy::manual_async_fn)] // see above
+fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, Infallible> {
-    // Boxed from the start: it ends up in the answer's body (`respond`), and the request's
-    // future would otherwise carry it inline and copy it whole at every move.
-    let mut ctx = Box::new(RequestContext::new(&req));
-    let resp = match journey(&shared, &mut ctx, req).await {
-        Ok(resp) => resp,
-        Err(e) => ctx.answer(e),
-    };
-    Ok(ctx.respond(resp, shared.draining.load(Ordering::Relaxed)))
+    conn: ConnInfo,
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+    async move {
+        // Boxed from the start: it ends up in the answer's body (`respond`), and the request's
+        // future would otherwise carry it inline and copy it whole at every move.
+        let mut ctx = Box::new(RequestContext::new(&req, conn));
+        let resp = match journey(&shared, &mut ctx, req).await {
+            Ok(resp) => resp,
+            Err(e) => ctx.answer(e),
+        };
+        Ok(ctx.respond(resp, shared.draining.load(Ordering::Relaxed)))
+    }
 }
 
 /// The request's journey through the gateway, in order.
-async fn journey(
-    shared: &Shared,
-    ctx: &mut RequestContext,
+#[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
+fn journey<'a>(
+    shared: &'a Shared,
+    ctx: &'a mut RequestContext,
     mut req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    if let Some(why) = ctx.refused_by_guard() {
-        return Err(ProxyError::BadRequest(why));
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
+    async move {
+        if let Some(why) = ctx.refused_by_guard() {
+            return Err(ProxyError::BadRequest(why));
+        }
+        request::normalize_target(&mut req, ctx)?;
+        let table = shared.table.load_full();
+        let route = request::route_for(&table, &req)?;
+        ctx.set_route(route.clone());
+        // Before the body is read or admission is asked: a refused caller costs no slot.
+        if let Some(auth) = &route.auth {
+            crate::auth::authenticate(auth, req.headers_mut(), ctx.conn.peer)?;
+        }
+        let received = request::read_body(ctx, &route, req).await?;
+        route.upstream.check()?;
+        ctx.admit(&route).await?;
+        let (outgoing, replay) = request::rewrite(ctx, &route, received.parts, received.body)?;
+        let resp = send::send(ctx, &route, outgoing, replay, &received.check).await?;
+        relay::prepare(ctx, resp).await
     }
-    request::normalize_target(&mut req, ctx)?;
-    let table = shared.table.load_full();
-    let route = request::route_for(&table, &req)?;
-    ctx.set_route(route.clone());
-    // Before the body is read or admission is asked: a refused caller costs no slot.
-    if let Some(auth) = &route.auth {
-        crate::auth::authenticate(auth, req.headers_mut(), ctx.conn.peer)?;
-    }
-    let received = request::read_body(ctx, &route, req).await?;
-    route.upstream.check()?;
-    ctx.admit(&route).await?;
-    let (outgoing, replay) = request::rewrite(ctx, &route, received.parts, received.body)?;
-    let resp = send::send(ctx, &route, outgoing, replay, &received.check).await?;
-    relay::prepare(ctx, resp).await
 }

@@ -83,49 +83,52 @@ pub struct Received {
 
 /// Enforces the route's body limit and reads a small body whole, before admission, so a slow
 /// client does not hold an upstream slot while it sends.
-pub async fn read_body(
-    ctx: &mut RequestContext,
-    route: &RouteState,
+#[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
+pub fn read_body<'a>(
+    ctx: &'a mut RequestContext,
+    route: &'a RouteState,
     req: Request<Incoming>,
-) -> Result<Received, ProxyError> {
-    let limit = route.config.max_request_body;
-    let declared = content_length(req.headers());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    let (parts, body) = req.into_parts();
-    if body.is_end_stream() {
-        // No body (a GET): nothing to limit, time or read.
-        return Ok(Received {
-            parts,
-            body: OutBody::Buffered(Bytes::new()),
-            check: Arc::default(),
-        });
-    }
-    let idle = route.body_read_timeout;
-    let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
-    let (body, check) = if small {
-        // Read whole under one timer, the idle timeout's or the budget's, whichever ends first.
-        let (body, check) = LimitedBody::until(body, limit, idle, Some(ctx.deadline()));
-        // Boxed: a body with its timer is a large future, and every request's future is copied
-        // whole where it is awaited.
-        match Box::pin(body.collect()).await {
-            Err(_) => {
-                return Err(check
-                    .failure(limit, idle)
-                    .unwrap_or(ProxyError::BadRequest("request body ended early")))
-            }
-            Ok(collected) => (OutBody::Buffered(collected.to_bytes()), check),
+) -> impl std::future::Future<Output = Result<Received, ProxyError>> + 'a {
+    async move {
+        let limit = route.config.max_request_body;
+        let declared = content_length(req.headers());
+        if declared.is_some_and(|len| len > limit) {
+            return Err(ProxyError::BodyTooLarge { limit });
         }
-    } else {
-        let (body, check) = LimitedBody::new(body, limit, idle);
-        (OutBody::Streaming(body.boxed_unsync()), check)
-    };
-    ctx.record.bytes_in = match &body {
-        OutBody::Buffered(b) => b.len() as u64,
-        OutBody::Streaming(_) => declared.unwrap_or(0),
-    };
-    Ok(Received { parts, body, check })
+        let (parts, body) = req.into_parts();
+        if body.is_end_stream() {
+            // No body (a GET): nothing to limit, time or read.
+            return Ok(Received {
+                parts,
+                body: OutBody::Buffered(Bytes::new()),
+                check: Arc::default(),
+            });
+        }
+        let idle = route.body_read_timeout;
+        let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
+        let (body, check) = if small {
+            // Read whole under one timer, the idle timeout's or the budget's, whichever ends first.
+            let (body, check) = LimitedBody::until(body, limit, idle, Some(ctx.deadline()));
+            // Boxed: a body with its timer is a large future, and every request's future is copied
+            // whole where it is awaited.
+            match Box::pin(body.collect()).await {
+                Err(_) => {
+                    return Err(check
+                        .failure(limit, idle)
+                        .unwrap_or(ProxyError::BadRequest("request body ended early")))
+                }
+                Ok(collected) => (OutBody::Buffered(collected.to_bytes()), check),
+            }
+        } else {
+            let (body, check) = LimitedBody::new(body, limit, idle);
+            (OutBody::Streaming(body.boxed_unsync()), check)
+        };
+        ctx.record.bytes_in = match &body {
+            OutBody::Buffered(b) => b.len() as u64,
+            OutBody::Streaming(_) => declared.unwrap_or(0),
+        };
+        Ok(Received { parts, body, check })
+    }
 }
 
 /// Rewrites the request for the upstream: forwarding headers, its target under the upstream's

@@ -18,68 +18,72 @@ use crate::error::ProxyError;
 use crate::retry::{Attempted, Decision, RetryReason, Spent};
 use crate::upstream::{SendError, SendFailure, Via};
 
-pub async fn send(
-    ctx: &mut RequestContext,
-    route: &RouteState,
+#[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
+pub fn send<'a>(
+    ctx: &'a mut RequestContext,
+    route: &'a RouteState,
     first: Request<RequestBody>,
     replay: Option<Replay>,
-    check: &BodyCheck,
-) -> Result<http::Response<Incoming>, ProxyError> {
-    let deadline = ctx.deadline();
-    route.retry.on_request();
-    let mut spent = Spent::default();
-    let (mut req, mut via) = (first, Via::Pool);
-    // The endpoint the last failed attempt went to: the next one goes elsewhere if it can.
-    let mut avoid = None;
-    loop {
-        let sent_at = ctx.sending();
-        set_budget_header(req.headers_mut(), deadline, sent_at);
-        // Boxed: the attempt's future (endpoint slot, pooled connection, exchange) is a large
-        // part of the request's, which is otherwise copied whole at every level it is awaited.
-        let result = Box::pin(route.upstream.send(req, via, deadline, avoid.as_ref())).await;
-        let attempt = Attempt {
-            route,
-            replay: replay.as_ref(),
-            deadline,
-            sent_at,
-        };
-        (req, via) = match result {
-            Ok(answered) => match attempt.after_answer(ctx, &answered.head, &mut spent) {
-                Some(next) => {
-                    avoid = Some(answered.lease.endpoint().clone());
-                    next
-                }
-                None => {
-                    ctx.answered(answered.lease, answered.written_at);
-                    return Ok(answered.head);
-                }
-            },
-            Err(error) if matches!(error.failure, SendFailure::TimedOut) => {
-                // Out of budget at an endpoint says how slow it is; waiting for an endpoint slot
-                // (routes sharing the upstream) says nothing about the backend.
-                let sample = match &error.endpoint {
-                    Some(e) => {
-                        ctx.record.endpoint = Some(e.label.clone());
-                        ctx.sample_timed_out()
+    check: &'a BodyCheck,
+) -> impl std::future::Future<Output = Result<http::Response<Incoming>, ProxyError>> + 'a {
+    async move {
+        let deadline = ctx.deadline();
+        route.retry.on_request();
+        let mut spent = Spent::default();
+        let (mut req, mut via) = (first, Via::Pool);
+        // The endpoint the last failed attempt went to: the next one goes elsewhere if it can.
+        let mut avoid = None;
+        loop {
+            let sent_at = ctx.sending();
+            set_budget_header(req.headers_mut(), deadline, sent_at);
+            // Boxed: the attempt's future (endpoint slot, pooled connection, exchange) is a large
+            // part of the request's, which is otherwise copied whole at every level it is awaited.
+            let result = Box::pin(route.upstream.send(req, via, deadline, avoid.as_ref())).await;
+            let attempt = Attempt {
+                route,
+                replay: replay.as_ref(),
+                deadline,
+                sent_at,
+            };
+            (req, via) = match result {
+                Ok(answered) => match attempt.after_answer(ctx, &answered.head, &mut spent) {
+                    Some(next) => {
+                        avoid = Some(answered.lease.endpoint().clone());
+                        next
                     }
-                    None => Sample::Nothing,
-                };
-                ctx.release_slot(sample);
-                return Err(ProxyError::BudgetExhausted);
-            }
-            Err(error) => {
-                // A streamed request body that failed because of the caller is the caller's
-                // answer, whatever the upstream made of it.
-                let cfg = &route.config;
-                if let Some(failure) = check.failure(cfg.max_request_body, route.body_read_timeout)
-                {
-                    ctx.release_slot(Sample::Nothing);
-                    return Err(failure);
+                    None => {
+                        ctx.answered(answered.lease, answered.written_at);
+                        return Ok(answered.head);
+                    }
+                },
+                Err(error) if matches!(error.failure, SendFailure::TimedOut) => {
+                    // Out of budget at an endpoint says how slow it is; waiting for an endpoint slot
+                    // (routes sharing the upstream) says nothing about the backend.
+                    let sample = match &error.endpoint {
+                        Some(e) => {
+                            ctx.record.endpoint = Some(e.label.clone());
+                            ctx.sample_timed_out()
+                        }
+                        None => Sample::Nothing,
+                    };
+                    ctx.release_slot(sample);
+                    return Err(ProxyError::BudgetExhausted);
                 }
-                avoid = error.endpoint.clone();
-                attempt.after_failure(ctx, error, &mut spent)?
-            }
-        };
+                Err(error) => {
+                    // A streamed request body that failed because of the caller is the caller's
+                    // answer, whatever the upstream made of it.
+                    let cfg = &route.config;
+                    if let Some(failure) =
+                        check.failure(cfg.max_request_body, route.body_read_timeout)
+                    {
+                        ctx.release_slot(Sample::Nothing);
+                        return Err(failure);
+                    }
+                    avoid = error.endpoint.clone();
+                    attempt.after_failure(ctx, error, &mut spent)?
+                }
+            };
+        }
     }
 }
 

@@ -392,83 +392,86 @@ impl Upstream {
     /// head due by `deadline`. Returns the head with the lease that keeps its connection and
     /// endpoint slot until the body is relayed. The endpoint's health learns from the outcome;
     /// whether a failed attempt is sent again is not decided here (see `crate::retry`).
-    pub async fn send(
-        self: &Arc<Self>,
+    #[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
+    pub fn send<'a>(
+        self: &'a Arc<Self>,
         mut req: Request<RequestBody>,
         via: Via,
         deadline: Instant,
-        avoid: Option<&Arc<Endpoint>>,
-    ) -> Result<Answered, SendError> {
-        let slot = match self.reserve(avoid, deadline).await {
-            Ok(slot) => slot,
-            Err(failure) => {
-                return Err(SendError {
-                    failure,
-                    unsent: Some(req),
-                    endpoint: None,
-                })
-            }
-        };
-        let endpoint = slot.endpoint().clone();
-        if self.host_per_endpoint {
-            if let Some(host) = &endpoint.host_header {
-                req.headers_mut().insert(http::header::HOST, host.clone());
-            }
-        }
-        let started = Instant::now();
-        let attempt = self.exchange(&endpoint, req, via);
-        match tokio::time::timeout_at(deadline, attempt).await {
-            Err(_) => {
-                // Dropping the attempt dropped its connection mid-exchange, which closes it: the
-                // backend learns the caller is gone rather than working on for nobody.
-                // No answer in time counts against the endpoint only when another one answered
-                // meanwhile: a backend slow everywhere is the stall cap's to handle (see
-                // `crate::admission`), and ejecting every endpoint would only add cooldowns to
-                // its recovery.
-                let others_answer = self
-                    .endpoints
-                    .load()
-                    .iter()
-                    .any(|o| !Arc::ptr_eq(o, &endpoint) && o.answered_since(started));
-                if others_answer {
-                    self.failed(&endpoint);
+        avoid: Option<&'a Arc<Endpoint>>,
+    ) -> impl std::future::Future<Output = Result<Answered, SendError>> + 'a {
+        async move {
+            let slot = match self.reserve(avoid, deadline).await {
+                Ok(slot) => slot,
+                Err(failure) => {
+                    return Err(SendError {
+                        failure,
+                        unsent: Some(req),
+                        endpoint: None,
+                    })
                 }
-                Err(SendError {
-                    failure: SendFailure::TimedOut,
-                    unsent: None,
-                    endpoint: Some(endpoint),
-                })
-            }
-            Ok(Ok((head, held, written_at))) => {
-                let head_at = Instant::now();
-                endpoint.answered(head_at);
-                if head.status().is_server_error() {
-                    self.failed(&endpoint);
-                } else {
-                    self.succeeded(&endpoint);
+            };
+            let endpoint = slot.endpoint().clone();
+            if self.host_per_endpoint {
+                if let Some(host) = &endpoint.host_header {
+                    req.headers_mut().insert(http::header::HOST, host.clone());
                 }
-                Ok(Answered {
-                    head,
-                    lease: Lease {
-                        held,
-                        slot,
-                        head_at,
-                    },
-                    written_at,
-                })
             }
-            Ok(Err(mut e)) => {
-                // A pooled connection the peer had closed says nothing about the endpoint.
-                let stale = matches!(
-                    e.failure,
-                    SendFailure::NotWritten { reused: true, .. }
-                        | SendFailure::ClosedBeforeAnswer { reused: true, .. }
-                );
-                if !stale {
-                    self.failed(&endpoint);
+            let started = Instant::now();
+            let attempt = self.exchange(&endpoint, req, via);
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Err(_) => {
+                    // Dropping the attempt dropped its connection mid-exchange, which closes it: the
+                    // backend learns the caller is gone rather than working on for nobody.
+                    // No answer in time counts against the endpoint only when another one answered
+                    // meanwhile: a backend slow everywhere is the stall cap's to handle (see
+                    // `crate::admission`), and ejecting every endpoint would only add cooldowns to
+                    // its recovery.
+                    let others_answer = self
+                        .endpoints
+                        .load()
+                        .iter()
+                        .any(|o| !Arc::ptr_eq(o, &endpoint) && o.answered_since(started));
+                    if others_answer {
+                        self.failed(&endpoint);
+                    }
+                    Err(SendError {
+                        failure: SendFailure::TimedOut,
+                        unsent: None,
+                        endpoint: Some(endpoint),
+                    })
                 }
-                e.endpoint = Some(endpoint);
-                Err(e)
+                Ok(Ok((head, held, written_at))) => {
+                    let head_at = Instant::now();
+                    endpoint.answered(head_at);
+                    if head.status().is_server_error() {
+                        self.failed(&endpoint);
+                    } else {
+                        self.succeeded(&endpoint);
+                    }
+                    Ok(Answered {
+                        head,
+                        lease: Lease {
+                            held,
+                            slot,
+                            head_at,
+                        },
+                        written_at,
+                    })
+                }
+                Ok(Err(mut e)) => {
+                    // A pooled connection the peer had closed says nothing about the endpoint.
+                    let stale = matches!(
+                        e.failure,
+                        SendFailure::NotWritten { reused: true, .. }
+                            | SendFailure::ClosedBeforeAnswer { reused: true, .. }
+                    );
+                    if !stale {
+                        self.failed(&endpoint);
+                    }
+                    e.endpoint = Some(endpoint);
+                    Err(e)
+                }
             }
         }
     }
@@ -652,87 +655,91 @@ impl Upstream {
     }
 
     /// One exchange on one connection to `endpoint`.
-    async fn exchange(
-        &self,
-        endpoint: &Endpoint,
+    #[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
+    fn exchange<'a>(
+        &'a self,
+        endpoint: &'a Endpoint,
         req: Request<RequestBody>,
         via: Via,
-    ) -> Result<(Response<Incoming>, Held, Instant), SendError> {
-        let no_connection = |why: String, req| SendError {
-            failure: SendFailure::NoConnection(why),
-            unsent: Some(req),
-            endpoint: None,
-        };
-        // Counted at its worker until the answer's head: the worker is free again from there.
-        let mut turn = None;
-        let mut held = match via {
-            Via::Pool => match endpoint.acquire().await {
-                Ok((c, at)) => {
-                    turn = at;
-                    Held::Pooled(c)
-                }
-                Err(why) => return Err(no_connection(why, req)),
-            },
-            // Boxed: opening a connection (resolving, connecting, TLS) is a large future, and
-            // only resends open one here; inline it would make every request's future that
-            // much larger, and every request moves its future around whole.
-            Via::Fresh => match Box::pin(endpoint.dedicated()).await {
-                Ok(conn) => Held::Fresh {
-                    conn,
-                    pool: endpoint.pool.clone(),
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Held, Instant), SendError>> + 'a
+    {
+        async move {
+            let no_connection = |why: String, req| SendError {
+                failure: SendFailure::NoConnection(why),
+                unsent: Some(req),
+                endpoint: None,
+            };
+            // Counted at its worker until the answer's head: the worker is free again from there.
+            let mut turn = None;
+            let mut held = match via {
+                Via::Pool => match endpoint.acquire().await {
+                    Ok((c, at)) => {
+                        turn = at;
+                        Held::Pooled(c)
+                    }
+                    Err(why) => return Err(no_connection(why, req)),
                 },
-                Err(why) => return Err(no_connection(why, req)),
-            },
-        };
-        let conn = held.conn();
-        if via == Via::Fresh {
-            if let Err(error) = conn.sender.ready().await {
-                return Err(SendError {
-                    failure: SendFailure::NotWritten {
-                        error,
-                        reused: false,
+                // Boxed: opening a connection (resolving, connecting, TLS) is a large future, and
+                // only resends open one here; inline it would make every request's future that
+                // much larger, and every request moves its future around whole.
+                Via::Fresh => match Box::pin(endpoint.dedicated()).await {
+                    Ok(conn) => Held::Fresh {
+                        conn,
+                        pool: endpoint.pool.clone(),
                     },
-                    unsent: Some(req),
-                    endpoint: None,
-                });
-            }
-        }
-        conn.clock.set_busy();
-        let reused = via == Via::Pool && conn.may_be_stale();
-        let written_at = Instant::now();
-        let sent = conn.sender.try_send_request(req).await;
-        if let (Some(workers), Ok(resp)) = (&endpoint.workers, &sent) {
+                    Err(why) => return Err(no_connection(why, req)),
+                },
+            };
             let conn = held.conn();
-            workers.learn(conn, resp.headers(), Instant::now());
-        }
-        drop(turn);
-        match sent {
-            Ok(resp) => {
-                let conn = held.conn();
-                let said = ConnectionSaid::of(&resp);
-                if let Some(timer) = said.idle_timeout {
-                    endpoint.connector.idle_timer.observe(timer);
+            if via == Via::Fresh {
+                if let Err(error) = conn.sender.ready().await {
+                    return Err(SendError {
+                        failure: SendFailure::NotWritten {
+                            error,
+                            reused: false,
+                        },
+                        unsent: Some(req),
+                        endpoint: None,
+                    });
                 }
-                if said.closes {
-                    conn.clock.mark_closing();
-                }
-                Ok((resp, held, written_at))
             }
-            Err(mut e) => {
-                let unsent = e.take_message();
-                let error = e.into_error();
-                let failure = if unsent.is_some() {
-                    SendFailure::NotWritten { error, reused }
-                } else if closed_before_answer(&error) {
-                    SendFailure::ClosedBeforeAnswer { error, reused }
-                } else {
-                    SendFailure::Failed(error)
-                };
-                Err(SendError {
-                    failure,
-                    unsent,
-                    endpoint: None,
-                })
+            conn.clock.set_busy();
+            let reused = via == Via::Pool && conn.may_be_stale();
+            let written_at = Instant::now();
+            let sent = conn.sender.try_send_request(req).await;
+            if let (Some(workers), Ok(resp)) = (&endpoint.workers, &sent) {
+                let conn = held.conn();
+                workers.learn(conn, resp.headers(), Instant::now());
+            }
+            drop(turn);
+            match sent {
+                Ok(resp) => {
+                    let conn = held.conn();
+                    let said = ConnectionSaid::of(&resp);
+                    if let Some(timer) = said.idle_timeout {
+                        endpoint.connector.idle_timer.observe(timer);
+                    }
+                    if said.closes {
+                        conn.clock.mark_closing();
+                    }
+                    Ok((resp, held, written_at))
+                }
+                Err(mut e) => {
+                    let unsent = e.take_message();
+                    let error = e.into_error();
+                    let failure = if unsent.is_some() {
+                        SendFailure::NotWritten { error, reused }
+                    } else if closed_before_answer(&error) {
+                        SendFailure::ClosedBeforeAnswer { error, reused }
+                    } else {
+                        SendFailure::Failed(error)
+                    };
+                    Err(SendError {
+                        failure,
+                        unsent,
+                        endpoint: None,
+                    })
+                }
             }
         }
     }
