@@ -113,8 +113,12 @@ impl RequestId {
 
 /// A caller's request id is kept when it is short printable ASCII; otherwise a new one is made.
 pub fn request_id(headers: &HeaderMap) -> RequestId {
-    headers
-        .get(&X_REQUEST_ID)
+    request_id_or_new(headers.get(&X_REQUEST_ID))
+}
+
+/// [`request_id`] of the caller's `X-Request-Id` line, found by whoever reads the head.
+pub fn request_id_or_new(caller: Option<&HeaderValue>) -> RequestId {
+    caller
         .filter(|v| {
             let b = v.as_bytes();
             !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic)
@@ -136,7 +140,13 @@ pub fn new_request_id() -> RequestId {
             *digit = HEX[((bits >> (60 - 4 * i)) & 0xf) as usize];
         }
     }
-    RequestId(HeaderValue::from_bytes(&id).expect("hex digits are a valid header value"))
+    // Owned by the `Bytes` it is given to: one allocation, and the clones for the upstream
+    // request and the answer only count references (bytes copied from a slice are allocated
+    // once, then again when first cloned).
+    RequestId(
+        HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(id))
+            .expect("hex digits are a valid header value"),
+    )
 }
 
 pub struct ForwardInfo<'a> {

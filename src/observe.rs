@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use metrics::{Counter, Gauge, Histogram};
 use tokio::time::Instant;
 
@@ -300,9 +300,11 @@ pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
     Err(_) => panic!("499 is a valid status code"),
 };
 
+const CORRELATIONS: usize = 2;
+
 /// Correlation headers Genesys Cloud sends with data action requests.
 /// Named once: a header looked up by a `&str` is parsed on every lookup.
-const CORRELATION: [(HeaderName, &str); 2] = [
+const CORRELATION: [(HeaderName, &str); CORRELATIONS] = [
     (
         HeaderName::from_static("inin-correlation-id"),
         "correlation_id",
@@ -334,6 +336,32 @@ pub struct RequestRecord {
     pub endpoint: Option<Arc<str>>,
 }
 
+/// The caller's headers a request's record keeps, read in one pass over its head: a lookup by a
+/// name outside the standard set hashes the name, and all three read here are such names.
+pub struct CallerHeaders<'a> {
+    /// `X-Request-Id`, as the caller sent it (see [`crate::forward::request_id_or_new`]).
+    pub request_id: Option<&'a HeaderValue>,
+    correlation: [Option<&'a HeaderValue>; CORRELATIONS],
+}
+
+impl<'a> CallerHeaders<'a> {
+    /// The first line of each, as `HeaderMap::get` would give it.
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let mut seen = CallerHeaders {
+            request_id: None,
+            correlation: [None; CORRELATIONS],
+        };
+        for (name, value) in headers {
+            if *name == crate::forward::X_REQUEST_ID {
+                seen.request_id.get_or_insert(value);
+            } else if let Some(i) = CORRELATION.iter().position(|(h, _)| h == name) {
+                seen.correlation[i].get_or_insert(value);
+            }
+        }
+        seen
+    }
+}
+
 impl RequestRecord {
     pub fn new(
         arrived: Instant,
@@ -341,13 +369,13 @@ impl RequestRecord {
         path: &str,
         request_id: crate::forward::RequestId,
         peer: SocketAddr,
-        headers: &HeaderMap,
+        caller: &CallerHeaders<'_>,
     ) -> Self {
         let correlation = CORRELATION
             .iter()
-            .filter_map(|(h, field)| {
-                headers
-                    .get(h)
+            .zip(caller.correlation)
+            .filter_map(|((_, field), value)| {
+                value
                     .and_then(|v| v.to_str().ok())
                     .map(|v| (*field, v.chars().take(128).collect()))
             })
@@ -446,5 +474,45 @@ fn method_label(m: &Method) -> &'static str {
         Method::HEAD => "HEAD",
         Method::OPTIONS => "OPTIONS",
         _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_headers_are_read_as_get_would_read_them() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("gw"));
+        h.append("inin-correlation-id", HeaderValue::from_static("c-1"));
+        h.append("inin-correlation-id", HeaderValue::from_static("c-2"));
+        h.append("x-request-id", HeaderValue::from_static("r-1"));
+        h.append("x-request-id", HeaderValue::from_static("r-2"));
+        h.insert("inin-organization-id", HeaderValue::from_static("org"));
+        let seen = CallerHeaders::of(&h);
+        assert_eq!(seen.request_id, h.get("x-request-id"));
+        for (i, (name, _)) in CORRELATION.iter().enumerate() {
+            assert_eq!(seen.correlation[i], h.get(name), "{name}");
+        }
+        let record = RequestRecord::new(
+            Instant::now(),
+            &Method::GET,
+            "/",
+            crate::forward::RequestId::from_static("id"),
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            &seen,
+        );
+        assert_eq!(
+            record.correlation,
+            [
+                ("correlation_id", "c-1".to_string()),
+                ("organization_id", "org".to_string())
+            ]
+        );
+
+        let empty = HeaderMap::new();
+        let none = CallerHeaders::of(&empty);
+        assert!(none.request_id.is_none() && none.correlation.iter().all(Option::is_none));
     }
 }

@@ -24,7 +24,7 @@ use crate::admission::{Permit, Sample};
 use crate::body::{BodyOutcome, OnBodyEnd, RelayBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::listener::{ConnInfo, InFlight};
-use crate::observe::{Ending, Phase, RequestRecord};
+use crate::observe::{CallerHeaders, Ending, Phase, RequestRecord};
 use crate::respond::{error_response, AnswerContext};
 use crate::upstream::Lease;
 
@@ -57,15 +57,15 @@ impl RequestContext {
     pub fn new(req: &Request<Incoming>, conn: ConnInfo) -> Self {
         let arrived = Instant::now();
         let inflight = conn.activity.request_started();
-        let request_id = crate::forward::request_id(req.headers());
+        let caller = CallerHeaders::of(req.headers());
         RequestContext {
             record: RequestRecord::new(
                 arrived,
                 req.method(),
                 req.uri().path(),
-                request_id,
+                crate::forward::request_id_or_new(caller.request_id),
                 conn.peer,
-                req.headers(),
+                &caller,
             ),
             conn,
             inflight,
