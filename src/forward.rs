@@ -15,13 +15,14 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// What is never forwarded: the hop-by-hop headers of RFC 9110 §7.6.1, and `Transfer-Encoding`,
 /// since the outgoing connection frames the body itself. `Trailer` is not among them: it
 /// describes the message's own trailer fields, end to end.
 const STRIPPED: [HeaderName; 8] = [
     header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -53,13 +54,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .iter()
             .cloned()
             .collect();
-        for value in &listed {
-            let Ok(value) = value.to_str() else { continue };
-            for name in value.split(',').map(str::trim) {
-                // Those in `STRIPPED` (`keep-alive`, the usual one) go below if present. Any
-                // other is looked up by `&str`, without being made into a `HeaderName` (which
-                // allocates for a name `http` does not know).
-                if !name.is_empty() && !is_stripped(name) {
+        for name in listed.iter().flat_map(list_items) {
+            // Those in `STRIPPED` (`keep-alive`, the usual one) go below if present. Any other is
+            // looked up by `&str`, without being made into a `HeaderName` (which allocates for a
+            // name `http` does not know); one that is not text names no header.
+            if !is_stripped(name) {
+                if let Ok(name) = std::str::from_utf8(name) {
                     headers.remove(name);
                 }
             }
@@ -72,22 +72,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_stripped(name: &str) -> bool {
+fn is_stripped(name: &[u8]) -> bool {
     STRIPPED
         .iter()
-        .any(|s| name.eq_ignore_ascii_case(s.as_str()))
+        .any(|s| name.eq_ignore_ascii_case(s.as_str().as_bytes()))
 }
 
 /// Whether `Connection` lists any name that `STRIPPED` does not already remove. Most list only
 /// `keep-alive`: then nothing needs copying out of the map to be looked up on its own.
 fn lists_other_names(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|value| {
-        value.to_str().map_or(true, |v| {
-            v.split(',')
-                .map(str::trim)
-                .any(|name| !name.is_empty() && !is_stripped(name))
-        })
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(list_items)
+        .any(|name| !is_stripped(name))
+}
+
+/// The items of a comma-separated header value (RFC 9110 §5.6.1), trimmed, empty ones skipped.
+/// Read as bytes: a value is checked for text only where an item is used as text.
+pub(crate) fn list_items(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
 }
 
 /// The request's id, as the header value it is sent in both ways: made or kept once, then
@@ -227,6 +235,40 @@ pub fn response_headers(headers: &mut HeaderMap, request_id: &RequestId) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_items_are_trimmed_and_empty_ones_skipped() {
+        let items = |v: &[u8]| -> Vec<Vec<u8>> {
+            list_items(&HeaderValue::from_bytes(v).unwrap())
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        assert_eq!(items(b"close"), [b"close".to_vec()]);
+        assert_eq!(
+            items(b" a ,, b\t,c ,"),
+            [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+        );
+        assert!(items(b" , ,").is_empty());
+        // A value with bytes outside ASCII still lists its other items.
+        assert_eq!(
+            items(b"x-hop, \xff\xfe"),
+            [b"x-hop".to_vec(), b"\xff\xfe".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_connection_value_that_is_not_text_still_has_its_names_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-hop, \xff\xfe").unwrap(),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-keep"], "yes");
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {

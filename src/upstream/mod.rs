@@ -804,10 +804,9 @@ impl ConnectionSaid {
         let mut keep_alive_seen = false;
         for (name, value) in resp.headers() {
             if name == http::header::CONNECTION {
-                said.closes |= value
-                    .to_str()
-                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
-            } else if !keep_alive_seen && name.as_str() == "keep-alive" {
+                said.closes |= crate::forward::list_items(value)
+                    .any(|item| item.eq_ignore_ascii_case(b"close"));
+            } else if !keep_alive_seen && *name == crate::forward::KEEP_ALIVE {
                 keep_alive_seen = true;
                 said.idle_timeout = idle::announced(value);
             }
@@ -900,6 +899,17 @@ mod tests {
             "a later Connection line, any case, with spaces"
         );
         assert!(!said(v11, &[("connection", "closed, keep-alive")]).closes);
+        let not_text = Response::builder()
+            .header(
+                "connection",
+                http::HeaderValue::from_bytes(b"\xff, close").unwrap(),
+            )
+            .body(())
+            .unwrap();
+        assert!(
+            ConnectionSaid::of(&not_text).closes,
+            "a value that is not all text is read for its items"
+        );
     }
 
     #[tokio::test(start_paused = true)]
