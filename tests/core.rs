@@ -355,6 +355,42 @@ async fn budget_exhaustion_answers_at_the_budget_and_cancels_the_upstream_call()
 }
 
 #[tokio::test]
+async fn a_small_answer_arriving_in_pieces_is_relayed_whole_or_cut_at_the_budget() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(
+        &ONE_ROUTE.replace("budget: 2s", "budget: 500ms"),
+        &backend.url(),
+    )
+    .await;
+    let c = client();
+    // The head and the first of four pieces come at once, the rest when released: the gateway
+    // reads on past what it found with the head.
+    let url = gw.url("/api/pieces?size=400&chunks=4&length=1");
+    let answer = {
+        let c = c.clone();
+        tokio::spawn(async move { get(&c, &url).await })
+    };
+    backend
+        .wait_until("answer head sent", |s| {
+            s.completed.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+    backend.release(1);
+    let a = answer.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, "x".repeat(400));
+
+    // Never released: the body's rest does not come within the budget.
+    let a = get(&c, &gw.url("/api/pieces?size=400&chunks=4&length=1")).await;
+    a.assert_refusal("budget_exhausted");
+    assert!(
+        a.elapsed >= Duration::from_millis(490),
+        "answered early: {:?}",
+        a.elapsed
+    );
+}
+
+#[tokio::test]
 async fn a_route_may_answer_504_on_budget_exhaustion() {
     let backend = Backend::start().await;
     let gw = Gateway::start(

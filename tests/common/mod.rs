@@ -24,7 +24,8 @@ pub type TestBody = UnsyncBoxBody<Bytes, BoxError>;
 /// How the backend behaves. Per-request overrides come from the query string:
 /// `delay=MS`, `status=N`, `size=BYTES`, `bighead=BYTES` (a response header that large),
 /// `hold=1` (wait for `release`), `chunks=N` (stream the
-/// body in N chunks, holding after the first until released), `reset=1` (send a head, then drop
+/// body in N chunks, holding after the first until released; with `length=1` the head gives
+/// the body's length, so the gateway reads it whole), `reset=1` (send a head, then drop
 /// the connection), `drop=1` (read the request, then close the connection without answering).
 #[derive(Clone, Default)]
 pub struct BackendOptions {
@@ -360,7 +361,14 @@ async fn handle(
                 Some((Ok::<_, BoxError>(Frame::data(chunk)), i + 1))
             }
         });
-        Response::new(StreamBody::new(stream).boxed_unsync())
+        let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+        if num("length") == Some(1) {
+            resp.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                (size / chunks * chunks).to_string().parse().unwrap(),
+            );
+        }
+        resp
     } else {
         let body = if size == 2 {
             Bytes::from_static(b"ok")
