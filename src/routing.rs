@@ -13,6 +13,7 @@ use crate::config::RouteConfig;
 pub struct Router {
     /// Routes sorted by prefix length, longest first; each keeps its index into the config.
     routes: Vec<(usize, Arc<RouteConfig>)>,
+    names_hosts: bool,
 }
 
 impl Router {
@@ -21,12 +22,20 @@ impl Router {
             routes.iter().cloned().enumerate().collect();
         // Stable sort keeps file order among equal prefixes, so the first listed wins a tie.
         sorted.sort_by_key(|(_, r)| std::cmp::Reverse(r.path_prefix.len()));
-        Router { routes: sorted }
+        let names_hosts = sorted.iter().any(|(_, r)| r.host.is_some());
+        Router {
+            routes: sorted,
+            names_hosts,
+        }
+    }
+
+    /// Whether any route is bound to a host: if none is, routing needs no host.
+    pub fn names_hosts(&self) -> bool {
+        self.names_hosts
     }
 
     /// Returns the index (into the config's route list) of the matching route.
     pub fn route(&self, method: &Method, host: Option<&str>, path: &str) -> Option<usize> {
-        let host = host.map(strip_port);
         self.routes
             .iter()
             .find(|(_, r)| {
@@ -34,7 +43,8 @@ impl Router {
                     && (r.methods.is_empty() || r.methods.contains(method))
                     && match (&r.host, host) {
                         (None, _) => true,
-                        (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                        // Only a route that names a host reads it: most name none.
+                        (Some(want), Some(got)) => want.eq_ignore_ascii_case(strip_port(got)),
                         (Some(_), None) => false,
                     }
             })
@@ -182,12 +192,14 @@ mod tests {
         );
         assert_eq!(r.route(&Method::GET, None, "/v1/sentiments"), Some(1));
         assert_eq!(r.route(&Method::GET, None, "/v2"), Some(0));
+        assert!(r.names_hosts());
     }
 
     #[test]
     fn no_match_without_catch_all() {
         let r = router("  - { name: only, upstream: a, match: { path_prefix: /api } }\n");
         assert_eq!(r.route(&Method::GET, None, "/other"), None);
+        assert!(!r.names_hosts());
         assert_eq!(r.route(&Method::GET, None, "/api"), Some(0));
         assert_eq!(r.route(&Method::GET, None, "/apix"), None);
     }

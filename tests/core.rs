@@ -355,6 +355,51 @@ async fn budget_exhaustion_answers_at_the_budget_and_cancels_the_upstream_call()
 }
 
 #[tokio::test]
+async fn a_route_bound_to_a_host_takes_only_that_hosts_requests() {
+    let backend = Backend::start().await;
+    let yaml = r#"
+upstreams:
+  app:
+    url: "{backend}"
+  hosted:
+    url: "{backend}/hosted"
+routes:
+  - name: hosted
+    match: { path_prefix: /api, host: api.example.com }
+    upstream: hosted
+  - name: api
+    match: { path_prefix: /api }
+    upstream: app
+"#;
+    let gw = Gateway::start(yaml, &backend.url()).await;
+    let c = client();
+    let path_seen = |host: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/api/x");
+        let backend = &backend;
+        async move {
+            let req = Request::get(url)
+                .header("host", host)
+                .body(body(Bytes::new()))
+                .unwrap();
+            assert_eq!(send(&c, req).await.status, StatusCode::OK);
+            backend
+                .stats
+                .headers
+                .lock()
+                .unwrap()
+                .last()
+                .cloned()
+                .unwrap()
+                .0
+        }
+    };
+    assert_eq!(path_seen("API.example.com:8443").await, "/hosted/api/x");
+    assert_eq!(path_seen("api.example.com").await, "/hosted/api/x");
+    assert_eq!(path_seen("other.example.com").await, "/api/x");
+}
+
+#[tokio::test]
 async fn a_small_answer_arriving_in_pieces_is_relayed_whole_or_cut_at_the_budget() {
     let backend = Backend::start().await;
     let gw = Gateway::start(

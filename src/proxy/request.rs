@@ -54,11 +54,15 @@ pub fn normalize_target(
 }
 
 pub fn route_for(table: &Table, req: &Request<Incoming>) -> Result<Arc<RouteState>, ProxyError> {
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+    // Looked up only when a route is bound to a host: most configurations bind none.
+    let host = if table.router.names_hosts() {
+        req.uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
+    } else {
+        None
+    };
     table
         .router
         .route(req.method(), host, req.uri().path())
@@ -90,19 +94,19 @@ pub fn read_body<'a>(
     req: Request<Incoming>,
 ) -> impl std::future::Future<Output = Result<Received, ProxyError>> + 'a {
     async move {
-        let limit = route.config.max_request_body;
-        let declared = content_length(req.headers());
-        if declared.is_some_and(|len| len > limit) {
-            return Err(ProxyError::BodyTooLarge { limit });
-        }
         let (parts, body) = req.into_parts();
         if body.is_end_stream() {
-            // No body (a GET): nothing to limit, time or read.
+            // No body (a GET, or a declared length of 0): nothing to limit, time or read.
             return Ok(Received {
                 parts,
                 body: OutBody::Buffered(Bytes::new()),
                 check: Arc::default(),
             });
+        }
+        let limit = route.config.max_request_body;
+        let declared = content_length(&parts.headers);
+        if declared.is_some_and(|len| len > limit) {
+            return Err(ProxyError::BodyTooLarge { limit });
         }
         let idle = route.body_read_timeout;
         let small = declared.is_some_and(|n| n <= REPLAY_LIMIT);
