@@ -76,19 +76,6 @@ fn basic(user: &str, pass: &str) -> String {
     )
 }
 
-/// The headers the backend saw on its most recent request.
-fn last_backend_headers(backend: &Backend) -> http::HeaderMap {
-    backend
-        .stats
-        .headers
-        .lock()
-        .unwrap()
-        .last()
-        .expect("the backend saw a request")
-        .1
-        .clone()
-}
-
 fn assert_denied(a: &Answer, status: StatusCode, reason: &str) {
     assert_eq!(a.status, status, "body {:?}", a.body);
     assert_eq!(a.reason(), Some(reason));
@@ -123,7 +110,7 @@ async fn api_key_right_wrong_and_missing() {
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK);
-    let seen = last_backend_headers(&backend);
+    let seen = backend.last_request().1;
     assert!(seen.get("x-api-key").is_none(), "key forwarded: {seen:?}");
     assert_eq!(seen["x-other"], "kept");
 
@@ -191,7 +178,7 @@ async fn basic_right_wrong_and_missing() {
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK);
-    let seen = last_backend_headers(&backend);
+    let seen = backend.last_request().1;
     assert!(
         seen.get("authorization").is_none(),
         "gateway credentials forwarded: {seen:?}"
@@ -366,10 +353,7 @@ routes:
     )
     .await;
     assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(
-        last_backend_headers(&backend)["x-api-key"],
-        "callers-own-value"
-    );
+    assert_eq!(backend.last_request().1["x-api-key"], "callers-own-value");
 
     assert_denied(
         &get(&c, &gw.url("/data")).await,

@@ -65,14 +65,7 @@ async fn headers_are_forwarded_and_hop_by_hop_ones_stripped() {
         "hop-by-hop header from upstream removed"
     );
 
-    let seen = backend
-        .stats
-        .headers
-        .lock()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let seen = backend.last_request();
     assert_eq!(seen.0, "/api/h?q=1");
     let h = seen.1;
     assert!(
@@ -383,15 +376,7 @@ routes:
                 .body(body(Bytes::new()))
                 .unwrap();
             assert_eq!(send(&c, req).await.status, StatusCode::OK);
-            backend
-                .stats
-                .headers
-                .lock()
-                .unwrap()
-                .last()
-                .cloned()
-                .unwrap()
-                .0
+            backend.last_request().0
         }
     };
     assert_eq!(path_seen("API.example.com:8443").await, "/hosted/api/x");
@@ -817,15 +802,7 @@ routes:
     ] {
         let a = get(&c, &gw.url(sent)).await;
         assert_eq!(a.status, StatusCode::OK, "{sent}");
-        let seen = backend
-            .stats
-            .headers
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap()
-            .0
-            .clone();
+        let seen = backend.last_request().0;
         assert_eq!(seen, routed, "{sent} reached the backend as {seen}");
     }
     let metrics = gw.metrics().await;

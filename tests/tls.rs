@@ -237,18 +237,6 @@ async fn h1_get(
     )
 }
 
-fn last_seen(backend: &Backend) -> http::HeaderMap {
-    backend
-        .stats
-        .headers
-        .lock()
-        .unwrap()
-        .last()
-        .unwrap()
-        .1
-        .clone()
-}
-
 /// Raw HTTP/1.1 request with `Connection: close`; returns the whole answer, or "" when the
 /// gateway closed the connection without one.
 async fn raw_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, prefix: &[u8]) -> String {
@@ -285,7 +273,7 @@ async fn https_listener_serves_http1_and_h2_by_alpn() {
     let mut c = h1(tls).await;
     let (status, _, body) = h1_get(&mut c, "/a").await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
-    let seen = last_seen(&backend);
+    let seen = backend.last_request().1;
     assert_eq!(seen["x-forwarded-proto"], "https");
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
 
@@ -307,7 +295,7 @@ async fn https_listener_serves_http1_and_h2_by_alpn() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), http::Version::HTTP_2);
-    assert_eq!(last_seen(&backend)["x-forwarded-proto"], "https");
+    assert_eq!(backend.last_request().1["x-forwarded-proto"], "https");
 
     // No ALPN at all: HTTP/1.1.
     let tls = tls_connect(gw.addr, &ca.der, &[]).await;
@@ -773,12 +761,12 @@ async fn proxy_protocol_names_the_client() {
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let a = raw_exchange(tcp, b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 80\r\n").await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-    assert_eq!(last_seen(&backend)["x-forwarded-for"], "203.0.113.9");
+    assert_eq!(backend.last_request().1["x-forwarded-for"], "203.0.113.9");
 
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let a = raw_exchange(tcp, b"PROXY TCP6 2001:db8::5 2001:db8::1 5555 80\r\n").await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-    assert_eq!(last_seen(&backend)["x-forwarded-for"], "2001:db8::5");
+    assert_eq!(backend.last_request().1["x-forwarded-for"], "2001:db8::5");
 
     // v2 with an AWS VPC endpoint TLV.
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
@@ -788,19 +776,19 @@ async fn proxy_protocol_names_the_client() {
     )
     .await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-    assert_eq!(last_seen(&backend)["x-forwarded-for"], "198.51.100.7");
+    assert_eq!(backend.last_request().1["x-forwarded-for"], "198.51.100.7");
 
     // UNKNOWN and LOCAL keep the TCP peer.
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let a = raw_exchange(tcp, b"PROXY UNKNOWN\r\n").await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-    assert_eq!(last_seen(&backend)["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(backend.last_request().1["x-forwarded-for"], "127.0.0.1");
     let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     local.extend_from_slice(&[0x20, 0x00, 0, 0]);
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let a = raw_exchange(tcp, &local).await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-    assert_eq!(last_seen(&backend)["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(backend.last_request().1["x-forwarded-for"], "127.0.0.1");
 
     // Malformed or missing headers close the connection without an answer.
     let requests = backend.count(|s| &s.requests);
@@ -856,7 +844,7 @@ async fn proxy_protocol_before_tls() {
     let tls = tls_over(tcp, &ca.der, &[b"http/1.1"]).await.unwrap();
     let mut c = h1(tls).await;
     assert_eq!(h1_get(&mut c, "/").await.0, StatusCode::OK);
-    let seen = last_seen(&backend);
+    let seen = backend.last_request().1;
     assert_eq!(seen["x-forwarded-for"], "192.0.2.44");
     assert_eq!(seen["x-forwarded-proto"], "https");
 

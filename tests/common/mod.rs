@@ -195,6 +195,17 @@ impl Backend {
     pub fn count(&self, f: impl Fn(&BackendStats) -> &AtomicUsize) -> usize {
         f(&self.stats).load(Ordering::SeqCst)
     }
+
+    /// The target and headers of the most recent request the backend saw.
+    pub fn last_request(&self) -> (String, HeaderMap) {
+        self.stats
+            .headers
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the backend saw a request")
+    }
 }
 
 pub async fn wait_until(what: &str, f: impl Fn() -> bool, changed: &Notify) {
