@@ -57,8 +57,8 @@ pub fn send<'a>(
                     }
                 },
                 Err(error) if matches!(error.failure, SendFailure::TimedOut) => {
-                    // Out of budget at an endpoint says how slow it is; waiting for an endpoint slot
-                    // (routes sharing the upstream) says nothing about the backend.
+                    // Out of budget at an endpoint says how slow it is; waiting for an endpoint
+                    // slot (routes sharing the upstream) says nothing about the backend.
                     let sample = match &error.endpoint {
                         Some(e) => {
                             ctx.record.endpoint = Some(e.label.clone());

@@ -196,6 +196,10 @@ struct Gauges {
     capacity: Gauge,
 }
 
+/// What an exchange gives back: the answer's head, the connection it holds, and when the
+/// request was written.
+type Exchanged = (Response<Incoming>, Held, Instant);
+
 impl Upstream {
     /// Builds the endpoints' pools and starts opening their `min_idle` connections.
     pub fn new(config: UpstreamConfig, tls: Option<crate::tls::ClientTls>) -> Self {
@@ -421,12 +425,12 @@ impl Upstream {
             let attempt = self.exchange(&endpoint, req, via);
             match tokio::time::timeout_at(deadline, attempt).await {
                 Err(_) => {
-                    // Dropping the attempt dropped its connection mid-exchange, which closes it: the
-                    // backend learns the caller is gone rather than working on for nobody.
-                    // No answer in time counts against the endpoint only when another one answered
-                    // meanwhile: a backend slow everywhere is the stall cap's to handle (see
-                    // `crate::admission`), and ejecting every endpoint would only add cooldowns to
-                    // its recovery.
+                    // Dropping the attempt dropped its connection mid-exchange, which closes it:
+                    // the backend learns the caller is gone rather than working on for nobody.
+                    // No answer in time counts against the endpoint only when another one
+                    // answered meanwhile: a backend slow everywhere is the stall cap's to handle
+                    // (see `crate::admission`), and ejecting every endpoint would only add
+                    // cooldowns to its recovery.
                     let others_answer = self
                         .endpoints
                         .load()
@@ -661,8 +665,7 @@ impl Upstream {
         endpoint: &'a Endpoint,
         req: Request<RequestBody>,
         via: Via,
-    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Held, Instant), SendError>> + 'a
-    {
+    ) -> impl std::future::Future<Output = Result<Exchanged, SendError>> + 'a {
         async move {
             let no_connection = |why: String, req| SendError {
                 failure: SendFailure::NoConnection(why),
