@@ -11,6 +11,23 @@ ticks() {
   echo "$t"
 }
 
+# One wrk run (-t1, CONNS connections for DUR) against URL, with the CPU time process PID (and its
+# children) spent meanwhile: prints requests/s, p50, p99, CPU per request, the cores that CPU time
+# kept busy, and any non-2xx count. Needs CONNS, DUR, WORK and HZ (getconf CLK_TCK) set.
+#   wrk_run NAME PID URL
+wrk_run() {
+  local before after
+  before=$(ticks "$2")
+  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$3" >"$WORK/wrk.out"
+  after=$(ticks "$2")
+  awk -v name="$1" -v cpu=$((after - before)) -v hz="$HZ" '
+    /requests in/ {n=$1; secs=$4 + 0}
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
+    /Non-2xx/ {bad=$NF}
+    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request   %4.2f cores busy%s\n", name, rps, p50, p99, cpu / hz / n * 1e6, cpu / hz / secs, bad ? "   NON-2XX: " bad : ""}' "$WORK/wrk.out"
+}
+
 # Writes an NGINX config for a backend answering every request at once with a 35-byte JSON body,
 # one worker, no access log: the backend costs as little as possible, so the proxy in front is
 # what is measured.   fast_backend_conf WORKDIR PORT > FILE

@@ -59,28 +59,16 @@ fi
 sleep 1
 
 HZ=$(getconf CLK_TCK)
-run() { # name pid url
-  local before after
-  before=$(ticks "$2")
-  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$3" >"$WORK/wrk.out"
-  after=$(ticks "$2")
-  awk -v name="$1" -v cpu=$((after - before)) -v hz="$HZ" '
-    /requests in/ {n=$1}
-    /Requests\/sec/ {rps=$2}
-    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
-    /Non-2xx/ {bad=$NF}
-    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request%s\n", name, rps, p50, p99, cpu / hz / n * 1e6, bad ? "   NON-2XX: " bad : ""}' "$WORK/wrk.out"
-}
 
 echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, access logs $([ -n "${LOGS:-}" ] && echo on || echo off), $(nproc) cores, $(date -u +%F)"
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
-  run direct     "$BACKEND_PID" "http://127.0.0.1:$BACKEND/v1/sentiment"
-  run nginx      "$NGINX_PID" "http://127.0.0.1:$NGINX/v1/sentiment"
-  run breakwater "$BW_PID" "http://127.0.0.1:$BW/v1/sentiment"
-  if [ -n "${BASELINE:-}" ]; then run baseline "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
+  wrk_run direct     "$BACKEND_PID" "http://127.0.0.1:$BACKEND/v1/sentiment"
+  wrk_run nginx      "$NGINX_PID" "http://127.0.0.1:$NGINX/v1/sentiment"
+  wrk_run breakwater "$BW_PID" "http://127.0.0.1:$BW/v1/sentiment"
+  if [ -n "${BASELINE:-}" ]; then wrk_run baseline "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
   if [ -n "${FLOOR:-}" ]; then
-    run floor "$FLOOR_PID" "http://127.0.0.1:$FLOOR_PORT/v1/sentiment"
-    run floor-http "$FLOOR_HTTP_PID" "http://127.0.0.1:$FLOOR_HTTP_PORT/v1/sentiment"
+    wrk_run floor "$FLOOR_PID" "http://127.0.0.1:$FLOOR_PORT/v1/sentiment"
+    wrk_run floor-http "$FLOOR_HTTP_PID" "http://127.0.0.1:$FLOOR_HTTP_PORT/v1/sentiment"
   fi
 done

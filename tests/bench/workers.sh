@@ -88,26 +88,15 @@ threads() { # pid: clock ticks per thread name
 }
 
 HZ=$(getconf CLK_TCK)
-run() { # name pid url
-  local before after
-  before=$(ticks "$2")
-  wrk -t1 -c"$CONNS" -d"$DUR" --latency "$3" >"$WORK/wrk.out"
-  after=$(ticks "$2")
-  awk -v name="$1" -v cpu=$((after - before)) -v hz="$HZ" '
-    /requests in/ {n=$1; secs=$4 + 0}
-    /Requests\/sec/ {rps=$2}
-    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
-    END {printf "%-12s %10s req/s   p50 %8s   p99 %8s   %5.1f us CPU/request   %4.2f cores busy\n", name, rps, p50, p99, cpu / hz / n * 1e6, cpu / hz / secs}' "$WORK/wrk.out"
-}
 
 echo "wrk -t1 -c$CONNS -d$DUR, $ROUNDS rounds, $(nproc) cores, $(date -u +%F)${QUOTA:+, CPU quota $QUOTA cores per worker}"
 for r in $(seq "$ROUNDS"); do
   echo "-- round $r"
-  run nginx-1 "$NGINX1_PID" "http://127.0.0.1:$NGINX1/v1/sentiment"
-  run nginx-2 "$NGINX2_PID" "http://127.0.0.1:$NGINX2/v1/sentiment"
-  run bw-1 "$BW1_PID" "http://127.0.0.1:$BW1/v1/sentiment"
-  run bw-2 "$BW2_PID" "http://127.0.0.1:$BW2/v1/sentiment"
-  if [ -n "${BASELINE:-}" ]; then run baseline-2 "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
+  wrk_run nginx-1 "$NGINX1_PID" "http://127.0.0.1:$NGINX1/v1/sentiment"
+  wrk_run nginx-2 "$NGINX2_PID" "http://127.0.0.1:$NGINX2/v1/sentiment"
+  wrk_run bw-1 "$BW1_PID" "http://127.0.0.1:$BW1/v1/sentiment"
+  wrk_run bw-2 "$BW2_PID" "http://127.0.0.1:$BW2/v1/sentiment"
+  if [ -n "${BASELINE:-}" ]; then wrk_run baseline-2 "$BASE_PID" "http://127.0.0.1:$BASE/v1/sentiment"; fi
 done
 echo "CPU ticks per thread since start: bw-1: $(threads "$BW1_PID")"
 echo "                                  bw-2: $(threads "$BW2_PID")"
