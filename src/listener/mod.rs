@@ -405,8 +405,8 @@ impl<S: AsyncWrite> AsyncWrite for TrackedIo<S> {
 
 /// What the listener serves: a tower service given each request with the details of the
 /// connection it came on. It answers every request (it never fails; an error is an answer too),
-/// and it is always ready: the listener calls it without `poll_ready`, as hyper's own
-/// `service_fn` would be.
+/// and it must always be ready: the listener calls it without `poll_ready` (hyper's own service
+/// trait has none).
 pub trait Handler:
     tower::Service<
         (Request<Incoming>, ConnInfo),
