@@ -307,8 +307,8 @@ pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
 
 const CORRELATIONS: usize = 2;
 
-/// Correlation headers Genesys Cloud sends with data action requests.
-/// Named once: a header looked up by a `&str` is parsed on every lookup.
+/// Correlation headers Genesys Cloud sends with data action requests, with their log fields.
+/// Named once, as constants: a name given as a `&str` is parsed again at every use.
 const CORRELATION: [(HeaderName, &str); CORRELATIONS] = [
     (
         HeaderName::from_static("inin-correlation-id"),
