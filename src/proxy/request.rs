@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::context::RequestContext;
 use super::replay::Replay;
 use super::{RouteState, Table};
-use crate::body::{BodyCheck, LimitedBody, RequestBody};
+use crate::body::{BodyCheck, LimitedBody, RequestBody, Whole};
 use crate::error::ProxyError;
 use crate::forward::{self, ForwardInfo};
 
@@ -113,15 +113,17 @@ pub fn read_body<'a>(
         let (body, check) = if small {
             // Read whole under one timer, the idle timeout's or the budget's, whichever ends first.
             let (body, check) = LimitedBody::until(body, limit, idle, Some(ctx.deadline()));
-            // Boxed: a body with its timer is a large future, and every request's future is copied
-            // whole where it is awaited.
-            match Box::pin(body.collect()).await {
+            // Boxed: a body with its timer is large, and every request's future is copied whole
+            // where it is awaited.
+            let mut body = Box::pin(body);
+            let mut whole = Whole::default();
+            match whole.more(&mut body).await {
                 Err(_) => {
                     return Err(check
                         .failure(limit, idle)
                         .unwrap_or(ProxyError::BadRequest("request body ended early")))
                 }
-                Ok(collected) => (OutBody::Buffered(collected.to_bytes()), check),
+                Ok(()) => (OutBody::Buffered(whole.into_bytes()), check),
             }
         } else {
             let (body, check) = LimitedBody::new(body, limit, idle);
