@@ -312,21 +312,25 @@ impl Whole {
         B: Body<Data = Bytes> + Unpin,
     {
         while let Some(frame) = body.frame().await {
-            let Ok(data) = frame?.into_data() else {
-                continue;
-            };
-            match &mut self.rest {
-                _ if self.first.is_empty() => self.first = data,
-                Some(rest) => rest.extend_from_slice(&data),
-                None => {
-                    let mut rest = BytesMut::with_capacity(self.first.len() + data.len());
-                    rest.extend_from_slice(&self.first);
-                    rest.extend_from_slice(&data);
-                    self.rest = Some(rest);
-                }
+            if let Ok(data) = frame?.into_data() {
+                self.push(data);
             }
         }
         Ok(())
+    }
+
+    /// Adds the body's next chunk.
+    pub fn push(&mut self, data: Bytes) {
+        match &mut self.rest {
+            _ if self.first.is_empty() => self.first = data,
+            Some(rest) => rest.extend_from_slice(&data),
+            None => {
+                let mut rest = BytesMut::with_capacity(self.first.len() + data.len());
+                rest.extend_from_slice(&self.first);
+                rest.extend_from_slice(&data);
+                self.rest = Some(rest);
+            }
+        }
     }
 
     pub fn into_bytes(self) -> Bytes {

@@ -136,6 +136,16 @@ impl RequestContext {
         self.sent_at = Some(written_at);
     }
 
+    /// The connection the answer is read from, while the context holds it.
+    pub fn lease_mut(&mut self) -> Option<&mut crate::upstream::Lease> {
+        self.lease.as_mut()
+    }
+
+    /// Hands the connection to the answer's streamed body, which gives it back when it ends.
+    pub fn take_lease(&mut self) -> Option<Lease> {
+        self.lease.take()
+    }
+
     /// What the current attempt took so far.
     fn took(&self) -> Option<Duration> {
         self.took_by(Instant::now())

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use http::Request;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::context::RequestContext;
@@ -16,7 +15,7 @@ use crate::admission::Sample;
 use crate::body::{BodyCheck, RequestBody};
 use crate::error::ProxyError;
 use crate::retry::{Attempted, Decision, RetryReason, Spent};
-use crate::upstream::{SendError, SendFailure, Via};
+use crate::upstream::{Framing, SendError, SendFailure, Via};
 
 #[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
 pub fn send<'a>(
@@ -25,7 +24,7 @@ pub fn send<'a>(
     first: Request<RequestBody>,
     replay: Option<Replay>,
     check: &'a BodyCheck,
-) -> impl std::future::Future<Output = Result<http::Response<Incoming>, ProxyError>> + 'a {
+) -> impl std::future::Future<Output = Result<http::Response<Framing>, ProxyError>> + 'a {
     async move {
         let deadline = ctx.deadline();
         route.retry.on_request();
@@ -115,7 +114,7 @@ impl Attempt<'_> {
     fn after_answer(
         &self,
         ctx: &RequestContext,
-        resp: &http::Response<Incoming>,
+        resp: &http::Response<Framing>,
         spent: &mut Spent,
     ) -> Option<(Request<RequestBody>, Via)> {
         let (route, status) = (self.route, resp.status());

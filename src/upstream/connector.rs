@@ -9,16 +9,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::h1::{Http1, IdleWatch, Stream};
 use super::idle::{IdleClock, IdleTimer};
-use crate::body::RequestBody;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
@@ -38,12 +35,9 @@ pub enum ConnectError {
 /// applies to it.
 const FRESH_GRACE: Duration = Duration::from_millis(10);
 
-/// Largest upstream response head accepted.
-const UPSTREAM_MAX_HEAD: usize = 64 * 1024;
-
 /// One pooled HTTP/1.1 connection to an upstream.
 pub struct UpstreamConn {
-    pub(crate) sender: http1::SendRequest<RequestBody>,
+    pub(crate) io: Http1,
     /// Busy from the moment a request is handed to this connection until its response body has
     /// been relayed to the end; a connection given back while still busy was abandoned
     /// mid-exchange (budget ran out, caller left, error), so the pool must close it. Idle since
@@ -60,7 +54,6 @@ pub struct UpstreamConn {
     /// Closed once its exchange is over, to make room for a connection that may reach another
     /// worker.
     pub(crate) retire: bool,
-    task: tokio::task::AbortHandle,
 }
 
 impl UpstreamConn {
@@ -69,13 +62,6 @@ impl UpstreamConn {
     /// been idled out, so a failure on it is a real failure.
     pub(crate) fn may_be_stale(&self) -> bool {
         self.served > 0 || self.clock.idle_for() >= std::time::Duration::from_millis(1)
-    }
-}
-
-impl Drop for UpstreamConn {
-    fn drop(&mut self) {
-        // Closes the socket even if the connection task is waiting on a response.
-        self.task.abort();
     }
 }
 
@@ -286,12 +272,12 @@ impl Connector {
         let _ = stream.set_nodelay(true);
         let stream = super::quickack::QuickAck::new(stream, self.state.acks.clone());
         let Some(tls) = &self.tls else {
-            return self.handshake(stream, addr).await;
+            return Ok(self.conn(Stream::Plain(stream), addr));
         };
         // A certificate problem is the same on every address: no point trying them.
         let handshake = tls.connector.connect(tls.name.clone(), stream);
         match tokio::time::timeout_at(deadline, handshake).await {
-            Ok(Ok(stream)) => self.handshake(stream, addr).await,
+            Ok(Ok(stream)) => Ok(self.conn(Stream::Tls(Box::new(stream)), addr)),
             Ok(Err(e)) => Err(ConnectError::Tls {
                 addr: addr.to_string(),
                 reason: e.to_string(),
@@ -343,43 +329,26 @@ impl Connector {
         }))
     }
 
-    async fn handshake<S>(&self, stream: S, addr: SocketAddr) -> Result<UpstreamConn, ConnectError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, conn) = http1::Builder::new()
-            // An upstream answer whose head does not fit is refused (502), not buffered.
-            .max_header_size(UPSTREAM_MAX_HEAD)
-            .handshake::<_, RequestBody>(TokioIo::new(stream))
-            .await
-            .map_err(|e| ConnectError::Refused {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?;
-        let name = self.name.clone();
+    fn conn(&self, stream: Stream, addr: SocketAddr) -> UpstreamConn {
         let clock = Arc::new(IdleClock::new());
-        let (watched, state) = (clock.clone(), self.state.clone());
-        // The task ends when the connection does; it is aborted when the pool drops the
-        // connection, so an end seen here is the peer's doing.
-        let task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(upstream = %name, %addr, error = %e, "upstream connection ended");
-            }
+        let (watched, state, name) = (clock.clone(), self.state.clone(), self.name.clone());
+        // The peer ending a connection that sits idle in the pool is a sample of its idle
+        // timer (see `super::idle`).
+        let watch = IdleWatch::new(move || {
+            tracing::debug!(upstream = %name, %addr, "upstream closed an idle connection");
             if let Some(idle) = watched.closed_while_idle() {
                 state.idle_timer.observe(idle);
             }
-        })
-        .abort_handle();
-        Ok(UpstreamConn {
-            sender,
+        });
+        UpstreamConn {
+            io: Http1::new(stream, watch),
             clock,
             served: 0,
             addr,
             worker: Default::default(),
             counted: None,
             retire: false,
-            task,
-        })
+        }
     }
 }
 
@@ -407,7 +376,7 @@ impl bb8::ManageConnection for Connector {
         let closed = || ConnectError::Closed {
             addr: conn.addr.to_string(),
         };
-        if conn.sender.is_closed() {
+        if !conn.io.still_open() {
             return Err(closed());
         }
         // About to reach the peer's idle timer: retired rather than raced.
@@ -426,13 +395,11 @@ impl bb8::ManageConnection for Connector {
                 return Err(closed());
             }
         }
-        // An idle connection is ready at once (or fails at once if closed); one just given
-        // back becomes ready as soon as its task has seen the end of the last exchange.
-        conn.sender.ready().await.map_err(|_| closed())
+        Ok(())
     }
 
     fn has_broken(&self, conn: &mut UpstreamConn) -> bool {
-        conn.clock.is_busy() || conn.sender.is_closed()
+        conn.clock.is_busy() || conn.io.is_spent()
     }
 }
 

@@ -10,6 +10,7 @@
 mod connector;
 mod discovery;
 mod endpoint;
+pub mod h1;
 mod idle;
 mod quickack;
 pub mod workers;
@@ -22,8 +23,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use bb8::{Pool, PooledConnection};
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use metrics::Gauge;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 pub use connector::{ConnectError, Connector, ConnectorState, UpstreamConn};
 pub use discovery::{Resolve, SystemResolver};
 pub use endpoint::{Endpoint, EndpointSlot};
+pub use h1::{ExchangeError, Framing};
 
 use crate::admission::Admission;
 use crate::body::RequestBody;
@@ -50,22 +52,22 @@ pub enum SendFailure {
     /// reach the upstream. `reused`: the connection had sat in the pool (the peer may have
     /// closed it while it was idle).
     #[error("request not sent: {error}")]
-    NotWritten { error: hyper::Error, reused: bool },
+    NotWritten { error: ExchangeError, reused: bool },
     /// The connection was closed after the request was written and before any byte of an answer
     /// came back. On a reused connection this is usually the keep-alive race (the peer closed
     /// the idle connection as the request went out, and never read it), but the upstream may
     /// also have read the request and died working on it: nobody can tell.
     #[error("connection closed before any answer: {error}")]
-    ClosedBeforeAnswer { error: hyper::Error, reused: bool },
+    ClosedBeforeAnswer { error: ExchangeError, reused: bool },
     /// Any other failure after the request was written.
     #[error("{0}")]
-    Failed(hyper::Error),
+    Failed(ExchangeError),
     /// No answer's head within the request's budget (or no endpoint slot came free in it).
     #[error("no answer within the budget")]
     TimedOut,
 }
 
-/// A failed attempt; `unsent` holds the request when hyper handed it back unwritten, `endpoint`
+/// A failed attempt; `unsent` holds the request when not a byte of it was written, `endpoint`
 /// the endpoint it went to (none when it never got one).
 pub struct SendError {
     pub failure: SendFailure,
@@ -75,7 +77,9 @@ pub struct SendError {
 
 /// An attempt the upstream answered.
 pub struct Answered {
-    pub head: Response<Incoming>,
+    /// The answer's head, with how its body is framed in the body's place: the body is read
+    /// through the lease's connection.
+    pub head: Response<Framing>,
     /// Holds the connection until the answer's body has been read.
     pub lease: Lease,
     /// When the request started going out on its connection: the upstream's service time runs
@@ -133,12 +137,24 @@ impl Lease {
         self.head_at
     }
 
+    /// The answer's body of `len` bytes, when it has all arrived (most small answers come with
+    /// their head).
+    pub fn take_whole(&mut self, len: usize) -> Option<Bytes> {
+        self.held.conn().io.take_whole(len)
+    }
+
+    /// Reads the answer's body of `len` bytes whole.
+    pub async fn read_whole(&mut self, len: usize) -> Result<Bytes, ExchangeError> {
+        self.held.conn().io.read_whole(len).await
+    }
+
     /// Gives the connection back (closed unless `reusable`) at `now`: one clock read, the
     /// caller's, serves the answer's length, the connection's idle clock and the caller's own
     /// timing.
     pub fn release(mut self, reusable: bool, now: Instant) {
         let endpoint = self.slot.endpoint();
         let conn = self.held.conn();
+        let reusable = reusable && conn.io.reusable();
         let acks = &endpoint.connector.acks;
         if reusable
             && conn.served > 0
@@ -152,13 +168,83 @@ impl Lease {
                  side): acknowledging its reads at once from now on"
             );
         }
-        let reusable = reusable && !conn.retire;
+        // Watched from here on: the peer closing it while it idles is seen without a task.
+        let reusable = reusable && !conn.retire && conn.io.watch_idle();
         conn.clock.went_idle_at(now, reusable);
         conn.served = conn.served.saturating_add(1);
         if let Held::Fresh { conn, pool } = self.held {
             if reusable {
                 let _ = pool.add(conn);
             }
+        }
+    }
+}
+
+/// An answer's body streamed from its connection. The connection goes back to the pool once
+/// the body has been read to its end, and is closed if the body is dropped before.
+pub struct AnswerBody {
+    lease: Option<Lease>,
+    decoder: h1::Decoder,
+}
+
+impl AnswerBody {
+    pub fn new(lease: Lease, framing: Framing) -> Self {
+        AnswerBody {
+            lease: Some(lease),
+            decoder: h1::Decoder::new(framing),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release(true, Instant::now());
+        }
+    }
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, ExchangeError>>> {
+        let this = self.get_mut();
+        let Some(lease) = this.lease.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let polled = std::task::ready!(lease.held.conn().io.poll_body(&mut this.decoder, cx));
+        std::task::Poll::Ready(match polled {
+            Some(Ok(data)) => {
+                // The last piece of a body of known length: the connection is free now, not
+                // when the body is next polled.
+                if this.decoder.is_done() {
+                    this.finish();
+                }
+                Some(Ok(http_body::Frame::data(data)))
+            }
+            Some(Err(e)) => {
+                // Dropped: closed.
+                this.lease = None;
+                Some(Err(e))
+            }
+            None => {
+                this.finish();
+                None
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.lease.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.decoder.remaining() {
+            Some(n) if self.lease.is_some() => http_body::SizeHint::with_exact(n),
+            Some(_) => http_body::SizeHint::with_exact(0),
+            None => http_body::SizeHint::default(),
         }
     }
 }
@@ -198,7 +284,7 @@ struct Gauges {
 
 /// What an exchange gives back: the answer's head, the connection it holds, and when the
 /// request was written.
-type Exchanged = (Response<Incoming>, Held, Instant);
+type Exchanged = (Response<Framing>, Held, Instant);
 
 impl Upstream {
     /// Builds the endpoints' pools and starts opening their `min_idle` connections.
@@ -694,22 +780,10 @@ impl Upstream {
                 },
             };
             let conn = held.conn();
-            if via == Via::Fresh {
-                if let Err(error) = conn.sender.ready().await {
-                    return Err(SendError {
-                        failure: SendFailure::NotWritten {
-                            error,
-                            reused: false,
-                        },
-                        unsent: Some(req),
-                        endpoint: None,
-                    });
-                }
-            }
             conn.clock.set_busy();
             let reused = via == Via::Pool && conn.may_be_stale();
             let written_at = Instant::now();
-            let sent = conn.sender.try_send_request(req).await;
+            let sent = conn.io.send(req).await;
             if let (Some(workers), Ok(resp)) = (&endpoint.workers, &sent) {
                 let conn = held.conn();
                 workers.learn(conn, resp.headers(), Instant::now());
@@ -724,22 +798,24 @@ impl Upstream {
                     }
                     if said.closes {
                         conn.clock.mark_closing();
+                        conn.io.spend();
                     }
                     Ok((resp, held, written_at))
                 }
-                Err(mut e) => {
-                    let unsent = e.take_message();
-                    let error = e.into_error();
-                    let failure = if unsent.is_some() {
-                        SendFailure::NotWritten { error, reused }
-                    } else if closed_before_answer(&error) {
+                Err(h1::SendError::NotWritten { error, request }) => Err(SendError {
+                    failure: SendFailure::NotWritten { error, reused },
+                    unsent: Some(*request),
+                    endpoint: None,
+                }),
+                Err(h1::SendError::Written { error, unanswered }) => {
+                    let failure = if unanswered && error.closed_before_answer() {
                         SendFailure::ClosedBeforeAnswer { error, reused }
                     } else {
                         SendFailure::Failed(error)
                     };
                     Err(SendError {
                         failure,
-                        unsent,
+                        unsent: None,
                         endpoint: None,
                     })
                 }
@@ -816,27 +892,6 @@ impl ConnectionSaid {
         }
         said
     }
-}
-
-/// The connection ended before any answer arrived: closed or reset by the peer.
-fn closed_before_answer(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        source = s.source();
-    }
-    false
 }
 
 #[cfg(test)]

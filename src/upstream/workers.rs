@@ -540,23 +540,22 @@ async fn probe(
     path: &PathAndQuery,
 ) -> Result<UpstreamConn, String> {
     let mut conn = e.dedicated().await?;
-    conn.sender.ready().await.map_err(|err| err.to_string())?;
     let req = http::Request::get(path.as_str())
         .header(http::header::HOST, e.label.as_ref())
         .header(http::header::USER_AGENT, "breakwater-worker-probe")
         .body(crate::body::full(bytes::Bytes::new()))
         .map_err(|err| err.to_string())?;
-    let resp = conn
-        .sender
-        .send_request(req)
-        .await
-        .map_err(|err| err.to_string())?;
+    let resp = conn.io.send(req).await.map_err(|err| match err {
+        super::h1::SendError::NotWritten { error, .. }
+        | super::h1::SendError::Written { error, .. } => error.to_string(),
+    })?;
     let reusable = !super::ConnectionSaid::of(&resp).closes;
-    let (head, body) = resp.into_parts();
-    http_body_util::BodyExt::collect(http_body_util::Limited::new(body, PROBE_BODY_LIMIT))
+    let (head, framing) = resp.into_parts();
+    conn.io
+        .collect(framing, PROBE_BODY_LIMIT)
         .await
         .map_err(|err| err.to_string())?;
-    if !reusable {
+    if !reusable || !conn.io.reusable() {
         return Err("the probe's answer closes its connection".into());
     }
     workers.learn(&mut conn, &head.headers, Instant::now());
@@ -567,7 +566,8 @@ async fn probe(
         ));
     }
     conn.served = 1;
-    conn.clock.went_idle(true);
+    let open = conn.io.watch_idle();
+    conn.clock.went_idle(open);
     Ok(conn)
 }
 
