@@ -3,6 +3,8 @@
 //! the connection so every hostile input — heads split at any byte, heads too large, lengths that
 //! disagree, chunk lines that never end — is tested without a socket.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
@@ -171,9 +173,11 @@ pub struct Head {
 /// before it) from the buffer. `Ok(None)`: not all of it has arrived yet.
 pub fn parse_head(buf: &mut BytesMut, request: &Method) -> Result<Option<Head>, Malformed> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(buf) {
+        // Left uninitialised: writing 100 empty fields first would cost more than the parse.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
                 return Err(Malformed::HeadTooLarge)
