@@ -56,8 +56,8 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
-    /// The connection ended (closed or reset) before any byte of an answer: the keep-alive
-    /// race on a reused connection, or an upstream that died on the request.
+    /// The connection was closed or reset. On an exchange nothing was answered on, that is the
+    /// keep-alive race on a reused connection, or an upstream that died on the request.
     pub fn closed_before_answer(&self) -> bool {
         match self {
             ExchangeError::Closed => true,
@@ -81,7 +81,8 @@ pub enum SendError {
         /// Boxed: only a failure carries it.
         request: Box<Request<RequestBody>>,
     },
-    /// The request (or part of it) went out.
+    /// The request (or part of it) went out, or its body failed or did not match its length
+    /// before it could: either way, it is not handed back.
     Written {
         error: ExchangeError,
         /// Not a byte of an answer came back.
@@ -378,7 +379,8 @@ impl Http1 {
     /// The connection goes back to the pool idle: from now on its watch wakes if the peer ends
     /// it. False when it already has (or sent something unasked).
     pub fn watch_idle(&mut self) -> bool {
-        if self.spent {
+        if self.spent || !self.read.is_empty() {
+            self.spent = true;
             return false;
         }
         if self.spare > READ_SPARE {
@@ -557,3 +559,6 @@ impl BodyOut {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
