@@ -24,6 +24,7 @@ pub fn prepare(
         forward::response_headers(&mut parts.headers, ctx.request_id());
         // hyper answers each client in the client's own version.
         parts.version = http::Version::default();
+        let deadline = ctx.deadline();
         let small = framing.exact().filter(|n| *n <= BUFFER_LIMIT);
         let (Some(len), Some(lease)) = (small, ctx.lease_mut()) else {
             // Streamed: the connection stays with the body until its last byte, the slot with
@@ -44,13 +45,7 @@ pub fn prepare(
         let len = len as usize;
         let done = match lease.take_whole(len) {
             Some(body) => Ok(Ok(body)),
-            None => {
-                let deadline = ctx.deadline();
-                let Some(lease) = ctx.lease_mut() else {
-                    return Err(ProxyError::Upstream("answer without its connection".into()));
-                };
-                tokio::time::timeout_at(deadline, lease.read_whole(len)).await
-            }
+            None => tokio::time::timeout_at(deadline, lease.read_whole(len)).await,
         };
         match done {
             Ok(Ok(body)) => {
