@@ -207,8 +207,13 @@ fn text(bytes: &[u8]) -> &str {
 
 /// One complete exchange whose answer is `ok` with a length, leaving the connection idle.
 async fn exchange_ok(conn: &mut Http1) {
-    let resp = answered(soon!(conn.send(get("/"))));
-    assert_eq!(*resp.body(), Framing::Length(2));
+    let sent = soon!(conn.send(get("/")));
+    read_ok(conn, sent).await;
+}
+
+/// `sent` was answered `OK`, whose body reads whole and leaves the connection fit for another.
+async fn read_ok(conn: &mut Http1, sent: Result<Response<Framing>, SendError>) {
+    assert_eq!(*answered(sent).body(), Framing::Length(2));
     assert_eq!(soon!(conn.read_whole(2)).unwrap(), "ok");
     assert!(conn.reusable());
 }
@@ -345,9 +350,7 @@ async fn a_streaming_body_of_unknown_length_goes_chunked_as_it_arrives() {
         tx.send("world".into()).unwrap();
     };
     let (sent, ()) = soon!(async { tokio::join!(conn.send(req), feed) });
-    answered(sent);
-    assert_eq!(soon!(conn.read_whole(2)).unwrap(), "ok");
-    assert!(conn.reusable());
+    read_ok(&mut conn, sent).await;
     drop(conn);
 
     let (head, first, rest, after) = soon!(script).unwrap();
@@ -387,9 +390,7 @@ async fn a_streaming_body_with_a_declared_length_goes_with_that_length_not_chunk
         tx.send(" world".into()).unwrap();
     };
     let (sent, ()) = soon!(async { tokio::join!(conn.send(req), feed) });
-    answered(sent);
-    assert_eq!(soon!(conn.read_whole(2)).unwrap(), "ok");
-    assert!(conn.reusable());
+    read_ok(&mut conn, sent).await;
     drop(conn);
 
     let (head, first, second, after) = soon!(script).unwrap();
