@@ -995,3 +995,90 @@ async fn informational_answers_before_the_final_one_are_skipped() {
     drop(conn);
     soon!(script).unwrap();
 }
+
+/// A TLS connection to a peer serving `OK` to each request until it reads `close`, then
+/// ending the session (close_notify, then FIN). TLS 1.3 peers send session tickets after the
+/// handshake, bytes that arrive while the connection may sit idle in the pool.
+async fn open_tls() -> (Http1, mpsc::UnboundedReceiver<()>, oneshot::Sender<()>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (close, closing) = oneshot::channel::<()>();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut closing = std::pin::pin!(closing);
+        let mut seen = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            tokio::select! {
+                read = tls.read(&mut chunk) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        seen.extend_from_slice(&chunk[..n]);
+                        while let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..at + 4);
+                            tls.write_all(OK).await.unwrap();
+                        }
+                    }
+                },
+                _ = &mut closing => {
+                    let _ = tls.shutdown().await;
+                    return;
+                }
+            }
+        }
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector
+        .connect(name, QuickAck::new(tcp, Arc::new(AckPolicy::default())))
+        .await
+        .unwrap();
+    let (tx, fired) = mpsc::unbounded_channel();
+    let conn = Http1::new(
+        Stream::Tls(Box::new(tls)),
+        IdleWatch::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    (conn, fired, close)
+}
+
+#[tokio::test]
+async fn a_tls_connection_stays_open_through_session_tickets_and_is_seen_closing() {
+    let (mut conn, mut fired, close) = open_tls().await;
+    exchange_ok(&mut conn).await;
+    assert!(conn.watch_idle());
+    // Whatever the peer sent after the handshake (its session tickets, if the first answer's
+    // read did not take them) is TLS's own: it may wake the watch, but the connection is still
+    // open and carries the next request.
+    let _ = tokio::time::timeout(Duration::from_millis(50), fired.recv()).await;
+    assert!(conn.still_open(), "a session ticket is not a close");
+    exchange_ok(&mut conn).await;
+    assert!(conn.watch_idle());
+
+    close.send(()).unwrap();
+    soon!(fired.recv()).expect("the watch fired");
+    assert!(!conn.still_open(), "close_notify and FIN seen");
+}
