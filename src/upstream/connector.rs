@@ -340,8 +340,12 @@ impl Connector {
                 state.idle_timer.observe(idle);
             }
         });
+        let mut io = Http1::new(stream, watch);
+        // Watched from the start: a connection the peer closes before its first request is
+        // seen as one closed while it idled.
+        io.watch_idle();
         UpstreamConn {
-            io: Http1::new(stream, watch),
+            io,
             clock,
             served: 0,
             addr,
@@ -599,5 +603,31 @@ mod tests {
             let deadline = Instant::now() + c.connect_timeout;
             assert_eq!(c.connect_tcp(&addrs, deadline).await.unwrap().1, addrs[0]);
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_peer_closes_before_its_first_request_is_not_handed_out() {
+        use bb8::ManageConnection;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = Connector::new("t", "127.0.0.1", addr.port(), ms(1000));
+        let (conn, accepted) = tokio::join!(c.open(), listener.accept());
+        let mut conn = conn.unwrap();
+        assert!(
+            c.is_valid(&mut conn).await.is_ok(),
+            "open while the peer keeps it"
+        );
+        drop(accepted.unwrap().0);
+        // Seen once the runtime's I/O driver has the close: no task polls the connection.
+        let mut seen = false;
+        for _ in 0..5000 {
+            if c.is_valid(&mut conn).await.is_err() {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(ms(1)).await;
+        }
+        assert!(seen, "the close was never seen");
+        assert!(c.has_broken(&mut conn));
     }
 }
