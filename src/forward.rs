@@ -11,9 +11,9 @@ pub const BUDGET_HEADER: &str = "x-breakwater-budget-ms";
 
 // Named once: a header named by a `&str` is parsed and checked on every insert.
 pub(crate) const BUDGET: HeaderName = HeaderName::from_static(BUDGET_HEADER);
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
@@ -168,13 +168,36 @@ pub struct ForwardInfo<'a> {
     pub upstream_host: Option<&'a HeaderValue>,
 }
 
-/// Rewrites request headers for the upstream.
-pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    strip_hop_by_hop(headers);
-    // Room for what is added here and for the budget as the attempt goes out, made once: the
-    // map hyper parsed is sized for the caller's few headers, and would grow twice or more.
-    headers.reserve(6);
+/// The names of [`Forwarding`]'s fields, in the order they are written.
+static FORWARDING_NAMES: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
+];
 
+/// The fields the gateway sets on a request to the upstream. They are not inserted into the
+/// caller's map: the upstream client writes them after the caller's own fields, and a caller's
+/// field of the same name is not sent (`upstream::h1::codec::encode_head`). Six inserts per
+/// request (each a hash, and the map grown to take them) were the largest part of forwarding.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    /// The caller's whole `X-Forwarded-For` chain, then the peer; replaces every line the
+    /// caller sent (none is sent when the chain cannot be a value).
+    pub forwarded_for: Option<HeaderValue>,
+    pub forwarded_proto: HeaderValue,
+    /// The caller's Host, when it had one; replaces the caller's own `X-Forwarded-Host` only
+    /// then.
+    pub forwarded_host: Option<HeaderValue>,
+    /// The upstream's Host (its own authority unless the upstream preserves the caller's); an
+    /// endpoint's own replaces it when each endpoint is sent its own.
+    pub host: Option<HeaderValue>,
+    pub request_id: HeaderValue,
+}
+
+/// Strips the request's hop-by-hop headers and works out the fields the gateway sets on it.
+pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) -> Forwarding {
+    strip_hop_by_hop(headers);
     // The whole chain, every line in order (as authentication read it), then the peer.
     let mut xff: Vec<u8> = Vec::with_capacity(48);
     for line in headers.get_all(&X_FORWARDED_FOR) {
@@ -190,23 +213,38 @@ pub fn request_headers(headers: &mut HeaderMap, info: &ForwardInfo<'_>) {
             let _ = write!(xff, "{v6}");
         }
     }
-    // `insert` replaces every line the caller sent; the value takes the buffer without a copy.
-    match HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-        Ok(v) => {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-        Err(_) => {
-            headers.remove(&X_FORWARDED_FOR);
-        }
+    Forwarding {
+        // The value takes the buffer without a copy.
+        forwarded_for: HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)).ok(),
+        forwarded_proto: HeaderValue::from_static(info.proto),
+        forwarded_host: info.original_host.cloned(),
+        host: info.upstream_host.cloned(),
+        request_id: info.request_id.header(),
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
-    if let Some(h) = info.original_host {
-        headers.insert(X_FORWARDED_HOST, h.clone());
+}
+
+impl Forwarding {
+    /// Whether a caller's field named `name` is replaced by one of these (`Host` aside: see
+    /// `host`).
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_REQUEST_ID
+            || (self.forwarded_host.is_some() && *name == X_FORWARDED_HOST)
     }
-    if let Some(h) = info.upstream_host {
-        headers.insert(header::HOST, h.clone());
+
+    /// Each field, as it is written after the caller's.
+    pub fn fields(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+        let [xff, proto, host, id] = &FORWARDING_NAMES;
+        [
+            self.forwarded_for.as_ref().map(|v| (xff, v)),
+            Some((proto, &self.forwarded_proto)),
+            self.forwarded_host.as_ref().map(|v| (host, v)),
+            Some((id, &self.request_id)),
+        ]
+        .into_iter()
+        .flatten()
     }
-    headers.insert(X_REQUEST_ID, info.request_id.header());
 }
 
 /// Dotted decimal, as `Display` writes it, without the formatting machinery (every request
@@ -327,7 +365,7 @@ mod tests {
             "x-forwarded-for",
             HeaderValue::from_static("203.0.113.1, 10.0.0.2"),
         );
-        request_headers(
+        let f = request_headers(
             &mut h,
             &ForwardInfo {
                 peer: "10.0.0.3:5000".parse().unwrap(),
@@ -337,19 +375,49 @@ mod tests {
                 upstream_host: Some(&HeaderValue::from_static("u")),
             },
         );
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(
-            h["x-forwarded-for"],
+            f.forwarded_for.as_ref().unwrap(),
             "198.51.100.7, 203.0.113.1, 10.0.0.2, 10.0.0.3"
+        );
+        assert!(
+            f.replaces(&X_FORWARDED_FOR),
+            "the caller's lines are not sent"
         );
     }
 
+    /// The head that goes out for a caller's `headers` with `f` set on it, as (name, value)
+    /// lines.
+    fn on_the_wire(headers: &HeaderMap, f: &Forwarding) -> Vec<(String, String)> {
+        use crate::upstream::h1::codec::{encode_head, Added};
+        let mut out = Vec::new();
+        let added = Added {
+            forwarding: Some(f),
+            host: f.host.as_ref(),
+            budget_ms: Some(1500),
+        };
+        encode_head(&http::Method::GET, "/", headers, &added, Some(0), &mut out);
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut fields);
+        assert!(req.parse(&out).unwrap().is_complete());
+        req.headers
+            .iter()
+            .map(|h| {
+                let value = String::from_utf8_lossy(h.value).into_owned();
+                (h.name.to_string(), value)
+            })
+            .collect()
+    }
+
     #[test]
-    fn forwarded_headers_are_set() {
+    fn forwarded_headers_replace_the_callers_on_the_wire() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("gopher"));
+        h.insert("x-request-id", HeaderValue::from_static("caller's"));
+        h.insert(BUDGET, HeaderValue::from_static("999999"));
         h.insert(header::HOST, HeaderValue::from_static("gw.example.com"));
-        request_headers(
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        let f = request_headers(
             &mut h,
             &ForwardInfo {
                 peer: "[::ffff:203.0.113.9]:5000".parse().unwrap(),
@@ -359,15 +427,36 @@ mod tests {
                 upstream_host: Some(&HeaderValue::from_static("10.0.0.1:8000")),
             },
         );
-        assert_eq!(h["x-forwarded-for"], "198.51.100.7, 203.0.113.9");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "gw.example.com");
-        assert_eq!(h[header::HOST], "10.0.0.1:8000");
-        assert_eq!(h["x-request-id"], "rid-1");
-        assert!(
-            h.get(BUDGET_HEADER).is_none(),
-            "set per attempt, as it goes out (`set_budget_header`)"
+        let wire = on_the_wire(&h, &f);
+        let line = |n: &str, v: &str| (n.to_string(), v.to_string());
+        assert_eq!(
+            wire,
+            [
+                line("host", "10.0.0.1:8000"),
+                line("x-app", "kept"),
+                line("x-forwarded-for", "198.51.100.7, 203.0.113.9"),
+                line("x-forwarded-proto", "http"),
+                line("x-forwarded-host", "gw.example.com"),
+                line("x-request-id", "rid-1"),
+                line(BUDGET_HEADER, "1500"),
+            ]
         );
+        // Without a Host of its own to name, the caller's X-Forwarded-Host goes as it came.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-host", HeaderValue::from_static("edge"));
+        let f = request_headers(
+            &mut h,
+            &ForwardInfo {
+                peer: "10.0.0.3:5000".parse().unwrap(),
+                proto: "https",
+                original_host: None,
+                request_id: &RequestId::from_static("r"),
+                upstream_host: None,
+            },
+        );
+        let wire = on_the_wire(&h, &f);
+        assert!(wire.contains(&line("x-forwarded-host", "edge")), "{wire:?}");
+        assert!(!wire.iter().any(|(n, _)| n == "host"), "{wire:?}");
     }
 
     #[test]

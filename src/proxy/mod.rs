@@ -109,8 +109,9 @@ fn journey<'a>(
         let received = request::read_body(ctx, &route, req).await?;
         route.upstream.check()?;
         ctx.admit(&route).await?;
-        let (outgoing, replay) = request::rewrite(ctx, &route, received.parts, received.body)?;
-        let resp = send::send(ctx, &route, outgoing, replay, &received.check).await?;
+        let (outgoing, forwarding, replay) =
+            request::rewrite(ctx, &route, received.parts, received.body)?;
+        let resp = send::send(ctx, &route, outgoing, forwarding, replay, &received.check).await?;
         relay::prepare(ctx, resp).await
     }
 }

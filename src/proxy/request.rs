@@ -11,14 +11,13 @@ use http::{HeaderValue, Request, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::Instant;
 
 use super::context::RequestContext;
 use super::replay::Replay;
 use super::{RouteState, Table};
 use crate::body::{BodyCheck, LimitedBody, RequestBody, Whole};
 use crate::error::ProxyError;
-use crate::forward::{self, ForwardInfo};
+use crate::forward::{self, ForwardInfo, Forwarding};
 
 /// Request bodies up to this size are read whole before the request is sent, so the request can
 /// be sent again (see `crate::retry`). Data action payloads are far smaller.
@@ -137,15 +136,18 @@ pub fn read_body<'a>(
     }
 }
 
-/// Rewrites the request for the upstream: forwarding headers, its target under the upstream's
-/// base path, HTTP/1.1. Returns it with its replay when the body was read whole and the request
-/// is repeatable.
+/// The request rewritten for the upstream, the fields the gateway sets on it, and its replay
+/// when the body was read whole and the request is repeatable.
+pub type Rewritten = (Request<RequestBody>, Forwarding, Option<Replay>);
+
+/// Rewrites the request for the upstream: hop-by-hop headers out, the forwarding fields worked
+/// out, its target under the upstream's base path, HTTP/1.1.
 pub fn rewrite(
     ctx: &RequestContext,
     route: &RouteState,
     mut parts: Parts,
     body: OutBody,
-) -> Result<(Request<RequestBody>, Option<Replay>), ProxyError> {
+) -> Result<Rewritten, ProxyError> {
     // A clone of the header's value shares its bytes: no copy.
     let original_host: Option<HeaderValue> = match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
@@ -159,7 +161,7 @@ pub fn rewrite(
         Some(h) if up.preserve_host => Some(h),
         _ => route.upstream.host_header.as_ref(),
     };
-    forward::request_headers(
+    let forwarding = forward::request_headers(
         &mut parts.headers,
         &ForwardInfo {
             peer: ctx.conn.peer,
@@ -179,16 +181,11 @@ pub fn rewrite(
             let repeatable = route.config.idempotent || crate::retry::is_idempotent(&parts.method);
             let replay =
                 repeatable.then(|| Replay::new(&parts.method, &parts.uri, &parts.headers, &bytes));
-            (Request::from_parts(parts, crate::body::full(bytes)), replay)
+            let req = Request::from_parts(parts, crate::body::full(bytes));
+            (req, forwarding, replay)
         }
-        OutBody::Streaming(stream) => (Request::from_parts(parts, stream), None),
+        OutBody::Streaming(stream) => (Request::from_parts(parts, stream), forwarding, None),
     })
-}
-
-/// Tells the upstream how much of the budget is left, at the moment an attempt goes out.
-pub fn set_budget_header(headers: &mut http::HeaderMap, deadline: Instant, now: Instant) {
-    let left = deadline.saturating_duration_since(now);
-    headers.insert(forward::BUDGET, HeaderValue::from(left.as_millis() as u64));
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -9,11 +9,11 @@ use tokio::time::Instant;
 
 use super::context::RequestContext;
 use super::replay::Replay;
-use super::request::set_budget_header;
 use super::RouteState;
 use crate::admission::Sample;
 use crate::body::{BodyCheck, RequestBody};
 use crate::error::ProxyError;
+use crate::forward::Forwarding;
 use crate::retry::{Attempted, Decision, RetryReason, Spent};
 use crate::upstream::{Framing, SendError, SendFailure, Via};
 
@@ -22,6 +22,7 @@ pub fn send<'a>(
     ctx: &'a mut RequestContext,
     route: &'a RouteState,
     first: Request<RequestBody>,
+    forwarding: Forwarding,
     replay: Option<Replay>,
     check: &'a BodyCheck,
 ) -> impl std::future::Future<Output = Result<http::Response<Framing>, ProxyError>> + 'a {
@@ -34,10 +35,12 @@ pub fn send<'a>(
         let mut avoid = None;
         loop {
             let sent_at = ctx.sending();
-            set_budget_header(req.headers_mut(), deadline, sent_at);
             // Boxed: the attempt's future (endpoint slot, pooled connection, exchange) is a large
             // part of the request's, which is otherwise copied whole at every level it is awaited.
-            let result = Box::pin(route.upstream.send(req, via, deadline, avoid.as_ref())).await;
+            let attempt = route
+                .upstream
+                .send(req, &forwarding, via, deadline, avoid.as_ref());
+            let result = Box::pin(attempt).await;
             let attempt = Attempt {
                 route,
                 replay: replay.as_ref(),

@@ -39,6 +39,7 @@ use crate::body::RequestBody;
 use crate::circuit::Standing;
 use crate::config::{Balance, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::forward::Forwarding;
 
 /// Why one attempt failed, told apart by what the upstream can have seen of the request: that is
 /// what decides whether it may be sent again (`crate::retry`).
@@ -485,7 +486,8 @@ impl Upstream {
     #[allow(clippy::manual_async_fn)] // an async block, not `async fn`: see `proxy::handle`
     pub fn send<'a>(
         self: &'a Arc<Self>,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
+        forwarding: &'a Forwarding,
         via: Via,
         deadline: Instant,
         avoid: Option<&'a Arc<Endpoint>>,
@@ -502,13 +504,17 @@ impl Upstream {
                 }
             };
             let endpoint = slot.endpoint().clone();
-            if self.host_per_endpoint {
-                if let Some(host) = &endpoint.host_header {
-                    req.headers_mut().insert(http::header::HOST, host.clone());
-                }
-            }
+            let host = match &endpoint.host_header {
+                Some(own) if self.host_per_endpoint => Some(own),
+                _ => forwarding.host.as_ref(),
+            };
+            let added = h1::Added {
+                forwarding: Some(forwarding),
+                host,
+                budget_ms: None,
+            };
             let started = Instant::now();
-            let attempt = self.exchange(&endpoint, req, via);
+            let attempt = self.exchange(&endpoint, req, added, via, deadline);
             match tokio::time::timeout_at(deadline, attempt).await {
                 Err(_) => {
                     // Dropping the attempt dropped its connection mid-exchange, which closes it:
@@ -750,7 +756,9 @@ impl Upstream {
         &'a self,
         endpoint: &'a Endpoint,
         req: Request<RequestBody>,
+        mut added: h1::Added<'a>,
         via: Via,
+        deadline: Instant,
     ) -> impl std::future::Future<Output = Result<Exchanged, SendError>> + 'a {
         async move {
             let no_connection = |why: String, req| SendError {
@@ -783,7 +791,11 @@ impl Upstream {
             conn.clock.set_busy();
             let reused = via == Via::Pool && conn.may_be_stale();
             let written_at = Instant::now();
-            let sent = conn.io.send(req).await;
+            // The budget left at the moment the request goes out, waits for a slot and a
+            // connection taken off.
+            let left = deadline.saturating_duration_since(written_at);
+            added.budget_ms = Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX));
+            let sent = conn.io.send(req, &added).await;
             if let (Some(workers), Ok(resp)) = (&endpoint.workers, &sent) {
                 let conn = held.conn();
                 workers.learn(conn, resp.headers(), Instant::now());

@@ -545,10 +545,14 @@ async fn probe(
         .header(http::header::USER_AGENT, "breakwater-worker-probe")
         .body(crate::body::full(bytes::Bytes::new()))
         .map_err(|err| err.to_string())?;
-    let resp = conn.io.send(req).await.map_err(|err| match err {
-        super::h1::SendError::NotWritten { error, .. }
-        | super::h1::SendError::Written { error, .. } => error.to_string(),
-    })?;
+    let resp = conn
+        .io
+        .send(req, &Default::default())
+        .await
+        .map_err(|err| match err {
+            super::h1::SendError::NotWritten { error, .. }
+            | super::h1::SendError::Written { error, .. } => error.to_string(),
+        })?;
     let reusable = !super::ConnectionSaid::of(&resp).closes;
     let (head, framing) = resp.into_parts();
     conn.io

@@ -6,8 +6,10 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+
+use crate::forward::{Forwarding, BUDGET};
 
 /// Largest answer head accepted (each informational head on its own too; a stream of them is
 /// ended by the request's budget).
@@ -60,10 +62,30 @@ pub enum RequestFraming {
     Chunked,
 }
 
+/// What the gateway sets on a request as it goes out: a caller's field of the same name is not
+/// sent. `host` first, the forwarding fields after the caller's own, then the budget.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Added<'a> {
+    pub forwarding: Option<&'a Forwarding>,
+    /// The Host sent (an endpoint's own, or the forwarding's).
+    pub host: Option<&'a HeaderValue>,
+    /// The budget left as the request goes out, in milliseconds.
+    pub budget_ms: Option<u64>,
+}
+
+impl Added<'_> {
+    fn replaces(&self, name: &HeaderName) -> bool {
+        (self.host.is_some() && name == HOST)
+            || (self.budget_ms.is_some() && *name == BUDGET)
+            || self.forwarding.is_some_and(|f| f.replaces(name))
+    }
+}
+
 /// Writes the head of a request into `out`: origin-form target (from a parsed `Uri`, so it holds
-/// no whitespace or line end), HTTP/1.1, the fields as they
-/// are except any framing field, then the framing this body needs. `body_len`: the body's exact
-/// length when known (`Some(0)` for a body that has ended), `None` for one still streaming.
+/// no whitespace or line end), HTTP/1.1, the fields as they are except any framing field and
+/// those `added` replaces, then what `added` sets, then the framing this body needs.
+/// `body_len`: the body's exact length when known (`Some(0)` for a body that has ended), `None`
+/// for one still streaming.
 ///
 /// The framing is the gateway's own decision, never a copy of the caller's (a stale or second
 /// `Content-Length` would desynchronise the connection): a known length is sent as
@@ -73,6 +95,7 @@ pub fn encode_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    added: &Added<'_>,
     body_len: Option<u64>,
     out: &mut Vec<u8>,
 ) -> RequestFraming {
@@ -80,6 +103,9 @@ pub fn encode_head(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = added.host {
+        write_field(out, &HOST, host);
+    }
     let mut declared = None;
     for (name, value) in headers {
         if name == CONTENT_LENGTH {
@@ -88,12 +114,20 @@ pub fn encode_head(
             }
             continue;
         }
-        if name == TRANSFER_ENCODING {
+        if name == TRANSFER_ENCODING || added.replaces(name) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        write_field(out, name, value);
+    }
+    if let Some(f) = added.forwarding {
+        for (name, value) in f.fields() {
+            write_field(out, name, value);
+        }
+    }
+    if let Some(ms) = added.budget_ms {
+        out.extend_from_slice(BUDGET.as_str().as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(ms).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let framing = match body_len {
@@ -121,6 +155,13 @@ pub fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 fn write_length(out: &mut Vec<u8>, n: u64) {

@@ -26,7 +26,7 @@ use http::{Method, Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-pub use codec::{Decoder, Framing, Malformed};
+pub use codec::{Added, Decoder, Framing, Malformed};
 pub use stream::Stream;
 
 use crate::body::{BoxError, RequestBody};
@@ -161,11 +161,12 @@ impl Http1 {
         self.spent
     }
 
-    /// Sends `req` and reads the answer's head; its body is read with [`Http1::take_whole`],
+    /// Sends `req`, with the fields the gateway sets (`added`), and reads the answer's head; its body is read with [`Http1::take_whole`],
     /// [`Http1::read_whole`] or [`Http1::poll_body`], per the [`Framing`] in its place.
     pub async fn send(
         &mut self,
         req: Request<RequestBody>,
+        added: &Added<'_>,
     ) -> Result<Response<Framing>, SendError> {
         let (parts, mut body) = req.into_parts();
         let len = if body.is_end_stream() {
@@ -175,8 +176,14 @@ impl Http1 {
         };
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         self.write.clear();
-        let framing =
-            codec::encode_head(&parts.method, target, &parts.headers, len, &mut self.write);
+        let framing = codec::encode_head(
+            &parts.method,
+            target,
+            &parts.headers,
+            added,
+            len,
+            &mut self.write,
+        );
         // A body whose every byte is already here (a data action's JSON, read whole by the
         // proxy) goes out with the head; one still arriving is streamed after it.
         let (mut whole, mut prefix) = (None, Bytes::new());

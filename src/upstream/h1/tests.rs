@@ -18,6 +18,13 @@ use super::*;
 use crate::body::full;
 use crate::upstream::quickack::{AckPolicy, QuickAck};
 
+/// Nothing set by the gateway: the request goes out as the test built it.
+const NONE: Added<'static> = Added {
+    forwarding: None,
+    host: None,
+    budget_ms: None,
+};
+
 /// Bounds a wait on the peer, so a test that goes wrong fails instead of hanging.
 macro_rules! soon {
     ($fut:expr) => {
@@ -207,7 +214,7 @@ fn text(bytes: &[u8]) -> &str {
 
 /// One complete exchange whose answer is `ok` with a length, leaving the connection idle.
 async fn exchange_ok(conn: &mut Http1) {
-    let sent = soon!(conn.send(get("/")));
+    let sent = soon!(conn.send(get("/"), &NONE));
     read_ok(conn, sent).await;
 }
 
@@ -242,7 +249,7 @@ async fn a_connection_carries_two_exchanges_one_after_the_other() {
         .header("X-Trace", "abc")
         .body(full(Bytes::new()))
         .unwrap();
-    let resp = answered(soon!(conn.send(req)));
+    let resp = answered(soon!(conn.send(req, &NONE)));
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/plain");
     assert_eq!(*resp.body(), Framing::Length(5));
@@ -258,7 +265,7 @@ async fn a_connection_carries_two_exchanges_one_after_the_other() {
         .header("host", "upstream.test")
         .body(full(Bytes::new()))
         .unwrap();
-    let resp = answered(soon!(conn.send(req)));
+    let resp = answered(soon!(conn.send(req, &NONE)));
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(*resp.body(), Framing::Length(6));
     assert_eq!(soon!(conn.read_whole(6)).unwrap(), "second");
@@ -302,10 +309,10 @@ async fn whole_request_bodies_go_out_with_their_length_small_or_large() {
         .header("content-type", "application/json")
         .body(full(Bytes::from_static(b"{\"a\":1}")))
         .unwrap();
-    answered(soon!(conn.send(req)));
+    answered(soon!(conn.send(req, &NONE)));
     assert_eq!(soon!(conn.read_whole(2)).unwrap(), "ok");
     let req = Request::put("/blob").body(full(large)).unwrap();
-    answered(soon!(conn.send(req)));
+    answered(soon!(conn.send(req, &NONE)));
     assert_eq!(soon!(conn.read_whole(2)).unwrap(), "ok");
     assert!(conn.reusable());
     drop(conn);
@@ -349,7 +356,7 @@ async fn a_streaming_body_of_unknown_length_goes_chunked_as_it_arrives() {
         tx.send(" ".into()).unwrap();
         tx.send("world".into()).unwrap();
     };
-    let (sent, ()) = soon!(async { tokio::join!(conn.send(req), feed) });
+    let (sent, ()) = soon!(async { tokio::join!(conn.send(req, &NONE), feed) });
     read_ok(&mut conn, sent).await;
     drop(conn);
 
@@ -389,7 +396,7 @@ async fn a_streaming_body_with_a_declared_length_goes_with_that_length_not_chunk
         head_seen_rx.await.unwrap();
         tx.send(" world".into()).unwrap();
     };
-    let (sent, ()) = soon!(async { tokio::join!(conn.send(req), feed) });
+    let (sent, ()) = soon!(async { tokio::join!(conn.send(req, &NONE), feed) });
     read_ok(&mut conn, sent).await;
     drop(conn);
 
@@ -427,7 +434,7 @@ async fn a_streaming_body_longer_than_its_declared_length_fails_before_the_exces
         tx.send("de".into()).unwrap();
         tx
     };
-    let (sent, _tx) = soon!(async { tokio::join!(conn.send(req), feed) });
+    let (sent, _tx) = soon!(async { tokio::join!(conn.send(req, &NONE), feed) });
     let (error, unanswered) = expect_written(sent);
     assert!(matches!(error, ExchangeError::RequestLength), "{error}");
     assert!(unanswered);
@@ -466,7 +473,7 @@ async fn a_streaming_body_shorter_than_its_declared_length_fails() {
         head_seen_rx.await.unwrap();
         drop(tx);
     };
-    let (sent, ()) = soon!(async { tokio::join!(conn.send(req), feed) });
+    let (sent, ()) = soon!(async { tokio::join!(conn.send(req, &NONE), feed) });
     let (error, unanswered) = expect_written(sent);
     assert!(matches!(error, ExchangeError::RequestLength), "{error}");
     assert!(unanswered);
@@ -487,7 +494,7 @@ async fn a_ready_body_that_disagrees_with_its_declared_length_fails_without_a_by
             .header("content-length", declared)
             .body(ready_body(pieces))
             .unwrap();
-        let (error, unanswered) = expect_written(soon!(conn.send(req)));
+        let (error, unanswered) = expect_written(soon!(conn.send(req, &NONE)));
         assert!(matches!(error, ExchangeError::RequestLength), "{error}");
         assert!(unanswered);
         assert!(conn.is_spent());
@@ -512,7 +519,7 @@ async fn a_request_body_that_fails_fails_the_exchange() {
     ];
     let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
     let req = Request::post("/upload").body(body).unwrap();
-    let (error, unanswered) = expect_written(soon!(conn.send(req)));
+    let (error, unanswered) = expect_written(soon!(conn.send(req, &NONE)));
     assert!(matches!(error, ExchangeError::RequestBody(_)), "{error}");
     assert!(unanswered);
     assert!(conn.is_spent());
@@ -541,7 +548,7 @@ async fn an_answer_before_the_request_body_ended_spends_the_connection() {
     let (tx, body) = channel_body();
     tx.send("hello".into()).unwrap();
     let req = Request::post("/upload").body(body).unwrap();
-    let resp = answered(soon!(conn.send(req)));
+    let resp = answered(soon!(conn.send(req, &NONE)));
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     // The rest of the body was never sent: the upstream would read the next request as it.
     assert!(conn.is_spent());
@@ -569,7 +576,7 @@ async fn an_upstream_that_answers_and_stops_reading_the_body_is_still_heard() {
     })
     .await;
     let req = Request::post("/upload").body(body).unwrap();
-    let resp = answered(soon!(conn.send(req)));
+    let resp = answered(soon!(conn.send(req, &NONE)));
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(conn.is_spent());
     soon!(script).unwrap();
@@ -595,7 +602,7 @@ async fn an_answer_head_arriving_in_pieces_parses_as_if_whole() {
         peer.rest().await
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), http::Version::HTTP_11);
     assert_eq!(resp.headers().len(), 2);
@@ -629,7 +636,7 @@ async fn a_chunked_answer_is_handed_on_piece_by_piece_and_leaves_the_connection_
     })
     .await;
 
-    let resp = answered(soon!(conn.send(get("/wiki"))));
+    let resp = answered(soon!(conn.send(get("/wiki"), &NONE)));
     assert_eq!(*resp.body(), Framing::Chunked);
     let mut decoder = Decoder::new(*resp.body());
     let mut pieces = Vec::new();
@@ -642,7 +649,7 @@ async fn a_chunked_answer_is_handed_on_piece_by_piece_and_leaves_the_connection_
     assert!(conn.reusable());
 
     // Trailers are read and dropped; the connection is clear for the next exchange.
-    let resp = answered(soon!(conn.send(get("/again"))));
+    let resp = answered(soon!(conn.send(get("/again"), &NONE)));
     let body = soon!(conn.collect(*resp.body(), 1024)).unwrap();
     assert_eq!(body, "abc");
     assert!(conn.reusable());
@@ -661,7 +668,7 @@ async fn a_close_delimited_answer_reads_to_the_end_and_spends_the_connection() {
         peer.write(b"the end").await;
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     assert_eq!(*resp.body(), Framing::Close);
     assert!(
         conn.is_spent(),
@@ -686,7 +693,7 @@ async fn collect_refuses_a_body_over_its_limit_and_spends_the_connection() {
         peer.rest().await
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     let error = soon!(conn.collect(*resp.body(), 10)).unwrap_err();
     assert!(matches!(error, ExchangeError::Io(_)), "{error}");
     assert!(conn.is_spent());
@@ -708,7 +715,7 @@ async fn an_answer_to_head_has_no_body_whatever_its_length_says() {
     })
     .await;
     let req = Request::head("/big").body(full(Bytes::new())).unwrap();
-    let resp = answered(soon!(conn.send(req)));
+    let resp = answered(soon!(conn.send(req, &NONE)));
     assert_eq!(*resp.body(), Framing::Empty);
     assert_eq!(resp.headers()["content-length"], "100");
     assert!(conn.reusable());
@@ -730,7 +737,7 @@ async fn bytes_after_a_complete_answer_make_the_connection_unfit_for_another() {
         peer.rest().await
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     assert_eq!(*resp.body(), Framing::Length(2));
     assert_eq!(conn.take_whole(2).expect("buffered with the head"), "ok");
     assert!(!conn.reusable());
@@ -752,7 +759,7 @@ async fn an_answer_with_both_a_length_and_chunked_coding_spends_the_connection()
         peer.rest().await
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     assert_eq!(*resp.body(), Framing::Chunked);
     assert!(resp.headers().get("content-length").is_none());
     assert!(conn.is_spent());
@@ -776,7 +783,7 @@ async fn an_upstream_that_ends_the_connection_without_answering_leaves_the_reque
             }
         })
         .await;
-        let (error, unanswered) = expect_written(soon!(conn.send(get("/"))));
+        let (error, unanswered) = expect_written(soon!(conn.send(get("/"), &NONE)));
         assert!(unanswered, "reset: {reset}: {error}");
         assert!(error.closed_before_answer(), "reset: {reset}: {error}");
         if !reset {
@@ -796,7 +803,7 @@ async fn an_upstream_that_closes_inside_the_answers_head_has_answered() {
         peer.write(b"HTTP/1.1 200 OK\r\ncontent-le").await;
     })
     .await;
-    let (error, unanswered) = expect_written(soon!(conn.send(get("/"))));
+    let (error, unanswered) = expect_written(soon!(conn.send(get("/"), &NONE)));
     assert!(!unanswered, "{error}");
     assert!(
         matches!(&error, ExchangeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
@@ -816,7 +823,7 @@ async fn a_known_length_body_cut_short_is_truncated() {
             .await;
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     assert_eq!(*resp.body(), Framing::Length(10));
     let error = soon!(conn.read_whole(10)).unwrap_err();
     assert!(
@@ -926,7 +933,7 @@ async fn a_request_sent_after_the_upstream_closed_an_idle_connection_is_unanswer
     soon!(script).unwrap();
     // The keep-alive race lost: the pool handed the connection out before it saw the close.
     // Half-closed, the socket still takes the request; the end of the stream is the answer.
-    let (error, unanswered) = expect_written(soon!(conn.send(get("/"))));
+    let (error, unanswered) = expect_written(soon!(conn.send(get("/"), &NONE)));
     assert!(unanswered, "{error}");
     assert!(error.closed_before_answer(), "{error}");
 }
@@ -955,7 +962,7 @@ async fn a_request_sent_on_a_connection_the_upstream_reset_goes_back_whole_or_un
         .header("content-type", "application/json")
         .body(full(Bytes::from_static(b"{\"qty\":2}")))
         .unwrap();
-    match soon!(conn.send(req)) {
+    match soon!(conn.send(req, &NONE)) {
         Err(SendError::NotWritten { error, request }) => {
             println!("the reset connection refused the request's first write: {error}");
             assert_eq!(*request.method(), Method::POST);
@@ -987,7 +994,7 @@ async fn informational_answers_before_the_final_one_are_skipped() {
         peer.rest().await
     })
     .await;
-    let resp = answered(soon!(conn.send(get("/"))));
+    let resp = answered(soon!(conn.send(get("/"), &NONE)));
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers().get("link").is_none());
     assert_eq!(soon!(conn.read_whole(2)).unwrap(), "ok");

@@ -22,7 +22,14 @@ fn encode(
     body_len: Option<u64>,
 ) -> (String, RequestFraming) {
     let mut out = Vec::new();
-    let framing = encode_head(&method, target, &header_map(fields), body_len, &mut out);
+    let framing = encode_head(
+        &method,
+        target,
+        &header_map(fields),
+        &Added::default(),
+        body_len,
+        &mut out,
+    );
     (String::from_utf8(out).unwrap(), framing)
 }
 
@@ -223,7 +230,14 @@ fn an_encoded_head_parses_back_as_the_same_request() {
     ];
     let mut out = Vec::new();
     let map = header_map(&fields);
-    let framing = encode_head(&Method::PUT, "/put", &map, Some(11), &mut out);
+    let framing = encode_head(
+        &Method::PUT,
+        "/put",
+        &map,
+        &Added::default(),
+        Some(11),
+        &mut out,
+    );
     assert_eq!(framing, RequestFraming::Length(11));
 
     let mut slots = [httparse::EMPTY_HEADER; 16];
@@ -241,7 +255,14 @@ fn an_encoded_head_parses_back_as_the_same_request() {
 #[test]
 fn encode_head_appends_to_what_the_buffer_already_holds() {
     let mut out = b"previous".to_vec();
-    encode_head(&Method::GET, "/", &HeaderMap::new(), Some(0), &mut out);
+    encode_head(
+        &Method::GET,
+        "/",
+        &HeaderMap::new(),
+        &Added::default(),
+        Some(0),
+        &mut out,
+    );
     assert_eq!(out, b"previousGET / HTTP/1.1\r\n\r\n");
 }
 
