@@ -72,7 +72,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn is_stripped(name: &[u8]) -> bool {
+/// Whether a header of this name is never forwarded (see `STRIPPED`).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    STRIPPED.iter().any(|s| s == name)
+}
+
+/// Whether a name, as its bytes, is one of `STRIPPED`, in any case.
+pub(crate) fn is_stripped(name: &[u8]) -> bool {
     STRIPPED
         .iter()
         .any(|s| name.eq_ignore_ascii_case(s.as_str().as_bytes()))
@@ -264,9 +270,10 @@ fn write_ipv4(out: &mut Vec<u8>, ip: Ipv4Addr) {
     }
 }
 
-/// Rewrites upstream response headers for the caller.
+/// Rewrites upstream response headers for the caller. The upstream client leaves no hop-by-hop
+/// field in an answer's map (`upstream::h1::codec::parse_head`), so only the request id is
+/// set here.
 pub fn response_headers(headers: &mut HeaderMap, request_id: &RequestId) {
-    strip_hop_by_hop(headers);
     headers.insert(X_REQUEST_ID, request_id.header());
 }
 

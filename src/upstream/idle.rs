@@ -126,15 +126,15 @@ fn margin(timer: Duration) -> Duration {
     (timer / 4).max(Duration::from_millis(100))
 }
 
-/// The idle timeout a `Keep-Alive: timeout=N` header's value announces.
-pub fn announced(keep_alive: &http::HeaderValue) -> Option<Duration> {
-    let value = keep_alive.to_str().ok()?;
-    value.split(',').find_map(|param| {
-        let (name, secs) = param.split_once('=')?;
-        if !name.trim().eq_ignore_ascii_case("timeout") {
+/// The idle timeout a `Keep-Alive: timeout=N` field's value announces.
+pub fn announced(keep_alive: &[u8]) -> Option<Duration> {
+    keep_alive.split(|&b| b == b',').find_map(|param| {
+        let eq = param.iter().position(|&b| b == b'=')?;
+        if !param[..eq].trim_ascii().eq_ignore_ascii_case(b"timeout") {
             return None;
         }
-        secs.trim().parse::<u64>().ok().map(Duration::from_secs)
+        let secs = std::str::from_utf8(param[eq + 1..].trim_ascii()).ok()?;
+        secs.parse::<u64>().ok().map(Duration::from_secs)
     })
 }
 
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn keep_alive_header_announces_the_timer() {
-        let announces = |v: &'static str| announced(&http::HeaderValue::from_static(v));
+        let announces = |v: &'static str| announced(v.as_bytes());
         assert_eq!(
             announces("timeout=5, max=100"),
             Some(Duration::from_secs(5))

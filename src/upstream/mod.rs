@@ -804,13 +804,12 @@ impl Upstream {
             match sent {
                 Ok(resp) => {
                     let conn = held.conn();
-                    let said = ConnectionSaid::of(&resp);
+                    let said = conn.io.said();
                     if let Some(timer) = said.idle_timeout {
                         endpoint.connector.idle_timer.observe(timer);
                     }
                     if said.closes {
                         conn.clock.mark_closing();
-                        conn.io.spend();
                     }
                     Ok((resp, held, written_at))
                 }
@@ -875,37 +874,6 @@ impl Upstream {
     }
 }
 
-/// What an answer's head says about its connection.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct ConnectionSaid {
-    /// The upstream closes the connection after this answer.
-    pub closes: bool,
-    /// The idle timeout it announces (`Keep-Alive: timeout=N`, the first such header).
-    pub idle_timeout: Option<Duration>,
-}
-
-impl ConnectionSaid {
-    /// Read in one pass over the head's names: two lookups by name, one of them a name
-    /// outside the standard set, cost several times that on every answer.
-    pub(super) fn of<B>(resp: &Response<B>) -> Self {
-        let mut said = ConnectionSaid {
-            closes: resp.version() == http::Version::HTTP_10,
-            idle_timeout: None,
-        };
-        let mut keep_alive_seen = false;
-        for (name, value) in resp.headers() {
-            if name == http::header::CONNECTION {
-                said.closes |= crate::forward::list_items(value)
-                    .any(|item| item.eq_ignore_ascii_case(b"close"));
-            } else if !keep_alive_seen && *name == crate::forward::KEEP_ALIVE {
-                keep_alive_seen = true;
-                said.idle_timeout = idle::announced(value);
-            }
-        }
-        said
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -922,64 +890,6 @@ mod tests {
         let config = crate::config::from_yaml(&yaml, Vec::new()).expect("valid");
         let up = config.upstreams["app"].clone();
         Arc::new(Upstream::new(up, None))
-    }
-
-    #[test]
-    fn an_answer_says_whether_its_connection_closes_and_how_long_it_may_idle() {
-        let said = |version, headers: &[(&'static str, &'static str)]| {
-            let mut resp = Response::new(());
-            *resp.version_mut() = version;
-            for (name, value) in headers {
-                resp.headers_mut()
-                    .append(*name, http::HeaderValue::from_static(value));
-            }
-            ConnectionSaid::of(&resp)
-        };
-        let v11 = http::Version::HTTP_11;
-        assert_eq!(said(v11, &[]), ConnectionSaid::default());
-        assert!(
-            said(http::Version::HTTP_10, &[]).closes,
-            "HTTP/1.0 closes unless it says otherwise"
-        );
-        let keep = said(
-            v11,
-            &[
-                ("connection", "keep-alive"),
-                ("keep-alive", "timeout=5, max=100"),
-                ("keep-alive", "timeout=1"),
-            ],
-        );
-        assert_eq!(
-            keep,
-            ConnectionSaid {
-                closes: false,
-                idle_timeout: Some(Duration::from_secs(5)),
-            },
-            "the first Keep-Alive header is the one read"
-        );
-        let close = said(
-            v11,
-            &[
-                ("connection", "keep-alive"),
-                ("Connection", "Upgrade, CLOSE "),
-            ],
-        );
-        assert!(
-            close.closes,
-            "a later Connection line, any case, with spaces"
-        );
-        assert!(!said(v11, &[("connection", "closed, keep-alive")]).closes);
-        let not_text = Response::builder()
-            .header(
-                "connection",
-                http::HeaderValue::from_bytes(b"\xff, close").unwrap(),
-            )
-            .body(())
-            .unwrap();
-        assert!(
-            ConnectionSaid::of(&not_text).closes,
-            "a value that is not all text is read for its items"
-        );
     }
 
     #[tokio::test(start_paused = true)]

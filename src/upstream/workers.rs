@@ -553,7 +553,7 @@ async fn probe(
             super::h1::SendError::NotWritten { error, .. }
             | super::h1::SendError::Written { error, .. } => error.to_string(),
         })?;
-    let reusable = !super::ConnectionSaid::of(&resp).closes;
+    let reusable = !conn.io.said().closes;
     let (head, framing) = resp.into_parts();
     conn.io
         .collect(framing, PROBE_BODY_LIMIT)

@@ -4,6 +4,7 @@
 //! disagree, chunk lines that never end — is tested without a socket.
 
 use std::mem::MaybeUninit;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
@@ -200,14 +201,67 @@ impl Framing {
     }
 }
 
-/// An answer's head, parsed.
+/// An answer's head, parsed. Its map holds no hop-by-hop field (RFC 9110 §7.6.1) and none that
+/// `Connection` names: what they say about the connection is in `said`.
 #[derive(Debug)]
 pub struct Head {
     pub response: Response<()>,
     pub framing: Framing,
     /// The framing lets the connection carry another exchange after this one (what the
-    /// `Connection` field says is read separately).
+    /// `Connection` field says is in `said`).
     pub reusable: bool,
+    pub said: ConnectionSaid,
+}
+
+/// What an answer's head says about its connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSaid {
+    /// The upstream closes the connection after this answer (`Connection: close`, or HTTP/1.0).
+    pub closes: bool,
+    /// The idle timeout it announces (`Keep-Alive: timeout=N`, the first such field).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnectionSaid {
+    /// Read from the raw fields; also whether `Connection` names any field besides the
+    /// hop-by-hop ones (then those fields are not kept either).
+    fn of(version: Version, fields: &[httparse::Header<'_>]) -> (Self, bool) {
+        let mut said = ConnectionSaid {
+            closes: version == Version::HTTP_10,
+            idle_timeout: None,
+        };
+        let (mut names_others, mut keep_alive_seen) = (false, false);
+        for field in fields {
+            if field.name.eq_ignore_ascii_case("connection") {
+                for item in list_items(field.value) {
+                    said.closes |= item.eq_ignore_ascii_case(b"close");
+                    names_others |=
+                        !item.eq_ignore_ascii_case(b"close") && !crate::forward::is_stripped(item);
+                }
+            } else if !keep_alive_seen && field.name.eq_ignore_ascii_case("keep-alive") {
+                keep_alive_seen = true;
+                said.idle_timeout = crate::upstream::idle::announced(field.value);
+            }
+        }
+        (said, names_others)
+    }
+}
+
+/// The items of a comma-separated value, trimmed, empty ones skipped.
+fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|item| !item.is_empty())
+}
+
+/// Whether `Connection` (in any of `fields`) names `name`.
+fn named_in_connection(fields: &[httparse::Header<'_>], name: &str) -> bool {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|f| list_items(f.value))
+        .any(|item| item.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// Parses the answer's head from the front of `buf`, removing it (and any informational heads
@@ -247,27 +301,35 @@ pub fn parse_head(buf: &mut BytesMut, request: &Method) -> Result<Option<Head>, 
         // One copy of the fields shared by every value (a count, not an allocation, per field),
         // so the connection's buffer stays its own and is reused for the next answer.
         let block = Bytes::copy_from_slice(&buf[..len]);
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        let (said, names_others) = ConnectionSaid::of(version, parsed.headers);
+        // Room for the request id the answer is given.
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 1);
         let (mut lengths, mut chunked, mut coded) = (None::<Option<u64>>, false, false);
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| Malformed::Field(field.name.to_string()))?;
-            // Where the value sits in the head, found from the two addresses: `block` is a copy
-            // of the same bytes.
-            let at = field.value.as_ptr() as usize - buf.as_ptr() as usize;
-            let value = HeaderValue::from_maybe_shared(block.slice(at..at + field.value.len()))
-                .map_err(|_| Malformed::Field(field.name.to_string()))?;
-            if name == CONTENT_LENGTH {
+            // The framing is read whatever `Connection` names.
+            if name == TRANSFER_ENCODING {
+                coded = true;
+                chunked = last_coding_is_chunked(field.value);
+            } else if name == CONTENT_LENGTH {
                 let this = parse_length(field.value);
                 lengths = Some(match (lengths, this) {
                     (None, n) => n,
                     (Some(Some(a)), Some(b)) if a == b => Some(a),
                     _ => None,
                 });
-            } else if name == TRANSFER_ENCODING {
-                coded = true;
-                chunked = last_coding_is_chunked(field.value);
             }
+            if crate::forward::is_hop_by_hop(&name)
+                || (names_others && named_in_connection(parsed.headers, name.as_str()))
+            {
+                continue;
+            }
+            // Where the value sits in the head, found from the two addresses: `block` is a copy
+            // of the same bytes.
+            let at = field.value.as_ptr() as usize - buf.as_ptr() as usize;
+            let value = HeaderValue::from_maybe_shared(block.slice(at..at + field.value.len()))
+                .map_err(|_| Malformed::Field(field.name.to_string()))?;
             headers.append(name, value);
         }
         buf.advance(len);
@@ -302,6 +364,7 @@ pub fn parse_head(buf: &mut BytesMut, request: &Method) -> Result<Option<Head>, 
             response,
             framing,
             reusable,
+            said,
         }));
     }
 }

@@ -26,7 +26,7 @@ use http::{Method, Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-pub use codec::{Added, Decoder, Framing, Malformed};
+pub use codec::{Added, ConnectionSaid, Decoder, Framing, Malformed};
 pub use stream::Stream;
 
 use crate::body::{BoxError, RequestBody};
@@ -129,6 +129,8 @@ pub struct Http1 {
     spent: bool,
     /// Room to make before the next read: doubled each time a read fills it.
     spare: usize,
+    /// What the last answer's head said about the connection.
+    said: ConnectionSaid,
     watch: Arc<IdleWatch>,
     watch_waker: Waker,
 }
@@ -141,6 +143,7 @@ impl Http1 {
             write: Vec::new(),
             spent: false,
             spare: READ_SPARE,
+            said: ConnectionSaid::default(),
             watch_waker: Waker::from(watch.clone()),
             watch,
         }
@@ -159,6 +162,12 @@ impl Http1 {
 
     pub fn is_spent(&self) -> bool {
         self.spent
+    }
+
+    /// What the last answer's head said about the connection (the head's map no longer holds
+    /// `Connection` or `Keep-Alive`).
+    pub fn said(&self) -> ConnectionSaid {
+        self.said
     }
 
     /// Sends `req`, with the fields the gateway sets (`added`), and reads the answer's head; its body is read with [`Http1::take_whole`],
@@ -274,9 +283,10 @@ impl Http1 {
             if !self.read.is_empty() {
                 *seen = true;
                 if let Some(head) = codec::parse_head(&mut self.read, method)? {
-                    if !head.reusable {
+                    if !head.reusable || head.said.closes {
                         self.spent = true;
                     }
+                    self.said = head.said;
                     let (parts, ()) = head.response.into_parts();
                     return Poll::Ready(Ok(Response::from_parts(parts, head.framing)));
                 }

@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -49,6 +50,7 @@ struct Summary {
     headers: HeaderMap,
     framing: Framing,
     reusable: bool,
+    said: ConnectionSaid,
 }
 
 fn summary(head: &Head) -> Summary {
@@ -58,6 +60,7 @@ fn summary(head: &Head) -> Summary {
         headers: head.response.headers().clone(),
         framing: head.framing,
         reusable: head.reusable,
+        said: head.said,
     }
 }
 
@@ -457,6 +460,7 @@ fn a_head_split_at_every_byte_parses_the_same() {
             headers,
             framing,
             reusable,
+            ..
         },
         rest,
     ) = parse_ok(input, &Method::GET);
@@ -959,7 +963,10 @@ fn a_length_beside_chunked_is_dropped_and_the_connection_not_reused() {
             "{fields:?}"
         );
         assert!(!head.headers.contains_key("content-length"), "{fields:?}");
-        assert_eq!(head.headers["transfer-encoding"], "chunked");
+        assert!(
+            !head.headers.contains_key("transfer-encoding"),
+            "hop-by-hop: the answer is framed again for the caller"
+        );
     }
     let fields = [("Content-Length", "5"), ("Transfer-Encoding", "gzip")];
     let (head, _) = parse_ok(&answer("HTTP/1.1 200 OK", &fields), &Method::GET);
@@ -1283,4 +1290,96 @@ fn eof_anywhere_inside_a_chunked_body_is_truncation() {
         );
     }
     assert_eq!(decode_chunked(whole).unwrap().0, b"hello");
+}
+
+#[test]
+fn an_answer_says_whether_its_connection_closes_and_how_long_it_may_idle() {
+    let said = |status_line: &str, fields: &[(&str, &str)]| {
+        parse_ok(&answer(status_line, fields), &Method::GET).0.said
+    };
+    let ok11 = "HTTP/1.1 200 OK";
+    let none = [("content-length", "0")];
+    assert_eq!(said(ok11, &none), ConnectionSaid::default());
+    assert!(
+        said("HTTP/1.0 200 OK", &none).closes,
+        "HTTP/1.0 closes unless it says otherwise"
+    );
+    let keep = said(
+        ok11,
+        &[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5, max=100"),
+            ("keep-alive", "timeout=1"),
+            ("content-length", "0"),
+        ],
+    );
+    assert_eq!(
+        keep,
+        ConnectionSaid {
+            closes: false,
+            idle_timeout: Some(Duration::from_secs(5)),
+        },
+        "the first Keep-Alive field is the one read"
+    );
+    let close = said(
+        ok11,
+        &[
+            ("connection", "keep-alive"),
+            ("Connection", "Upgrade, CLOSE "),
+            ("content-length", "0"),
+        ],
+    );
+    assert!(
+        close.closes,
+        "a later Connection line, any case, with spaces"
+    );
+    assert!(
+        !said(
+            ok11,
+            &[
+                ("connection", "closed, keep-alive"),
+                ("content-length", "0")
+            ]
+        )
+        .closes
+    );
+    let not_text = b"HTTP/1.1 200 OK\r\nconnection: \xff, close\r\ncontent-length: 0\r\n\r\n";
+    assert!(
+        parse_ok(not_text, &Method::GET).0.said.closes,
+        "a value that is not all text is read for its items"
+    );
+}
+
+#[test]
+fn hop_by_hop_fields_and_those_connection_names_are_not_kept() {
+    let (head, _) = parse_ok(
+        &answer(
+            "HTTP/1.1 200 OK",
+            &[
+                ("Connection", "keep-alive, X-Hop"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("TE", "trailers"),
+                ("Upgrade", "h2c"),
+                ("x-hop", "1"),
+                ("X-Kept", "2"),
+                ("Content-Length", "0"),
+            ],
+        ),
+        &Method::GET,
+    );
+    let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["x-kept", "content-length"]);
+    assert_eq!(head.said.idle_timeout, Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn a_framing_field_named_in_connection_still_frames_the_answer() {
+    let (head, rest) = parse_ok(
+        b"HTTP/1.1 200 OK\r\nconnection: content-length\r\ncontent-length: 5\r\n\r\nhello",
+        &Method::GET,
+    );
+    assert_eq!(head.framing, Framing::Length(5));
+    assert!(head.headers.get("content-length").is_none());
+    assert_eq!(rest, b"hello");
 }
