@@ -497,6 +497,7 @@ struct BodyOut {
     sent_all: bool,
     /// Nothing more will be written (all of it, or the upstream stopped reading).
     done: bool,
+    /// The body has ended: what is pending is the last of it.
     ended: bool,
 }
 
