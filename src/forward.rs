@@ -54,7 +54,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .iter()
             .cloned()
             .collect();
-        for name in listed.iter().flat_map(list_items) {
+        for name in listed.iter().flat_map(|v| list_items(v.as_bytes())) {
             // Those in `STRIPPED` (`keep-alive`, the usual one) go below if present. Any other is
             // looked up by `&str`, without being made into a `HeaderName` (which allocates for a
             // name `http` does not know); one that is not text names no header.
@@ -90,15 +90,14 @@ fn lists_other_names(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(list_items)
+        .flat_map(|v| list_items(v.as_bytes()))
         .any(|name| !is_stripped(name))
 }
 
 /// The items of a comma-separated header value (RFC 9110 §5.6.1), trimmed, empty ones skipped.
 /// Read as bytes: a value is checked for text only where an item is used as text.
-pub(crate) fn list_items(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
-        .as_bytes()
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|item| !item.is_empty())
@@ -283,11 +282,7 @@ mod tests {
 
     #[test]
     fn list_items_are_trimmed_and_empty_ones_skipped() {
-        let items = |v: &[u8]| -> Vec<Vec<u8>> {
-            list_items(&HeaderValue::from_bytes(v).unwrap())
-                .map(<[u8]>::to_vec)
-                .collect()
-        };
+        let items = |v: &[u8]| -> Vec<Vec<u8>> { list_items(v).map(<[u8]>::to_vec).collect() };
         assert_eq!(items(b"close"), [b"close".to_vec()]);
         assert_eq!(
             items(b" a ,, b\t,c ,"),

@@ -128,7 +128,7 @@ fn margin(timer: Duration) -> Duration {
 
 /// The idle timeout a `Keep-Alive: timeout=N` field's value announces.
 pub fn announced(keep_alive: &[u8]) -> Option<Duration> {
-    keep_alive.split(|&b| b == b',').find_map(|param| {
+    crate::forward::list_items(keep_alive).find_map(|param| {
         let eq = param.iter().position(|&b| b == b'=')?;
         if !param[..eq].trim_ascii().eq_ignore_ascii_case(b"timeout") {
             return None;

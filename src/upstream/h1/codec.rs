@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 
-use crate::forward::{Forwarding, BUDGET};
+use crate::forward::{list_items, Forwarding, BUDGET};
 
 /// Largest answer head accepted (each informational head on its own too; a stream of them is
 /// ended by the request's budget).
@@ -245,14 +245,6 @@ impl ConnectionSaid {
         }
         (said, names_others)
     }
-}
-
-/// The items of a comma-separated value, trimmed, empty ones skipped.
-fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|item| !item.is_empty())
 }
 
 /// Whether `Connection` (in any of `fields`) names `name`.

@@ -149,11 +149,6 @@ impl Http1 {
         }
     }
 
-    /// Marks the connection as closing after the current exchange.
-    pub fn spend(&mut self) {
-        self.spent = true;
-    }
-
     /// Whether the exchange that just ended left the connection fit for another: nothing
     /// spent it, and nothing was sent after the answer.
     pub fn reusable(&self) -> bool {
@@ -257,7 +252,7 @@ impl Http1 {
             })
             .await
         } else {
-            match flush(&mut self.io).await {
+            match self.io.flush().await {
                 Ok(()) => poll_fn(|cx| self.poll_head(&method, &mut seen, cx)).await,
                 Err(e) => Err(e.into()),
             }
@@ -426,8 +421,7 @@ impl Http1 {
     /// Polls the idle socket for reading with the watch as its waker, which registers the watch
     /// (a read it does not get to is a wake for nothing, and registers it again).
     fn poll_idle(&mut self) -> bool {
-        let waker = self.watch_waker.clone();
-        let mut cx = Context::from_waker(&waker);
+        let mut cx = Context::from_waker(&self.watch_waker);
         let mut probe = [0u8; 1];
         let mut buf = ReadBuf::new(&mut probe);
         match Pin::new(&mut self.io).poll_read(&mut cx, &mut buf) {
@@ -478,10 +472,6 @@ async fn write_all(io: &mut Stream, buf: &[u8]) -> Result<(), (usize, io::Error)
         }
     }
     Ok(())
-}
-
-async fn flush(io: &mut Stream) -> io::Result<()> {
-    io.flush().await
 }
 
 /// A request body streamed after its head, framed as the head said.
