@@ -105,7 +105,7 @@ pub fn encode_head(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = added.host {
-        write_field(out, &HOST, host);
+        write_field(out, &HOST, host.as_bytes());
     }
     let mut declared = None;
     for (name, value) in headers {
@@ -118,18 +118,15 @@ pub fn encode_head(
         if name == TRANSFER_ENCODING || added.replaces(name) {
             continue;
         }
-        write_field(out, name, value);
+        write_field(out, name, value.as_bytes());
     }
     if let Some(f) = added.forwarding {
         for (name, value) in f.fields() {
-            write_field(out, name, value);
+            write_field(out, name, value.as_bytes());
         }
     }
     if let Some(ms) = added.budget_ms {
-        out.extend_from_slice(BUDGET.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(itoa::Buffer::new().format(ms).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, &BUDGET, itoa::Buffer::new().format(ms).as_bytes());
     }
     let framing = match body_len {
         Some(0) if declared.is_none_or(|d| d == 0) => {
@@ -158,17 +155,19 @@ pub fn encode_head(
     framing
 }
 
-fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
 fn write_length(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    write_field(
+        out,
+        &CONTENT_LENGTH,
+        itoa::Buffer::new().format(n).as_bytes(),
+    );
 }
 
 /// The line that opens one chunk of `len` bytes.
