@@ -20,6 +20,50 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A request's body as the listener hands it over: streamed by hyper's server (h2, and the
+/// HTTP/1 requests the listener hands it), or by the listener's own HTTP/1.1 server
+/// (`listener::h1`): read whole with the head when it came with it, else read from the
+/// connection as the handler takes it.
+#[derive(Debug)]
+pub enum ClientBody {
+    Hyper(hyper::body::Incoming),
+    /// `None`: no body, or what there was has been taken.
+    Whole(Option<Bytes>),
+    Streamed(crate::listener::BodyReader),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::Whole(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ClientBody::Streamed(b) => b.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Whole(b) => b.is_none(),
+            ClientBody::Streamed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ClientBody::Streamed(b) => b.size_hint(),
+        }
+    }
+}
+
 pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|e| match e {})

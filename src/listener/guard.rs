@@ -158,6 +158,21 @@ impl Guard {
         None
     }
 
+    /// A request the listener's own server read and judged in the guard's place (`listener::h1`
+    /// checks what the guard would refuse and hands such a head over unread). It counts among
+    /// the heads, so the guard numbers the ones it sees later as the handler does.
+    pub fn skip_request(&mut self) {
+        debug_assert!(self.at_head());
+        self.started = true;
+        self.heads += 1;
+    }
+
+    /// Between requests, with nothing held back: where bytes may be read past the guard, and
+    /// given to it again from the next head on.
+    pub fn at_head(&self) -> bool {
+        matches!(self.frame, Frame::Head) && self.line.is_empty()
+    }
+
     /// Gives back the capacity the held-back bytes left, keeping any still held.
     pub fn shrink(&mut self) {
         self.line.shrink_to_fit();

@@ -1,6 +1,7 @@
 //! Accepting and serving client connections: a bounded number of connections, an accept loop that
-//! backs off on errors instead of dying, HTTP/1.1 and h2 through hyper-util, and per-connection
-//! timers for slow request heads and idle keep-alive.
+//! backs off on errors instead of dying, HTTP/1.1 through the listener's own server (`h1`, which
+//! hands what it does not serve to hyper's), h2 through hyper, and per-connection timers for slow
+//! request heads and idle keep-alive.
 //!
 //! hyper's own `header_read_timeout` also runs while an HTTP/1.1 connection sits idle between
 //! requests, which would cut keep-alive down to the head timeout. So both timers live here:
@@ -14,7 +15,7 @@
 //!
 //! A third timer bounds the writing of answers: every request registers the moment its answer
 //! must have been written by (its budget), and a connection whose answer is still being written
-//! then is closed. hyper stops polling a response body while the caller's socket is full, so a
+//! then is closed. No server polls a response body while the caller's socket is full, so a
 //! caller that stops reading would otherwise hold its admission slot and upstream connection for
 //! as long as it likes.
 //!
@@ -24,19 +25,21 @@
 //! the connection's own task, which lives as long as the connection and so carries none of that
 //! state (a task is as large as its future's largest state: 856 bytes for a plain connection).
 //!
-//! An HTTP/1 connection idle for a second is parked: hyper hands the stream back, its buffers and
-//! state are dropped, and the next request's first bytes start a fresh hyper connection on the
-//! same stream (the framing guard and the timers carry on). Thousands of idle keep-alive
-//! connections then cost little more than their sockets.
+//! An HTTP/1 connection idle for a second is parked: the server (ours, or hyper once it has
+//! handed the stream back) and its buffers are dropped, and the next request's first bytes start
+//! the own server again on the same stream (the framing guard and the timers carry on).
+//! Thousands of idle keep-alive connections then cost little more than their sockets.
 //!
 //! The listener knows nothing of what serves the requests: it is handed any tower service that
 //! answers every request (see [`Handler`]), and gives it each request with the [`ConnInfo`] of
 //! the connection it came on.
 
 mod guard;
+mod h1;
 pub mod proxy_protocol;
 mod woken;
 pub use guard::{Guard, Rejected, STAND_IN};
+pub use h1::BodyReader;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -58,7 +61,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::config::ServerConfig;
 
 const NONE: u64 = u64::MAX;
@@ -203,6 +206,18 @@ impl ConnActivity {
         }
     }
 
+    /// A head has begun in bytes read before, behind the last request: its timer runs from now,
+    /// unless a head timer already runs.
+    fn head_pending(&self) {
+        if self.inflight.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == NONE
+        {
+            let now = self.now_ms();
+            self.head_started.store(now, Ordering::Release);
+            self.wake_timer_by(now.saturating_add(self.head_timeout_ms));
+        }
+    }
+
     /// Since when the connection has been idle: no request in flight and no next head begun
     /// (never on h2, whose streams come and go on their own).
     fn idle_at(&self) -> Option<Instant> {
@@ -306,16 +321,20 @@ impl Drop for InFlight {
 
 pin_project_lite::pin_project! {
     /// Reports reads to the connection's activity, so the head timer knows when a head begins,
-    /// and passes them through the framing guard. `S` is the TCP stream, or the TLS stream over
-    /// it: either way the guard sees the plain HTTP bytes.
+    /// and passes them through the framing guard while hyper serves the connection. `S` is the
+    /// TCP stream, or the TLS stream over it: either way the guard sees the plain HTTP bytes.
     struct TrackedIo<S> {
         #[pin]
         inner: S,
         activity: Arc<ConnActivity>,
         guard: guard::Guard,
-        // What the guard passed on that did not fit the caller's buffer yet.
+        // What the guard passed on that did not fit the caller's buffer yet (unguarded: bytes
+        // read and put back).
         pending: Vec<u8>,
         eof: bool,
+        // The own HTTP/1.1 server reads past the guard: it judges each head as the guard does,
+        // and gives the guard what it does not serve (`guard_again`).
+        unguarded: bool,
     }
 }
 
@@ -324,6 +343,32 @@ impl<S> TrackedIo<S> {
     fn unread(&mut self, bytes: &[u8]) {
         if !bytes.is_empty() {
             self.pending.splice(0..0, bytes.iter().copied());
+        }
+    }
+
+    /// Stops the guard, for the own server to read: only between requests, with nothing held.
+    fn unguard(&mut self) {
+        if self.pending.is_empty() && self.guard.at_head() {
+            self.unguarded = true;
+        }
+    }
+
+    /// For hyper, from the own server: `read` (bytes read past the guard and not used, which
+    /// start at a head) and anything put back go through the guard now, as if just read.
+    fn guard_again(&mut self, read: &[u8]) {
+        if !self.unguarded {
+            self.unread(read);
+            return;
+        }
+        self.unguarded = false;
+        let mut raw = std::mem::take(&mut self.pending);
+        raw.splice(0..0, read.iter().copied());
+        if let Some(refused) = self.guard.feed(&raw, &mut self.pending) {
+            tracing::debug!(error = refused.why, "request head refused before parsing");
+            self.activity.refuse_request(refused.index, refused.why);
+        }
+        if self.eof {
+            self.guard.flush(&mut self.pending);
         }
     }
 
@@ -354,6 +399,13 @@ impl<S: AsyncRead> AsyncRead for TrackedIo<S> {
             let before = buf.filled().len();
             ready!(this.inner.as_mut().poll_read(cx, buf))?;
             let read = &buf.filled()[before..];
+            if *this.unguarded {
+                if read.is_empty() {
+                    *this.eof = true;
+                }
+                this.activity.on_read(read);
+                return Poll::Ready(Ok(()));
+            }
             if read.is_empty() {
                 // End of stream: a head still held back goes to hyper, which reports it.
                 this.guard.flush(this.pending);
@@ -409,7 +461,7 @@ impl<S: AsyncWrite> AsyncWrite for TrackedIo<S> {
 /// trait has none).
 pub trait Handler:
     tower::Service<
-        (Request<Incoming>, ConnInfo),
+        (Request<ClientBody>, ConnInfo),
         Response = Response<ResponseBody>,
         Error = Infallible,
         Future: Send + Unpin + 'static,
@@ -423,7 +475,7 @@ pub trait Handler:
 
 impl<S> Handler for S where
     S: tower::Service<
-            (Request<Incoming>, ConnInfo),
+            (Request<ClientBody>, ConnInfo),
             Response = Response<ResponseBody>,
             Error = Infallible,
             Future: Send + Unpin + 'static,
@@ -449,7 +501,9 @@ impl<S: Handler> hyper::service::Service<Request<Incoming>> for WithConn<S> {
     type Future = S::Future;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.inner.clone().call((req, self.info.clone()))
+        self.inner
+            .clone()
+            .call((req.map(ClientBody::Hyper), self.info.clone()))
     }
 }
 
@@ -822,7 +876,7 @@ async fn accept_tls<H: Handler>(
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How long an HTTP/1 connection sits idle before hyper's state for it is let go (see
+/// How long an HTTP/1 connection sits idle before its server's state is let go (see
 /// `Conn::Parked`). Long enough that a caller sending requests back to back keeps its state;
 /// short enough that thousands of idle keep-alive connections hold little more than a socket.
 const PARK_AFTER: Duration = Duration::from_secs(1);
@@ -833,13 +887,17 @@ type H2Connection<S, H> = http2::Connection<Io<S>, Service<H>, TokioExecutor>;
 
 /// A connection as its task holds it.
 enum Conn<S, H: Handler> {
-    /// hyper serves HTTP/1: its read buffer (8-16 KiB), write buffer (8 KiB) and state live in
-    /// the box.
+    /// The listener's own HTTP/1.1 server (`h1`): its read buffer (8 KiB) and state live in the
+    /// box. Every HTTP/1 connection starts here.
+    Own(Box<h1::Server<S, H>>),
+    /// hyper serves HTTP/1, from a request the own server handed it on: its read buffer (8-16
+    /// KiB), write buffer (8 KiB) and state live in the box.
     H1(Box<http1::Connection<Io<S>, Service<H>>>),
     H2(Pin<Box<H2Connection<S, H>>>),
-    /// Idle HTTP/1: only the stream is kept, and the first bytes of the next request start a
-    /// fresh hyper connection on it. An idle hyper connection keeps its buffers; NGINX frees a
-    /// keep-alive connection's buffers too.
+    /// Idle HTTP/1: only the stream is kept, and the first bytes of the next request start the
+    /// own server on it again (hyper's, if the framing guard still follows a request of the
+    /// stream). An idle server keeps its buffers; NGINX frees a keep-alive connection's buffers
+    /// too.
     Parked {
         io: TrackedIo<S>,
         _counted: ParkedCount,
@@ -864,8 +922,10 @@ impl Drop for ParkedCount {
 
 /// What happened to a connection the task was waiting on.
 enum Event {
-    /// hyper is done with the connection (or failed).
-    Served(Result<(), hyper::Error>),
+    /// The server is done with the connection (or failed).
+    Served(Result<(), ServeError>),
+    /// The own server met a request for hyper's.
+    HandOff,
     /// Bytes (or the end of the stream) arrived on a parked connection: how many.
     Woken(io::Result<usize>),
 }
@@ -877,8 +937,16 @@ where
 {
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         match self {
-            Conn::H1(c) => c.poll_without_shutdown(cx).map(Event::Served),
-            Conn::H2(c) => std::future::Future::poll(c.as_mut(), cx).map(Event::Served),
+            Conn::Own(c) => c.poll(cx).map(|served| match served {
+                Ok(h1::Outcome::Done) => Event::Served(Ok(())),
+                Ok(h1::Outcome::HandOff) => Event::HandOff,
+                Err(e) => Event::Served(Err(e.into())),
+            }),
+            Conn::H1(c) => c
+                .poll_without_shutdown(cx)
+                .map(|r| Event::Served(r.map_err(Into::into))),
+            Conn::H2(c) => std::future::Future::poll(c.as_mut(), cx)
+                .map(|r| Event::Served(r.map_err(Into::into))),
             Conn::Parked { io, .. } => {
                 // On the stack only while polled: a parked connection holds no buffer.
                 let mut buf = [0u8; 1024];
@@ -894,6 +962,7 @@ where
 
     fn graceful_shutdown(&mut self) {
         match self {
+            Conn::Own(c) => c.finish(),
             Conn::H1(c) => Pin::new(&mut **c).graceful_shutdown(),
             Conn::H2(c) => c.as_mut().graceful_shutdown(),
             Conn::Parked { .. } => {}
@@ -962,6 +1031,9 @@ where
                 guard: guard::Guard::new(config.max_header_size, config.max_headers),
                 pending: Vec::new(),
                 eof: false,
+                // Until hyper serves HTTP/1 on it: h2 needs no guard, and the own server
+                // judges heads itself.
+                unguarded: true,
             };
             let h2 = match &protocols.h2 {
                 None => false,
@@ -990,11 +1062,7 @@ where
                 (Some(h2), true) => Conn::H2(Box::pin(
                     h2.serve_connection(TokioIo::new(io), service.clone()),
                 )),
-                _ => Conn::H1(Box::new(
-                    protocols
-                        .h1
-                        .serve_connection(TokioIo::new(io), service.clone()),
-                )),
+                _ => Conn::Own(Box::new(own_server(io, &service, &config))),
             }
         };
         let mut closing = false;
@@ -1013,7 +1081,9 @@ where
             activity.timer_at.store(0, Ordering::Release);
             let action = activity.next_action(config.header_read_timeout, config.keepalive_timeout);
             let park_at = match (&conn, activity.idle_at()) {
-                (Conn::H1(_), Some(idle)) if !closing && !parking => Some(idle + PARK_AFTER),
+                (Conn::H1(_) | Conn::Own(_), Some(idle)) if !closing && !parking => {
+                    Some(idle + PARK_AFTER)
+                }
                 _ => None,
             };
             let wake_at = match action {
@@ -1069,13 +1139,16 @@ where
                         return;
                     }
                     Event::Served(Ok(())) => {
-                        let Conn::H1(done) = conn else { return };
                         // In a block: what hyper hands back is not kept across the close below.
-                        let mut io = {
-                            let parts = done.into_parts();
-                            let mut io = parts.io.into_inner();
-                            io.unread(&parts.read_buf);
-                            io
+                        let mut io = match conn {
+                            Conn::H1(done) => {
+                                let parts = done.into_parts();
+                                let mut io = parts.io.into_inner();
+                                io.unread(&parts.read_buf);
+                                io
+                            }
+                            Conn::Own(done) => done.into_io(),
+                            _ => return,
                         };
                         if !parking || closing {
                             // hyper left the closing of the stream to us (`poll_without_shutdown`).
@@ -1085,21 +1158,38 @@ where
                         }
                         parking = false;
                         io.release_buffers();
+                        io.unguard();
                         conn = Conn::Parked {
                             io,
                             _counted: ParkedCount::new(&protocols.parked),
                         };
+                    }
+                    Event::HandOff => {
+                        let Conn::Own(own) = conn else { return };
+                        tracing::debug!(%peer, "request handed to hyper's HTTP/1 server");
+                        conn = Conn::H1(Box::new(
+                            protocols
+                                .h1
+                                .serve_connection(TokioIo::new(own.hand_off()), service.clone()),
+                        ));
+                        if closing {
+                            conn.graceful_shutdown();
+                        }
                     }
                     Event::Woken(Ok(0)) => return,
                     Event::Woken(Ok(_)) => {
                         let Conn::Parked { io, .. } = conn else {
                             return;
                         };
-                        conn = Conn::H1(Box::new(
-                            protocols
-                                .h1
-                                .serve_connection(TokioIo::new(io), service.clone()),
-                        ));
+                        conn = if io.unguarded {
+                            Conn::Own(Box::new(own_server(io, &service, &config)))
+                        } else {
+                            Conn::H1(Box::new(
+                                protocols
+                                    .h1
+                                    .serve_connection(TokioIo::new(io), service.clone()),
+                            ))
+                        };
                     }
                     Event::Woken(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "idle client connection failed");
@@ -1135,15 +1225,29 @@ where
                             // request can have begun in between): hyper finishes, and hands the stream
                             // back instead of closing it.
                             TimerAction::Idle(_)
-                                if matches!(conn, Conn::H1(_))
-                                    && !closing
+                                if !closing
                                     && !parking
                                     && activity
                                         .idle_at()
                                         .is_some_and(|idle| idle + PARK_AFTER <= now) =>
                             {
-                                parking = true;
-                                conn.graceful_shutdown();
+                                conn = match conn {
+                                    Conn::H1(_) => {
+                                        parking = true;
+                                        conn.graceful_shutdown();
+                                        conn
+                                    }
+                                    // Nothing to finish: parked at once.
+                                    Conn::Own(own) if own.is_idle() => {
+                                        let mut io = own.into_io();
+                                        io.release_buffers();
+                                        Conn::Parked {
+                                            io,
+                                            _counted: ParkedCount::new(&protocols.parked),
+                                        }
+                                    }
+                                    other => other,
+                                };
                             }
                             _ => {}
                         }
@@ -1159,6 +1263,34 @@ where
             }
         }
     }
+}
+
+/// Why a connection's server gave up on it.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Own(#[from] h1::ConnError),
+}
+
+/// The own HTTP/1.1 server on `io`, for `service`'s handler and connection.
+fn own_server<S, H>(
+    io: TrackedIo<S>,
+    service: &WithConn<H>,
+    config: &ServerConfig,
+) -> h1::Server<S, H>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: Handler,
+{
+    h1::Server::new(
+        io,
+        service.inner.clone(),
+        service.info.clone(),
+        config.max_header_size,
+        config.max_headers,
+    )
 }
 
 /// What woke the connection's loop.

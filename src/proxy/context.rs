@@ -16,12 +16,11 @@ use std::time::Duration;
 use http::header::CONNECTION;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::RouteState;
 use crate::admission::{Permit, Sample};
-use crate::body::{BodyOutcome, OnBodyEnd, RelayBody, ResponseBody};
+use crate::body::{BodyOutcome, ClientBody, OnBodyEnd, RelayBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::listener::{ConnInfo, InFlight};
 use crate::observe::{CallerHeaders, Ending, Phase, RequestRecord};
@@ -54,7 +53,7 @@ pub struct RequestContext {
 
 impl RequestContext {
     /// Counts the request in on `conn`, the connection it came on, and opens its record.
-    pub fn new(req: &Request<Incoming>, conn: ConnInfo) -> Self {
+    pub fn new(req: &Request<ClientBody>, conn: ConnInfo) -> Self {
         let arrived = Instant::now();
         let inflight = conn.activity.request_started();
         let caller = CallerHeaders::of(req.headers());

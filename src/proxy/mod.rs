@@ -28,9 +28,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::error::ProxyError;
 use crate::listener::ConnInfo;
 use context::RequestContext;
@@ -47,7 +46,7 @@ impl Proxy {
     }
 }
 
-impl tower::Service<(Request<Incoming>, ConnInfo)> for Proxy {
+impl tower::Service<(Request<ClientBody>, ConnInfo)> for Proxy {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -56,7 +55,7 @@ impl tower::Service<(Request<Incoming>, ConnInfo)> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (req, conn): (Request<Incoming>, ConnInfo)) -> Self::Future {
+    fn call(&mut self, (req, conn): (Request<ClientBody>, ConnInfo)) -> Self::Future {
         // Boxed as it is: each layer of future around it would be one more copy of it, whole.
         Box::pin(handle(self.shared.clone(), req, conn))
     }
@@ -72,7 +71,7 @@ impl tower::Service<(Request<Incoming>, ConnInfo)> for Proxy {
 #[allow(clippy::manual_async_fn)] // see above
 fn handle(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: ConnInfo,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     async move {
@@ -92,7 +91,7 @@ fn handle(
 fn journey<'a>(
     shared: &'a Shared,
     ctx: &'a mut RequestContext,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + 'a {
     async move {
         if let Some(why) = ctx.refused_by_guard() {

@@ -10,12 +10,11 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::context::RequestContext;
 use super::replay::Replay;
 use super::{RouteState, Table};
-use crate::body::{BodyCheck, LimitedBody, RequestBody, Whole};
+use crate::body::{BodyCheck, ClientBody, LimitedBody, RequestBody, Whole};
 use crate::error::ProxyError;
 use crate::forward::{self, ForwardInfo, Forwarding};
 
@@ -26,7 +25,7 @@ const REPLAY_LIMIT: u64 = 64 * 1024;
 /// Replaces the request's path with its normalised form, which is then both routed and
 /// forwarded.
 pub fn normalize_target(
-    req: &mut Request<Incoming>,
+    req: &mut Request<ClientBody>,
     ctx: &mut RequestContext,
 ) -> Result<(), ProxyError> {
     if req.uri().path_and_query().is_none() || !req.uri().path().starts_with('/') {
@@ -52,7 +51,7 @@ pub fn normalize_target(
     Ok(())
 }
 
-pub fn route_for(table: &Table, req: &Request<Incoming>) -> Result<Arc<RouteState>, ProxyError> {
+pub fn route_for(table: &Table, req: &Request<ClientBody>) -> Result<Arc<RouteState>, ProxyError> {
     // Looked up only when a route is bound to a host: most configurations bind none.
     let host = if table.router.names_hosts() {
         req.uri()
@@ -90,7 +89,7 @@ pub struct Received {
 pub fn read_body<'a>(
     ctx: &'a mut RequestContext,
     route: &'a RouteState,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> impl std::future::Future<Output = Result<Received, ProxyError>> + 'a {
     async move {
         let (parts, body) = req.into_parts();
