@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod gateway;
+pub mod http1;
 pub mod listener;
 pub mod logline;
 pub mod observe;

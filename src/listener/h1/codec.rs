@@ -20,6 +20,7 @@ use http::response::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 
 use crate::forward::list_items;
+use crate::http1::{write_field, write_length};
 
 /// Field slots on the stack: `server.max_headers` above this goes to hyper, which takes any.
 const FIELD_SLOTS: usize = 100;
@@ -198,7 +199,7 @@ pub fn encode_head(
         } else if *name == DATE {
             wrote_date = true;
         }
-        write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        write_field(out, name, value.as_bytes());
     }
     let framing = if no_body {
         Framing::Empty
@@ -233,30 +234,6 @@ pub fn encode_head(
     out.extend_from_slice(b"\r\n");
     (framing, close)
 }
-
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn write_length(out: &mut Vec<u8>, n: u64) {
-    write_field(
-        out,
-        b"content-length",
-        itoa::Buffer::new().format(n).as_bytes(),
-    );
-}
-
-/// The line that opens a chunk of `len` bytes.
-pub fn chunk_line(len: usize, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let _ = write!(out, "{len:x}\r\n");
-}
-
-/// The last chunk of a chunked body (no trailers: the gateway drops them both ways).
-pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 thread_local! {
     /// The `Date` value, formatted once a second per thread rather than for every answer.

@@ -326,7 +326,7 @@ where
                                 return Poll::Ready(Err(ConnError::Length))
                             }
                             Framing::Chunked => {
-                                self.wire.write.extend_from_slice(codec::LAST_CHUNK)
+                                self.wire.write.extend_from_slice(crate::http1::LAST_CHUNK)
                             }
                             _ => {}
                         }
@@ -465,7 +465,7 @@ fn put_data(
             out.extend_from_slice(data);
         }
         Framing::Chunked => {
-            codec::chunk_line(data.len(), out);
+            crate::http1::chunk_line(data.len(), out);
             out.extend_from_slice(data);
             out.extend_from_slice(b"\r\n");
         }

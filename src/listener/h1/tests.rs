@@ -484,7 +484,7 @@ fn target_and_values_share_one_copy_of_the_head_not_the_buffer() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// encode_head, chunk_line
+// encode_head
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -815,21 +815,6 @@ fn every_head_ends_in_exactly_one_blank_line() {
         assert!(!out.ends_with(b"\r\n\r\n\r\n"), "{status}");
         assert_eq!(out.windows(4).filter(|w| *w == b"\r\n\r\n").count(), 1);
     }
-}
-
-#[test]
-fn chunk_lines_are_lowercase_hex_and_the_last_chunk_has_no_trailers() {
-    for (len, line) in [
-        (1, "1\r\n"),
-        (10, "a\r\n"),
-        (26, "1a\r\n"),
-        (65536, "10000\r\n"),
-    ] {
-        let mut out = b"x".to_vec();
-        codec::chunk_line(len, &mut out);
-        assert_eq!(out, format!("x{line}").as_bytes());
-    }
-    assert_eq!(codec::LAST_CHUNK, b"0\r\n\r\n");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 
 use crate::forward::{list_items, Forwarding, BUDGET};
+use crate::http1::{write_field, write_length};
 
 /// Largest answer head accepted (each informational head on its own too; a stream of them is
 /// ended by the request's budget).
@@ -153,27 +154,6 @@ pub fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn write_length(out: &mut Vec<u8>, n: u64) {
-    write_field(
-        out,
-        &CONTENT_LENGTH,
-        itoa::Buffer::new().format(n).as_bytes(),
-    );
-}
-
-/// The line that opens one chunk of `len` bytes.
-pub fn chunk_line(len: usize, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let _ = write!(out, "{len:x}\r\n");
 }
 
 /// How the answer's body is delimited (RFC 9112 §6.3).

@@ -545,7 +545,7 @@ impl BodyOut {
                             return Poll::Ready(Err(ExchangeError::RequestLength))
                         }
                         RequestFraming::Chunked => {
-                            codec::chunk_line(data.len(), &mut self.pending);
+                            crate::http1::chunk_line(data.len(), &mut self.pending);
                             self.pending.extend_from_slice(&data);
                             self.pending.extend_from_slice(b"\r\n");
                         }
@@ -559,7 +559,9 @@ impl BodyOut {
                         RequestFraming::Length(n) if self.sent != n => {
                             return Poll::Ready(Err(ExchangeError::RequestLength))
                         }
-                        RequestFraming::Chunked => self.pending.extend_from_slice(b"0\r\n\r\n"),
+                        RequestFraming::Chunked => {
+                            self.pending.extend_from_slice(crate::http1::LAST_CHUNK)
+                        }
                         _ => {}
                     }
                 }
