@@ -605,6 +605,44 @@ async fn worker_probe_meets_every_worker_before_requests_need_them() {
     eprintln!("{connections} connections opened by the probes");
 }
 
+/// With the runtime's I/O driver on another thread, a probe's answer can wake the idle watch a
+/// new connection has from its start, between the probe being written and its answer read. That
+/// is no peer closing an idle connection: taken for one, it taught the pool an idle timer of a few
+/// milliseconds, and every pooled connection was then retired before it could be used (the
+/// demo's "one port, worker named" layout fell from 36 answers to 10-18).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_probes_teach_the_pool_no_idle_timer() {
+    let backend = Backend::with(BackendOptions {
+        pin: Some(SKEWED.to_vec()),
+        ..Default::default()
+    })
+    .await;
+    // An upstream of its own name: the tests of this binary share one metrics registry.
+    let yaml = "upstreams:\n  probed:\n    url: \"{backend}\"\n    worker_header: x-worker\n    worker_probe: /healthz\n    pool: { max_connections: 8, min_idle: 0 }\nroutes:\n  - name: r\n    match: { path_prefix: / }\n    upstream: probed\n    budget: 10s\n    concurrency: 4\n";
+    let gw = Gateway::start(yaml, &backend.url()).await;
+    backend
+        .wait_until("every worker answered a probe", |s| {
+            s.served_by_workers(4).iter().all(|&n| n > 0)
+        })
+        .await;
+    // Long enough idle for a timer learned from the probes to retire the connections.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let c = client();
+    let held = hold_n(&c, &backend, &gw, 4).await;
+    release_all(&backend, held).await;
+    let retired = "breakwater_upstream_connections_retired_total{upstream=\"probed\"} ";
+    let m = gw.metrics().await;
+    let n: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix(retired))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(
+        n, 0.0,
+        "connections retired for an idle timer nobody has: {m}"
+    );
+}
+
 #[tokio::test]
 async fn with_worker_probe_the_route_takes_one_request_per_worker_met() {
     // The route would take 8; the backend has 4 workers, one request at a time each.

@@ -540,6 +540,9 @@ async fn probe(
     path: &PathAndQuery,
 ) -> Result<UpstreamConn, String> {
     let mut conn = e.dedicated().await?;
+    // Busy while it is probed: its answer, should it wake the idle watch the connection has
+    // had since it opened, is not the peer closing an idle connection (`super::idle`).
+    conn.clock.set_busy();
     let req = http::Request::get(path.as_str())
         .header(http::header::HOST, e.label.as_ref())
         .header(http::header::USER_AGENT, "breakwater-worker-probe")
