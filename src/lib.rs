@@ -33,6 +33,9 @@ pub mod routing;
 pub mod tls;
 pub mod upstream;
 
+#[cfg(test)]
+pub(crate) mod scripted;
+
 /// Inputs for the unit tests that check a fast path against the plain rule it replaces.
 #[cfg(test)]
 pub(crate) mod exhaustive {

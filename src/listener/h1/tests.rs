@@ -25,6 +25,7 @@ use super::{ConnError, Outcome, Server};
 use crate::body::{full, BoxError, ClientBody, ResponseBody};
 use crate::listener::guard::Guard;
 use crate::listener::{ConnActivity, ConnInfo, Handler, TrackedIo};
+use crate::scripted::Reader;
 
 /// Bounds a wait, so a test that goes wrong fails instead of hanging.
 macro_rules! soon {
@@ -970,9 +971,20 @@ impl Body for Tripwire {
 
 /// The caller's end of the connection.
 struct Client {
-    io: DuplexStream,
-    /// Read but not yet taken.
-    buf: Vec<u8>,
+    wire: Reader<DuplexStream>,
+}
+
+impl std::ops::Deref for Client {
+    type Target = Reader<DuplexStream>;
+    fn deref(&self) -> &Self::Target {
+        &self.wire
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.wire
+    }
 }
 
 impl Client {
@@ -983,38 +995,6 @@ impl Client {
     /// Ends what the caller sends; it can still read.
     async fn end(&mut self) {
         self.io.shutdown().await.expect("client shutdown");
-    }
-
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.io.read(&mut chunk).await.expect("client read");
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    /// Everything up to and including the first `end`.
-    async fn through(&mut self, end: &[u8]) -> Vec<u8> {
-        loop {
-            if let Some(at) = self.buf.windows(end.len()).position(|w| w == end) {
-                return self.buf.drain(..at + end.len()).collect();
-            }
-            if self.fill().await == 0 {
-                panic!(
-                    "the server closed before {:?}; it sent {:?}",
-                    String::from_utf8_lossy(end),
-                    String::from_utf8_lossy(&self.buf)
-                );
-            }
-        }
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            if self.fill().await == 0 {
-                panic!("the server closed {} bytes short", n - self.buf.len());
-            }
-        }
-        self.buf.drain(..n).collect()
     }
 
     /// The next answer's head, date masked.
@@ -1060,8 +1040,8 @@ impl Client {
 
     /// Everything else the server sends, until it closes.
     async fn rest(mut self) -> Vec<u8> {
-        let mut rest = std::mem::take(&mut self.buf);
-        soon!(self.io.read_to_end(&mut rest)).expect("client read");
+        let mut rest = std::mem::take(&mut self.wire.buf);
+        soon!(self.wire.io.read_to_end(&mut rest)).expect("client read");
         rest
     }
 }
@@ -1089,8 +1069,7 @@ fn connect<H: Handler>(handler: H) -> (Conn<H>, Client, Arc<ConnActivity>) {
     };
     let server = Server::new(io, handler, info, MAX_HEAD, MAX_HEADERS);
     let client = Client {
-        io: client,
-        buf: Vec::new(),
+        wire: Reader::new(client, "server"),
     };
     (server, client, activity)
 }

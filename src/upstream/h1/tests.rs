@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::body::full;
+use crate::scripted::Reader;
 use crate::upstream::quickack::{AckPolicy, QuickAck};
 
 /// Nothing set by the gateway: the request goes out as the test built it.
@@ -36,51 +37,30 @@ macro_rules! soon {
 
 /// The scripted upstream's side of the connection.
 struct Peer {
-    tcp: TcpStream,
-    /// Read from `tcp` but not yet taken by the script.
-    buf: Vec<u8>,
+    wire: Reader<TcpStream>,
     /// The client's socket (a second descriptor of it), to see whether the client has read
     /// what was sent to it. Dropped once the client is to close: while it is open the socket
     /// is, whatever the client does.
     client: Option<std::net::TcpStream>,
 }
 
+impl std::ops::Deref for Peer {
+    type Target = Reader<TcpStream>;
+    fn deref(&self) -> &Self::Target {
+        &self.wire
+    }
+}
+
+impl std::ops::DerefMut for Peer {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.wire
+    }
+}
+
 impl Peer {
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.tcp.read(&mut chunk).await.expect("peer read");
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    /// Everything up to and including the first `end`.
-    async fn through(&mut self, end: &[u8]) -> Vec<u8> {
-        loop {
-            if let Some(at) = self.buf.windows(end.len()).position(|w| w == end) {
-                return self.buf.drain(..at + end.len()).collect();
-            }
-            if self.fill().await == 0 {
-                panic!(
-                    "the client closed before {:?}; it sent {:?}",
-                    String::from_utf8_lossy(end),
-                    String::from_utf8_lossy(&self.buf)
-                );
-            }
-        }
-    }
-
     /// The next request head, blank line included.
     async fn head(&mut self) -> String {
         String::from_utf8(self.through(b"\r\n\r\n").await).expect("a head is text")
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            if self.fill().await == 0 {
-                panic!("the client closed {} bytes short", n - self.buf.len());
-            }
-        }
-        self.buf.drain(..n).collect()
     }
 
     /// All the client sends until it closes the connection.
@@ -91,7 +71,7 @@ impl Peer {
     }
 
     async fn write(&mut self, bytes: &[u8]) {
-        self.tcp.write_all(bytes).await.expect("peer write");
+        self.wire.io.write_all(bytes).await.expect("peer write");
     }
 
     /// Writes `bytes` and waits until the client has read them, so that the next write
@@ -119,7 +99,7 @@ impl Peer {
 
     /// Ends the connection with a reset instead of a close.
     fn reset(self) {
-        self.tcp.set_zero_linger().expect("SO_LINGER");
+        self.wire.io.set_zero_linger().expect("SO_LINGER");
     }
 }
 
@@ -145,8 +125,7 @@ where
     server.set_nodelay(true).unwrap();
     let peek = std::net::TcpStream::from(client.as_fd().try_clone_to_owned().unwrap());
     let peer = Peer {
-        tcp: server,
-        buf: Vec::new(),
+        wire: Reader::new(server, "client"),
         client: Some(peek),
     };
     let script = tokio::spawn(script(peer));
