@@ -196,18 +196,13 @@ impl ConnActivity {
             self.head_started.store(NONE, Ordering::Release);
             return;
         }
-        if !self.h2.load(Ordering::Acquire)
-            && self.inflight.load(Ordering::Acquire) == 0
-            && self.head_started.load(Ordering::Acquire) == NONE
-        {
-            let now = self.now_ms();
-            self.head_started.store(now, Ordering::Release);
-            self.wake_timer_by(now.saturating_add(self.head_timeout_ms));
+        if !self.h2.load(Ordering::Acquire) {
+            self.head_pending();
         }
     }
 
-    /// A head has begun in bytes read before, behind the last request: its timer runs from now,
-    /// unless a head timer already runs.
+    /// A head has begun, in bytes just read or read before (behind the last request): its timer
+    /// runs from now, unless a request is in flight or a head timer already runs.
     fn head_pending(&self) {
         if self.inflight.load(Ordering::Acquire) == 0
             && self.head_started.load(Ordering::Acquire) == NONE

@@ -52,6 +52,13 @@ pub fn channel(first: Bytes, len: u64) -> (BodyWriter, BodyReader) {
     )
 }
 
+impl Shared {
+    /// Every byte read from the connection and taken by the handler.
+    fn is_done(&self) -> bool {
+        self.unread == 0 && self.piece.is_empty()
+    }
+}
+
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -85,8 +92,7 @@ impl BodyWriter {
 
     /// Every byte has been read from the connection and taken by the handler.
     pub fn is_done(&self) -> bool {
-        let s = lock(&self.shared);
-        s.unread == 0 && s.piece.is_empty()
+        lock(&self.shared).is_done()
     }
 
     /// The handler asked for bytes that have not come yet (and the flag is cleared).
@@ -116,8 +122,7 @@ impl BodyReader {
     }
 
     pub fn is_end_stream(&self) -> bool {
-        let s = lock(&self.shared);
-        s.unread == 0 && s.piece.is_empty()
+        lock(&self.shared).is_done()
     }
 
     pub fn size_hint(&self) -> SizeHint {
